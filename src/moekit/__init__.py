@@ -1,0 +1,21 @@
+"""moekit: Mixture-of-Experts layers for PyTorch.
+
+The public API: ``MoE`` and its specs. Optional dependencies (transformers, matplotlib) are imported lazily by the
+submodules that need them, so ``import moekit`` needs only torch.
+"""
+
+from .assignment import Assignment
+from .balance import AuxFree, CV2Loss, SwitchLoss, ZLoss
+from .dispatch import Capacity, Dropless
+from .experts import FFN, MLP, SwiGLU
+from .layer import MoE, MoEConfig, MoEOutput, attach_bias_update, aux_loss, update_balance_bias
+from .routers import TopK
+from .stats import RoutingStats, reset_routing_stats, routing_stats, track_routing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Assignment", "AuxFree", "CV2Loss", "Capacity", "Dropless", "FFN", "MLP", "MoE", "MoEConfig", "MoEOutput",
+    "RoutingStats", "SwiGLU", "SwitchLoss", "TopK", "ZLoss", "attach_bias_update", "aux_loss",
+    "reset_routing_stats", "routing_stats", "track_routing", "update_balance_bias",
+]

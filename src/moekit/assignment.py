@@ -1,0 +1,68 @@
+"""The Assignment: the contract between routing and compute.
+
+A router says *which* (token, expert) pairs exist and with what combine weight; it does not move data.
+Pairs, not a fixed T x K grid, so that one format carries top-k token choice (N = T*K), expert choice,
+variable-N routers and task routing. Pairs are listed in *priority order*: when a capacity dispatcher must
+drop pairs, earlier pairs win (for top-k, all first choices come before all second choices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Assignment:
+    token_N: Tensor  # long (N,): the token each pair reads
+    expert_N: Tensor  # long (N,): the expert it goes to
+    weight_N: Tensor  # (N,): combine weight, differentiable
+    num_tokens: int
+    num_experts: int
+    scores_TE: Tensor | None = None  # router probabilities, for balance losses and statistics
+    logits_TE: Tensor | None = None  # raw logits, for the z-loss
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.token_N.numel())
+
+    def counts_E(self) -> Tensor:
+        """Pairs per expert before any dropping."""
+        return torch.bincount(self.expert_N, minlength=self.num_experts)
+
+    def check(self) -> None:
+        """Validate shapes and ranges (used by tests and by routers written by users)."""
+        n = self.token_N.shape
+        if self.expert_N.shape != n or self.weight_N.shape != n or len(n) != 1:
+            raise ValueError(
+                f"Assignment fields must be 1-D of equal length, got token {tuple(self.token_N.shape)}, "
+                f"expert {tuple(self.expert_N.shape)}, weight {tuple(self.weight_N.shape)}"
+            )
+        if self.token_N.numel():
+            if int(self.token_N.min()) < 0 or int(self.token_N.max()) >= self.num_tokens:
+                raise ValueError(f"token index out of range [0, {self.num_tokens})")
+            if int(self.expert_N.min()) < 0 or int(self.expert_N.max()) >= self.num_experts:
+                raise ValueError(f"expert index out of range [0, {self.num_experts})")
+
+    @staticmethod
+    def from_topk(
+        idx_TK: Tensor,
+        weight_TK: Tensor,
+        num_experts: int,
+        scores_TE: Tensor | None = None,
+        logits_TE: Tensor | None = None,
+    ) -> "Assignment":
+        """Pairs from a (T, K) top-k grid, slot-major: every token's first choice, then every second choice."""
+        T, K = idx_TK.shape
+        token_N = torch.arange(T, device=idx_TK.device).repeat(K)
+        return Assignment(
+            token_N=token_N,
+            expert_N=idx_TK.t().reshape(-1),
+            weight_N=weight_TK.t().reshape(-1),
+            num_tokens=T,
+            num_experts=num_experts,
+            scores_TE=scores_TE,
+            logits_TE=logits_TE,
+        )

@@ -1,0 +1,125 @@
+"""Slow, obviously correct MoE: one token at a time, written from the equations. Used by tests only.
+
+It reads the parameters of a built :class:`moekit.MoE` (so gradients flow to the same tensors) but none of its
+routing or dispatch code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..dispatch.local import CapacityDispatcher
+
+
+def _route_token(layer, x_D: Tensor) -> tuple[list[int], list[Tensor]]:
+    r = layer.router
+    s = r.spec
+    W, b = r.gate.weight, r.gate.bias
+    E = layer.num_experts
+    logits = [W[e] @ x_D + (b[e] if b is not None else 0) for e in range(E)]
+    logits = torch.stack(logits)
+    if s.score == "softmax":
+        m = logits.max()
+        ex = torch.exp(logits - m)
+        scores = ex / ex.sum()
+    else:
+        scores = 1 / (1 + torch.exp(-logits))
+    choice = [float(scores[e].detach()) + (float(r.bias_E[e]) if r.bias_E is not None else 0.0) for e in range(E)]
+    eligible = list(range(E))
+    if s.n_group is not None:
+        size = E // s.n_group
+        group_scores = []
+        for g in range(s.n_group):
+            members = sorted((choice[e] for e in range(g * size, (g + 1) * size)), reverse=True)
+            group_scores.append(sum(members[:2]) if s.group_score == "top2sum" else members[0])
+        best = sorted(range(s.n_group), key=lambda g: -group_scores[g])[: s.topk_group]
+        eligible = [e for e in range(E) if e // size in best]
+    chosen = sorted(eligible, key=lambda e: -choice[e])[: s.k]
+    weights = [scores[e] for e in chosen]
+    if s.normalize:
+        total = sum(weights)
+        weights = [w / (total + 1e-20) for w in weights]
+    weights = [w * s.scale for w in weights]
+    return chosen, weights
+
+
+def _expert(layer, e: int, x_D: Tensor) -> Tensor:
+    bank = layer.experts
+    h = bank.w1_EFD[e] @ x_D
+    if bank.b1_EF is not None:
+        h = h + bank.b1_EF[e]
+    h = bank.act(h)
+    if bank.w3_EFD is not None:
+        u = bank.w3_EFD[e] @ x_D
+        if bank.b3_EF is not None:
+            u = u + bank.b3_EF[e]
+        h = h * u
+    y = bank.w2_EDF[e] @ h
+    if bank.b2_ED is not None:
+        y = y + bank.b2_ED[e]
+    return y
+
+
+def _shared(layer, x_D: Tensor) -> Tensor:
+    sh = layer.shared
+    h = sh.w1_FD @ x_D + (sh.b1_F if sh.b1_F is not None else 0)
+    h = sh.act(h)
+    if sh.w3_FD is not None:
+        h = h * (sh.w3_FD @ x_D + (sh.b3_F if sh.b3_F is not None else 0))
+    y = sh.w2_DF @ h + (sh.b2_D if sh.b2_D is not None else 0)
+    if layer.shared_gate is not None:
+        g = layer.shared_gate.weight[0] @ x_D
+        y = y / (1 + torch.exp(-g))
+    return y
+
+
+def moe_reference(layer, x: Tensor) -> Tensor:
+    """The output of ``layer(x)`` computed token by token (eval-mode routing: no jitter or noise)."""
+    D = layer.dim
+    x_TD = x.reshape(-1, D)
+    T = x_TD.shape[0]
+    routes = [_route_token(layer, x_TD[t]) for t in range(T)]
+
+    keep = {(t, j): True for t in range(T) for j in range(len(routes[t][0]))}
+    disp = layer.dispatcher
+    if isinstance(disp, CapacityDispatcher):
+        spec = disp.spec
+        K = layer.router.spec.k
+        group = x.shape[-2] if (spec.per_sequence and x.dim() >= 3) else T
+        num_groups = T // group
+        pairs = [(t, j) for j in range(K) for t in range(T)]  # priority order: slot-major, then position
+        if spec.drop == "score":
+            pairs = sorted(pairs, key=lambda p: -float(routes[p[0]][1][p[1]].detach()))
+        if spec.capacity is not None:
+            C = spec.capacity
+        elif math.isinf(spec.factor):
+            C = T * K
+        else:
+            C = max(1, math.ceil(spec.factor * (T * K // num_groups) / layer.num_experts))
+        used: dict[tuple[int, int], int] = {}
+        for t, j in pairs:
+            key = (t // group, routes[t][0][j])
+            used[key] = used.get(key, 0) + 1
+            keep[(t, j)] = used[key] <= C
+
+    out = []
+    for t in range(T):
+        y = torch.zeros_like(x_TD[t])
+        for j, (e, w) in enumerate(zip(*routes[t])):
+            if keep[(t, j)]:
+                y = y + w * _expert(layer, e, x_TD[t])
+        if layer.shared is not None:
+            y = y + _shared(layer, x_TD[t])
+        out.append(y)
+    return torch.stack(out).reshape(x.shape)
+
+
+def dense_reference(ffn, x: Tensor) -> Tensor:
+    """A dense FFN written out (for the 1-expert invariant)."""
+    h = ffn.act(x @ ffn.w1_FD.T + (ffn.b1_F if ffn.b1_F is not None else 0))
+    if ffn.w3_FD is not None:
+        h = h * (x @ ffn.w3_FD.T + (ffn.b3_F if ffn.b3_F is not None else 0))
+    return h @ ffn.w2_DF.T + (ffn.b2_D if ffn.b2_D is not None else 0)
