@@ -16,8 +16,14 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IMPLS = ("auto", "grouped_mm", "loop")
 
 
-def grouped_mm_available(dtype: torch.dtype) -> bool:
-    return hasattr(F, "grouped_mm") and dtype in _GROUPED_MM_DTYPES
+def grouped_mm_available(dtype: torch.dtype, *dims: int) -> bool:
+    """True when ``F.grouped_mm`` exists for ``dtype`` and every matrix dim gives 16-byte aligned strides."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return (
+        hasattr(F, "grouped_mm")
+        and dtype in _GROUPED_MM_DTYPES
+        and all(d * itemsize % 16 == 0 for d in dims)
+    )
 
 
 def _contiguous_grad(t: Tensor) -> Tensor:
@@ -37,7 +43,8 @@ def grouped_linear(
 ) -> Tensor:
     """``y[rows of e] = x[rows of e] @ w[e].T`` for weights stored like ``nn.Linear`` (E, out, in)."""
     if impl == "auto":
-        impl = "grouped_mm" if grouped_mm_available(x_ND.dtype) and x_ND.shape[0] > 0 else "loop"
+        usable = grouped_mm_available(x_ND.dtype, *w_EOI.shape[1:]) and x_ND.shape[0] > 0
+        impl = "grouped_mm" if usable else "loop"
     if impl == "grouped_mm":
         if offsets_E is None:
             offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
