@@ -19,8 +19,13 @@ def _route_token(layer, x_D: Tensor) -> tuple[list[int], list[Tensor]]:
     s = r.spec
     W, b = r.gate.weight, r.gate.bias
     E = layer.num_experts
+    if s.logits_dtype is not None:  # the router's own precision policy (Hugging Face parity)
+        dt = getattr(torch, s.logits_dtype)
+        x_D, W, b = x_D.to(dt), W.to(dt), None if b is None else b.to(dt)
     logits = [W[e] @ x_D + (b[e] if b is not None else 0) for e in range(E)]
     logits = torch.stack(logits)
+    if s.score_dtype is not None:
+        logits = logits.to(getattr(torch, s.score_dtype))
     if s.score == "softmax":
         m = logits.max()
         ex = torch.exp(logits - m)

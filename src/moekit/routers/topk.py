@@ -18,6 +18,7 @@ from ..spec import register_spec
 from .base import RouterSpec
 
 _SCORES = ("softmax", "sigmoid")
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 @register_spec("topk", "router")
@@ -41,6 +42,11 @@ class TopK(RouterSpec):
             automatically when the layer's balance includes :class:`moekit.AuxFree`.
         router_bias: a bias on the router's linear map.
         fp32: compute the router in at least float32 when the input is half precision.
+        logits_dtype: compute the logits in this dtype whatever the input dtype (overrides ``fp32``; Hugging Face
+            DeepSeek-V3 and SwitchTransformers route in ``"float32"``).
+        score_dtype: apply the score function, selection and renormalisation in this dtype (Hugging Face Mixtral,
+            Qwen-MoE and OLMoE take the softmax of input-dtype logits in ``"float32"``); the combine weights are
+            cast back to the input dtype. ``None``: the logits' dtype.
     """
 
     k: int = 2
@@ -56,6 +62,8 @@ class TopK(RouterSpec):
     correction_bias: bool = False
     router_bias: bool = False
     fp32: bool = True
+    logits_dtype: str | None = None
+    score_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -68,6 +76,10 @@ class TopK(RouterSpec):
             raise ValueError(f"TopK: jitter must be in [0, 1), got {self.jitter}")
         if self.noise_std < 0:
             raise ValueError(f"TopK: noise_std must be >= 0, got {self.noise_std}")
+        for name in ("logits_dtype", "score_dtype"):
+            value = getattr(self, name)
+            if value not in (None, *_DTYPES):
+                raise ValueError(f"TopK: {name} must be None or one of {', '.join(_DTYPES)}, got {value!r}")
         if (self.n_group is None) != (self.topk_group is None):
             raise ValueError("TopK: n_group and topk_group must be given together")
 
@@ -107,7 +119,10 @@ class TopKRouter(nn.Module):
 
     def logits(self, x_TD: Tensor) -> Tensor:
         s = self.spec
-        if s.fp32 and x_TD.dtype in (torch.float16, torch.bfloat16):
+        if s.logits_dtype is not None:
+            x_TD = x_TD.to(getattr(torch, s.logits_dtype))
+            weight, bias = self.gate.weight, self.gate.bias
+        elif s.fp32 and x_TD.dtype in (torch.float16, torch.bfloat16):
             x_TD = x_TD.float()
             weight = self.gate.weight.float()
             bias = None if self.gate.bias is None else self.gate.bias.float()
@@ -145,7 +160,8 @@ class TopKRouter(nn.Module):
     def forward(self, x_TD: Tensor, task: Tensor | None = None) -> Assignment:
         s = self.spec
         logits_TE = self.logits(x_TD)
-        scores_TE = logits_TE.softmax(-1) if s.score == "softmax" else logits_TE.sigmoid()
+        z_TE = logits_TE if s.score_dtype is None else logits_TE.to(getattr(torch, s.score_dtype))
+        scores_TE = z_TE.softmax(-1) if s.score == "softmax" else z_TE.sigmoid()
         idx_TK = self.select(scores_TE)
         weight_TK = scores_TE.gather(1, idx_TK)
         if s.normalize:
