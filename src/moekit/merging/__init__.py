@@ -1,0 +1,7 @@
+"""Merging experts' parameters instead of routing tokens: SMEAR and its baselines (tag, top-1, ST-Gumbel,
+REINFORCE, ensemble)."""
+
+from .router import ExampleRouter, mean_pool
+from .smear import ROUTINGS, SMEAR, SMEARConfig, SMEARRouting, reinforce_loss, set_step
+
+__all__ = ["ExampleRouter", "ROUTINGS", "SMEAR", "SMEARConfig", "SMEARRouting", "mean_pool", "reinforce_loss", "set_step"]
