@@ -23,10 +23,45 @@ class Assignment:
     num_experts: int
     scores_TE: Tensor | None = None  # router probabilities, for balance losses and statistics
     logits_TE: Tensor | None = None  # raw logits, for the z-loss
+    # Compute-free experts (MoE++ zero/copy/constant, AdaMoE null): the last ``num_free_experts`` expert ids. Their
+    # pairs never reach the expert bank; the layer hands them to ``router.free_experts`` (see :meth:`split_free`).
+    num_free_experts: int = 0
 
     @property
     def num_pairs(self) -> int:
         return int(self.token_N.numel())
+
+    @property
+    def num_bank_experts(self) -> int:
+        """Experts that run in the expert bank (ids ``0 .. num_bank_experts - 1``)."""
+        return self.num_experts - self.num_free_experts
+
+    def split_free(self) -> tuple["Assignment", "Assignment | None"]:
+        """``(bank_pairs, free_pairs)``: the pairs for the expert bank, over ``num_bank_experts`` experts, and the
+        pairs for compute-free experts with ids renumbered from 0 (None when there are none). Priority order is kept
+        within each part. Balance losses should read the full assignment (all experts)."""
+        if self.num_free_experts == 0:
+            return self, None
+        nb = self.num_bank_experts
+        is_bank_N = self.expert_N < nb
+        is_free_N = ~is_bank_N
+        bank = Assignment(
+            token_N=self.token_N[is_bank_N],
+            expert_N=self.expert_N[is_bank_N],
+            weight_N=self.weight_N[is_bank_N],
+            num_tokens=self.num_tokens,
+            num_experts=nb,
+            scores_TE=None if self.scores_TE is None else self.scores_TE[:, :nb],
+            logits_TE=None if self.logits_TE is None else self.logits_TE[:, :nb],
+        )
+        free = Assignment(
+            token_N=self.token_N[is_free_N],
+            expert_N=self.expert_N[is_free_N] - nb,
+            weight_N=self.weight_N[is_free_N],
+            num_tokens=self.num_tokens,
+            num_experts=self.num_free_experts,
+        )
+        return bank, free
 
     def counts_E(self) -> Tensor:
         """Pairs per expert before any dropping."""

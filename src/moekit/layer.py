@@ -124,6 +124,10 @@ class MoE(nn.Module):
         self.shared = shared_experts.build_dense(dim) if isinstance(shared_experts, FFN) else shared_experts
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.dispatcher = dispatch.build(num_experts) if isinstance(dispatch, Spec) else dispatch
+        # a router that reads the expert bank (Autonomy-of-Experts) declares ``bind_experts(bank)``
+        bind_experts = getattr(self.router, "bind_experts", None)
+        if bind_experts is not None:
+            bind_experts(self.experts)
         self.losses = tuple(b for b in balance if not isinstance(b, AuxFree))
         self.aux_free = aux_free[0] if aux_free else None
         if self.aux_free is not None:
@@ -148,19 +152,32 @@ class MoE(nn.Module):
         if self.check_inputs and not torch.isfinite(x).all():
             raise ValueError("MoE: input contains NaN or Inf")
 
-    def forward(self, x: Tensor, *, task: Tensor | int | None = None) -> Tensor:
-        return self.forward_with_aux(x, task=task).y
+    def forward(
+        self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None
+    ) -> Tensor:
+        return self.forward_with_aux(x, task=task, prev_logits=prev_logits).y
 
-    def forward_with_aux(self, x: Tensor, *, task: Tensor | int | None = None) -> MoEOutput:
+    def forward_with_aux(
+        self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None
+    ) -> MoEOutput:
+        """``prev_logits``: the previous MoE layer's routing logits (``out.assignment.logits_TE``) for routers with
+        gating residuals (MoE++); passed to the router only when given."""
         self._check(x)
         x_TD = x.reshape(-1, self.dim)
         group_size = x.shape[-2] if x.dim() >= 3 else None
 
-        assignment = self.router(x_TD, task=task)
-        plan = self.dispatcher.plan(assignment, group_size)
+        if prev_logits is None:
+            assignment = self.router(x_TD, task=task)
+        else:
+            assignment = self.router(x_TD, task=task, prev_logits=prev_logits.reshape(x_TD.shape[0], -1))
+        # compute-free experts (zero / copy / constant, null) cost no matmul: only bank pairs are dispatched
+        routed, free = assignment.split_free()
+        plan = self.dispatcher.plan(routed, group_size)
         x_ND = self.dispatcher.dispatch(x_TD, plan)
         y_ND = self.experts(x_ND, plan.counts_E, plan.expert_N)
         y_TD = self.dispatcher.combine(y_ND, plan)
+        if free is not None:
+            y_TD = y_TD + self.router.free_experts(x_TD, free)
 
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
