@@ -26,6 +26,7 @@ class Assignment:
     # Compute-free experts (MoE++ zero/copy/constant, AdaMoE null): the last ``num_free_experts`` expert ids. Their
     # pairs never reach the expert bank; the layer hands them to ``router.free_experts`` (see :meth:`split_free`).
     num_free_experts: int = 0
+    num_slots: int | None = None  # K when the pairs are exactly the (T, K) grid in slot-major order (pair = j*T + t)
 
     @property
     def num_pairs(self) -> int:
@@ -100,4 +101,5 @@ class Assignment:
             num_experts=num_experts,
             scores_TE=scores_TE,
             logits_TE=logits_TE,
+            num_slots=K,
         )

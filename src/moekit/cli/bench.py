@@ -1,9 +1,66 @@
-"""``moekit bench``: placeholder until the benchmark lands."""
+"""``moekit bench``: MoE layer time over the dense floor, in one run with the per-expert loop and the HF blocks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"
 
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("--shapes", nargs="*", default=None,
+                        help="shape names (default: all of train-small train-large fine-grained decode-1 decode-8)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default 15)")
+    parser.add_argument("--runs", type=int, default=1, help="run the whole table this many times (spread check)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (printed and recorded)")
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face blocks")
+    parser.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--out", default=None, help="append JSON lines here (default: print only)")
+    parser.add_argument("--no-tcmalloc", action="store_true",
+                        help="do not re-run under tcmalloc even if it is installed (glibc malloc makes floors noisy)")
+
+
+def _maybe_reexec_with_tcmalloc(args) -> None:
+    if args.no_tcmalloc or "tcmalloc" in os.environ.get("LD_PRELOAD", "") or not os.path.exists(TCMALLOC):
+        return
+    env = dict(os.environ, LD_PRELOAD=TCMALLOC)
+    os.execve(sys.executable, [sys.executable, "-m", "moekit", *sys.argv[1:]], env)
 
 
 def run(args) -> int:
-    raise SystemExit("moekit bench: not implemented yet")
+    _maybe_reexec_with_tcmalloc(args)
+    import torch
+
+    from moekit.bench import layer_bench as lb
+
+    torch.set_num_threads(args.threads)
+    table = lb.QUICK if args.quick else lb.SHAPES
+    names = args.shapes or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"moekit bench: unknown shape(s) {unknown}; valid: {', '.join(table)}")
+    repeats = args.repeats or (3 if args.quick else 15)
+    env = lb.environment()
+    print(f"moekit bench: torch {env['torch']}, transformers {env['transformers']}, threads {env['threads']}, "
+          f"allocator {env['allocator']}, cpu {env['processor']}")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    for run_i in range(args.runs):
+        rows = []
+        for name in names:
+            shape = table[name]
+            bar = tqdm(total=repeats * (1 if shape.decode else len(args.modes)), desc=f"run {run_i + 1} {name}",
+                       leave=False, file=sys.stderr) if tqdm else None
+            rows += lb.run_shape(shape, repeats, modes=tuple(args.modes), include_hf=not args.no_hf,
+                                 progress=bar.update if bar else None)
+            if bar:
+                bar.close()
+        print(f"\n## run {run_i + 1}\n")
+        print(lb.markdown(rows))
+        if args.out:
+            lb.write_jsonl(args.out, rows, env, run_i + 1)
+    return 0

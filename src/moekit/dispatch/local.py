@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..assignment import Assignment
+from ..ops.permute import gather_replicated, permute_rows
 from ..spec import Spec, register_spec
 
 _DROP_POLICIES = ("position", "score")
@@ -27,6 +28,11 @@ class DispatchPlan:
     counts_E: Tensor  # kept pairs per expert
     routed_E: Tensor  # pairs per expert before dropping
     num_tokens: int
+    # Grid fast path (dropless top-k): the sort permutation of the grid pairs (j*T + t), its inverse, and K.
+    # In this mode ``weight_N`` stays in grid order.
+    order_N: Tensor | None = None
+    inv_order_N: Tensor | None = None
+    num_slots: int | None = None
 
     @property
     def num_dropped(self) -> Tensor:
@@ -49,12 +55,28 @@ class LocalDispatcher(nn.Module):
         else:
             counts_E = routed_E
         order = torch.argsort(expert_N, stable=True)
+        if keep is None and a.num_slots is not None:
+            # Every grid pair is kept: gathers with inverse-permutation backwards replace both scatters.
+            inv_order = torch.empty_like(order)
+            inv_order[order] = torch.arange(order.numel(), device=order.device)
+            return DispatchPlan(
+                token_N[order], expert_N[order], weight_N, counts_E, routed_E, a.num_tokens, order, inv_order, a.num_slots
+            )
         return DispatchPlan(token_N[order], expert_N[order], weight_N[order], counts_E, routed_E, a.num_tokens)
 
     def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+        if plan.inv_order_N is not None:
+            return gather_replicated(x_TD, plan.token_N, plan.inv_order_N, plan.num_slots)
         return x_TD.index_select(0, plan.token_N)
 
     def combine(self, y_ND: Tensor, plan: DispatchPlan) -> Tensor:
+        if plan.inv_order_N is not None:
+            # weight_N is in grid order here: (K, T) after the pairs are put back in grid order
+            y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(
+                plan.num_slots, plan.num_tokens, -1
+            )
+            w_KT1 = plan.weight_N.to(y_ND.dtype).view(plan.num_slots, plan.num_tokens, 1)
+            return (y_KTD * w_KT1).sum(0)
         y_ND = y_ND * plan.weight_N.unsqueeze(-1).to(y_ND.dtype)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
         return out_TD.index_add(0, plan.token_N, y_ND)

@@ -1,0 +1,224 @@
+"""MoE layer time over the dense-floor time (the protocol of docs/benchmarks.md).
+
+For each shape: the dense floor (one SwiGLU FFN with k*F hidden units over all T tokens), moekit's layer, the obvious
+per-expert loop, and the Hugging Face Mixtral and Qwen3-MoE blocks in each expert implementation that runs on CPU, all
+timed interleaved in one process. Decode shapes are memory-bound: their floor is the bytes of the experts actually
+touched over the copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..experts.bank import DenseFFN, SwiGLU
+from ..layer import MoE
+from ..routers.topk import TopK
+from .timing import Timing, copy_bandwidth, interleaved
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    T: int
+    D: int
+    F: int
+    E: int
+    k: int
+
+    @property
+    def decode(self) -> bool:
+        return self.T <= 16
+
+
+SHAPES = {
+    s.name: s
+    for s in (
+        Shape("train-small", 4096, 512, 1024, 8, 2),
+        Shape("train-large", 16384, 512, 1024, 8, 2),
+        Shape("fine-grained", 4096, 512, 256, 64, 8),
+        Shape("decode-1", 1, 1024, 2816, 8, 2),
+        Shape("decode-8", 8, 1024, 2816, 8, 2),
+    )
+}
+QUICK = {
+    s.name: s
+    for s in (
+        Shape("quick-train", 256, 64, 128, 8, 2),
+        Shape("quick-fine", 256, 64, 32, 16, 4),
+        Shape("quick-decode", 4, 128, 256, 8, 2),
+    )
+}
+
+
+def per_expert_loop(layer: MoE, x_TD: Tensor) -> Tensor:
+    """The obvious implementation: route, then loop over experts with a mask (weights via ``unbind``)."""
+    a = layer.router(x_TD)
+    K = a.num_slots
+    idx_TK = a.expert_N.view(K, -1).t()
+    w_TK = a.weight_N.view(K, -1).t()
+    out = torch.zeros_like(x_TD)
+    bank = layer.experts
+    for e, (w1, w3, w2) in enumerate(zip(bank.w1_EFD.unbind(0), bank.w3_EFD.unbind(0), bank.w2_EDF.unbind(0))):
+        tok, slot = torch.where(idx_TK == e)
+        if tok.numel() == 0:
+            continue
+        xe = x_TD[tok]
+        ye = (bank.act(xe @ w1.T) * (xe @ w3.T)) @ w2.T
+        out = out.index_add(0, tok, ye * w_TK[tok, slot, None])
+    return out
+
+
+def _init_(module: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.02)
+    return module
+
+
+def hf_blocks(shape: Shape, allow_batched: bool) -> dict[str, nn.Module]:
+    """HF Mixtral and Qwen3-MoE blocks from configs, one per CPU expert implementation. Empty if transformers is
+    missing."""
+    try:
+        from transformers import MixtralConfig, Qwen3MoeConfig
+        from transformers.utils import logging as hf_logging
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+    except ImportError:
+        return {}
+    hf_logging.set_verbosity_error()  # standalone experts modules warn about the eager default
+    impls = [None, "grouped_mm"] + (["batched_mm"] if allow_batched else [])
+    out = {}
+    for impl in impls:
+        mc = MixtralConfig(hidden_size=shape.D, intermediate_size=shape.F, num_local_experts=shape.E,
+                           num_experts_per_tok=shape.k)
+        qc = Qwen3MoeConfig(hidden_size=shape.D, moe_intermediate_size=shape.F, num_experts=shape.E,
+                            num_experts_per_tok=shape.k, norm_topk_prob=True)
+        for cfg in (mc, qc):
+            cfg._experts_implementation = impl
+        tag = impl or "eager"
+        out[f"hf-mixtral-{tag}"] = _init_(MixtralSparseMoeBlock(mc))
+        out[f"hf-qwen3moe-{tag}"] = _init_(Qwen3MoeSparseMoeBlock(qc))
+    return out
+
+
+def _hf_call(block: nn.Module) -> Callable[[Tensor], Tensor]:
+    def call(x_TD: Tensor) -> Tensor:
+        y = block(x_TD.view(1, *x_TD.shape))
+        return (y[0] if isinstance(y, tuple) else y).view_as(x_TD)
+
+    return call
+
+
+def _fwd(m: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], object]:
+    def run():
+        with torch.no_grad():
+            return m(x)
+
+    return run
+
+
+def _fwd_bwd(m: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], object]:
+    g = torch.randn_like(x)
+
+    def run():
+        xx = x.detach().requires_grad_(True)
+        m(xx).backward(g)
+
+    return run
+
+
+def run_shape(shape: Shape, repeats: int, modes=("fwd", "fwd+bwd"), include_hf: bool = True,
+              progress: Callable[[], None] | None = None) -> list[dict]:
+    torch.manual_seed(0)
+    moe = MoE(shape.D, shape.E, router=TopK(k=shape.k), experts=SwiGLU(hidden_dim=shape.F))
+    x_TD = torch.randn(shape.T, shape.D)
+    x_BSD = x_TD.view(1, shape.T, shape.D)
+    impls: dict[str, Callable[[Tensor], Tensor]] = {"moekit": moe, "per-expert-loop": lambda x: per_expert_loop(moe, x)}
+    if include_hf:
+        # batched_mm copies the expert weights per token: only where that stays small (decode).
+        blocks = hf_blocks(shape, allow_batched=shape.T * shape.k * 3 * shape.F * shape.D * 4 < 2**31)
+        impls.update({name: _hf_call(b) for name, b in blocks.items()})
+    rows = []
+    if shape.decode:
+        bw = copy_bandwidth()
+        expert_bytes = 3 * shape.F * shape.D * 4
+
+        def memory_floor() -> float:
+            with torch.no_grad():
+                touched = int(moe.router(x_TD).expert_N.unique().numel())
+            return touched * expert_bytes / bw
+
+        fns = {name: _fwd(m, x_TD) for name, m in impls.items()}
+        res = interleaved(fns, memory_floor, repeats, progress=progress)
+        rows += _rows(shape, "fwd", res, floor_name=f"memory floor ({bw / 1e9:.1f} GB/s copy)")
+        return rows
+    dense = DenseFFN(shape.D, shape.k * shape.F, SwiGLU())
+    all_impls = {"dense-floor": dense, **impls}
+    del x_BSD
+    for mode in modes:
+        make = _fwd if mode == "fwd" else _fwd_bwd
+        fns = {name: make(m, x_TD) for name, m in all_impls.items()}
+        res = interleaved(fns, "dense-floor", repeats, progress=progress)
+        rows += _rows(shape, mode, res, floor_name="dense-floor")
+    return rows
+
+
+def _rows(shape: Shape, mode: str, res: dict[str, Timing], floor_name: str) -> list[dict]:
+    out = []
+    for name, t in res.items():
+        out.append({
+            "shape": shape.name, "T": shape.T, "D": shape.D, "F": shape.F, "E": shape.E, "k": shape.k,
+            "mode": mode, "impl": name, "median_ms": 1e3 * t.median,
+            "time_iqr_ms": [1e3 * v for v in t.time_iqr], "ratio": t.ratio, "ratio_iqr": list(t.ratio_iqr),
+            "floor": floor_name, "repeats": len(t.times),
+        })
+    return out
+
+
+def environment() -> dict:
+    try:
+        import transformers
+
+        tf = transformers.__version__
+    except ImportError:
+        tf = None
+    return {
+        "machine": platform.machine(), "processor": platform.processor() or _cpu_name(), "python": sys.version.split()[0],
+        "torch": torch.__version__, "transformers": tf, "threads": torch.get_num_threads(),
+        "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| shape | mode | impl | median ms | ratio to floor | ratio IQR |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["ratio_iqr"]
+        lines.append(
+            f"| {r['shape']} | {r['mode']} | {r['impl']} | {r['median_ms']:.2f} | {r['ratio']:.3f} | {lo:.3f}-{hi:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_jsonl(path: str, rows: list[dict], env: dict, run: int) -> None:
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps({**env, "run": run, **r}) + "\n")
