@@ -4,3 +4,9 @@ from .activations import ACTIVATIONS
 from .bank import FFN, MLP, DenseFFN, ExpertBank, SwiGLU
 
 __all__ = ["ACTIVATIONS", "FFN", "MLP", "DenseFFN", "ExpertBank", "SwiGLU"]
+
+from .aoe import AoEExperts
+from .hetero import HeteroFFN, SizePenalty
+from .zero_compute import ZeroComputeExperts
+
+__all__ += ["AoEExperts", "HeteroFFN", "SizePenalty", "ZeroComputeExperts"]

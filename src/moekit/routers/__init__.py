@@ -4,3 +4,18 @@ from .base import RouterSpec
 from .topk import TopK, TopKRouter
 
 __all__ = ["RouterSpec", "TopK", "TopKRouter"]
+
+# routing methods of the MoE literature (one module per family)
+from .adamoe import AdaMoE
+from .aoe import AoE
+from .expert_choice import ExpertChoice
+from .hash import Hash
+from .moepp import HeteroBalanceLoss, MoEPP
+from .smoe_dropout import SMoEDropout, advance_smoe_dropout, set_inference_k
+from .thor import THOR, thor_consistency_loss
+from .top_p import EntropyLoss, TopP
+
+__all__ += [
+    "AdaMoE", "AoE", "EntropyLoss", "ExpertChoice", "Hash", "HeteroBalanceLoss", "MoEPP", "SMoEDropout", "THOR",
+    "TopP", "advance_smoe_dropout", "set_inference_k", "thor_consistency_loss",
+]
