@@ -8,7 +8,7 @@ expert, an uncertain one several; the mean number of experts per token is ``MoEO
 
 The authors add a dynamic loss L_d = -sum_e p_e log p_e (mean over tokens), coefficient 1e-4, beside the usual
 load-balancing loss (1e-2): minimising the router entropy stops the router from spreading mass thinly to activate
-more experts. Use it as ``balance=(SwitchLoss(0.01), EntropyLoss(1e-4))``.
+more experts. Use it as ``balance=(SwitchLoss(coef=0.01), EntropyLoss(coef=1e-4))``.
 """
 
 from __future__ import annotations
