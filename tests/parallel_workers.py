@@ -1,0 +1,345 @@
+"""Worker functions for the expert-parallel tests. They run inside processes started by
+``moekit.parallel.spawn_local`` (gloo on localhost), so they live in an importable module, and each spawn runs
+several checks to keep the number of process start-ups small.
+
+The reference is always the single-process layer (itself tested against the per-token loop in
+test_layer_reference.py) on the *global* batch, i.e. every rank's micro-batch concatenated in rank order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moekit import MLP, AuxFree, Capacity, Dropless, MoE, SwiGLU, SwitchLoss, TopK, aux_loss, update_balance_bias
+from moekit.parallel import (
+    CollectiveError,
+    apply_expert_parallel,
+    build_groups,
+    dense_parameters,
+    expert_parameters,
+    expert_shard,
+    load_sharded,
+    reduce_expert_gradients,
+    reduce_gradients,
+    save_sharded,
+    shard_experts,
+    update_balance_bias_distributed,
+    wrap_ddp,
+)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+D = 8
+
+
+def assert_close(a, b, tol, what):
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert err <= tol, f"rank {dist.get_rank()}: {what}: max abs error {err:.3g} > {tol}"
+
+
+def make_layer(case: dict) -> MoE:
+    experts = (
+        SwiGLU(hidden_dim=8) if case.get("experts", "swiglu") == "swiglu"
+        else MLP(hidden_dim=12, activation="gelu")
+    )
+    layer = MoE(
+        D, case.get("E", 8),
+        router=TopK(k=case.get("k", 2), score=case.get("score", "softmax"), router_bias=case.get("skew", False)),
+        experts=experts,
+        shared_experts=SwiGLU(hidden_dim=4) if case.get("shared") else None,
+        shared_gate=bool(case.get("shared")),
+        dispatch=case.get("dispatch", Dropless()),
+        balance=case.get("balance", ()),
+    )
+    with torch.no_grad():
+        for b in (getattr(layer.experts, "b1_EF", None), getattr(layer.experts, "b2_ED", None)):
+            if b is not None:
+                b.normal_()  # non-zero biases, so that their routing to local experts is exercised
+        if case.get("skew"):  # every token's first choice is expert 0: ranks > 0 receive little or nothing
+            layer.router.gate.bias[0] = 50.0
+    return layer.to(case.get("dtype", torch.float32))
+
+
+def _grad(p):
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def check_layer_equivalence(case: dict, ep_group, world_group, B: int = 2, S: int = 5) -> None:
+    """The EP layer's output, input gradient, dense gradients (summed over ranks) and expert gradients equal the
+    single-process layer on the global batch. ``case["chunked"]``: the reference runs per rank-chunk (capacity
+    applied per rank, the documented semantics of non-per-sequence capacity in EP)."""
+    dtype = case.get("dtype", torch.float32)
+    tol = TOL[dtype]
+    W, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    torch.manual_seed(case.get("seed", 0))
+    ref = make_layer(case)
+    ep = shard_experts(copy.deepcopy(ref), ep_group)
+    assert ep.experts.num_experts == ref.num_experts // W
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(W * B, S, D, generator=gen, dtype=dtype)
+    gy = torch.randn(W * B, S, D, generator=gen, dtype=dtype)
+    lo, hi = rank * B, (rank + 1) * B
+
+    xr = x.clone().requires_grad_()
+    chunks = [slice(c * B, (c + 1) * B) for c in range(W)] if case.get("chunked") else [slice(0, W * B)]
+    outs = [ref.forward_with_aux(xr[c]) for c in chunks]
+    y_ref = torch.cat([o.y for o in outs])
+    sum((o.y * gy[c]).sum() for o, c in zip(outs, chunks)).backward()
+    kept_ref = sum(o.stats.tokens_per_expert_E for o in outs)
+    routed_ref = sum(o.stats.routed_per_expert_E for o in outs)
+
+    xl = x[lo:hi].clone().requires_grad_()
+    out = ep.forward_with_aux(xl)
+    (out.y * gy[lo:hi]).sum().backward()
+
+    assert_close(out.y, y_ref[lo:hi], tol, f"{case} output")
+    assert_close(xl.grad, xr.grad[lo:hi], tol, f"{case} input grad")
+    ref_params = dict(ref.named_parameters())
+    for name, p in dense_parameters(ep):
+        g = _grad(p).clone()
+        dist.all_reduce(g, group=ep_group)  # each rank holds the gradient of its own tokens
+        assert_close(g, _grad(ref_params[name]), tol, f"{case} grad {name}")
+    s = expert_shard(ep)
+    names = set()
+    for name, p in expert_parameters(ep):
+        names.add(name)
+        assert_close(_grad(p), _grad(ref_params[name])[s.start:s.stop], tol, f"{case} grad {name}")
+    assert names == {n for n, _ in expert_parameters(ref)}
+    # routing statistics: per global expert, summed over ranks, as in the single-process layer
+    kept, routed = out.stats.tokens_per_expert_E.clone(), out.stats.routed_per_expert_E.clone()
+    dist.all_reduce(kept, group=ep_group)
+    dist.all_reduce(routed, group=ep_group)
+    assert torch.equal(kept, kept_ref) and torch.equal(routed, routed_ref), f"{case} stats"
+
+
+CASES_2 = [
+    dict(dtype=torch.float64, k=2, shared=True),
+    dict(dtype=torch.float64, k=1, score="sigmoid", experts="mlp"),
+    dict(dtype=torch.float64, k=2, dispatch=Capacity(factor=0.75, per_sequence=True)),
+    dict(dtype=torch.float64, k=2, dispatch=Capacity(factor=0.75, per_sequence=True, drop="score"), experts="mlp"),
+    dict(dtype=torch.float64, k=2, dispatch=Capacity(factor=1.0), chunked=True),
+    dict(dtype=torch.float64, k=1, E=4, skew=True, shared=True),
+    dict(dtype=torch.float32, k=2, shared=True),  # grouped_mm expert path
+    dict(dtype=torch.float32, k=3, E=4, dispatch=Capacity(factor=1.0, per_sequence=True)),
+]
+
+
+def worker_ep2(rank: int, world: int) -> None:
+    groups = build_groups(ep_size=world)
+    for case in CASES_2:
+        check_layer_equivalence(case, groups.ep, groups.world)
+    # E not divisible by the EP size: a clear error
+    try:
+        shard_experts(MoE(D, 3, router=TopK(k=1)), groups.ep)
+    except ValueError as e:
+        assert "3 experts cannot be split evenly" in str(e), e
+    else:
+        raise AssertionError("expected a ValueError for 3 experts over 2 ranks")
+    check_aux_free_bias(groups)
+
+
+def check_aux_free_bias(groups) -> None:
+    """The aux-free bias moves by the global loads and stays identical on every rank (= single process)."""
+    torch.manual_seed(3)
+    case = dict(dtype=torch.float64, k=2, balance=(AuxFree(rate=0.1),))
+    ref = make_layer(case).train()
+    ep = shard_experts(copy.deepcopy(ref), groups.ep).train()
+    W, r = groups.world_size, groups.rank
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x = torch.randn(W * 2, 6, D, generator=gen, dtype=torch.float64)
+        ref(x)
+        ep(x[2 * r: 2 * r + 2])
+        ref.update_bias()
+        update_balance_bias_distributed(ep, groups.world)
+    assert ep.router.bias_E.abs().sum() > 0
+    assert_close(ep.router.bias_E, ref.router.bias_E, 1e-12, "aux-free bias")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training: EP x DP equals single-process training
+
+
+class Toy(nn.Module):
+    def __init__(self, dispatch=None) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe = MoE(
+            D, 8, router=TopK(k=2), experts=SwiGLU(hidden_dim=8), shared_experts=SwiGLU(hidden_dim=8),
+            dispatch=dispatch or Dropless(), balance=(SwitchLoss(coef=0.1), AuxFree(rate=0.01)),
+        )
+        self.out = nn.Linear(D, 1)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.moe(h))
+
+
+def _train_data(steps, W, B, S, dtype):
+    gen = torch.Generator().manual_seed(11)
+    return [(torch.randn(W * B, S, D, generator=gen, dtype=dtype), torch.randn(W * B, S, 1, generator=gen, dtype=dtype))
+            for _ in range(steps)]
+
+
+def _step(model, opt, x, y):
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y) + aux_loss(model)
+    loss.backward()
+    return loss
+
+
+def check_training(groups, *, dtype, opt_name, use_ddp, steps=4, B=2, S=4) -> None:
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5}[dtype]
+    W, rank = groups.world_size, groups.rank
+    make_opt = {
+        "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    }[opt_name]
+    torch.manual_seed(7)
+    ref = Toy().to(dtype).train()
+    model = apply_expert_parallel(copy.deepcopy(ref), groups, global_balance=True)
+    net = wrap_ddp(model, groups) if use_ddp else model
+    ref_opt, opt = make_opt(ref.parameters()), make_opt(model.parameters())
+    for x, y in _train_data(steps, W, B, S, dtype):
+        ref_loss = _step(ref, ref_opt, x, y)
+        ref_opt.step()
+        update_balance_bias(ref)
+        sl = slice(rank * B, (rank + 1) * B)
+        loss = _step(net, opt, x[sl], y[sl])
+        if use_ddp:
+            reduce_expert_gradients(model, groups)
+        else:
+            reduce_gradients(model, groups)
+        opt.step()
+        update_balance_bias_distributed(model, groups.world)
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        assert_close(mean_loss / W, ref_loss.detach(), tol, f"training loss ({opt_name}, ddp={use_ddp})")
+    ref_params = dict(ref.named_parameters())
+    s = expert_shard(model.moe)
+    for name, p in expert_parameters(model):
+        assert_close(p.detach(), ref_params[name].detach()[s.start:s.stop], tol, f"trained {name}")
+    for name, p in dense_parameters(model):
+        assert_close(p.detach(), ref_params[name].detach(), tol, f"trained {name}")
+    assert_close(model.moe.router.bias_E, ref.moe.router.bias_E, tol, "trained aux-free bias")
+
+
+def check_global_batch_loss(groups) -> None:
+    """Mean over ranks of the global-batch Switch loss (and of its router gradient) equals the single-process
+    Switch loss on the concatenated batch; the micro-batch loss does not (so the check can fail)."""
+    W, rank = groups.world_size, groups.rank
+    torch.manual_seed(9)
+    ref = make_layer(dict(dtype=torch.float64, k=2, balance=(SwitchLoss(coef=1.0),)))
+    micro = apply_expert_parallel(copy.deepcopy(ref), groups)
+    glob = apply_expert_parallel(copy.deepcopy(ref), groups, global_balance=True)
+    gen = torch.Generator().manual_seed(2)
+    sizes = [2 + r for r in range(W)]  # uneven micro-batches: the P normalisation must still make it exact
+    x = torch.randn(sum(sizes), 3, D, generator=gen, dtype=torch.float64)
+    lo = sum(sizes[:rank])
+    xl = x[lo: lo + sizes[rank]]
+    ref_loss = ref.forward_with_aux(x).losses["switch"]
+    ref_loss.backward()
+    losses = {}
+    for name, layer in (("micro", micro), ("global", glob)):
+        l = layer.forward_with_aux(xl).losses["switch"]
+        (l / W).backward()  # what DP gradient averaging optimises
+        g = layer.router.gate.weight.grad.clone()
+        dist.all_reduce(g)
+        t = l.detach().clone()
+        dist.all_reduce(t)
+        losses[name] = (t / W, g)
+    assert_close(losses["global"][0], ref_loss.detach(), 1e-12, "global-batch loss")
+    assert_close(losses["global"][1], ref.router.gate.weight.grad, 1e-12, "global-batch loss router grad")
+    assert (losses["micro"][0] - ref_loss).abs() > 1e-6, "micro-batch loss unexpectedly equals the global one"
+
+
+def check_checkpoint_reshard(groups4, path) -> None:
+    """Saved at EP=4 (over the 4 ranks), loaded at EP=2 and EP=1 (a plain layer): bitwise identical weights and the
+    same outputs (float64; different EP sizes group the rows differently, so outputs agree to rounding)."""
+    rank = groups4.rank
+    torch.manual_seed(21)
+    case = dict(dtype=torch.float64, k=2, shared=True, experts="mlp", E=8)
+    ref = make_layer(case).eval()
+    ref_params = dict(ref.named_parameters())
+    ep4 = shard_experts(copy.deepcopy(ref), groups4.ep).eval()
+    save_sharded(ep4, path, groups4)
+    x = torch.randn(4 * 2, 3, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    mine = slice(2 * rank, 2 * rank + 2)
+    with torch.no_grad():
+        y_ref = ref(x)
+        y4 = ep4(x[mine])
+    torch.manual_seed(1234)  # fresh, different weights: everything must come from the checkpoint
+    groups2 = build_groups(ep_size=2)
+    ep2 = shard_experts(make_layer(case), groups2.ep).eval()
+    load_sharded(ep2, path)
+    fresh1 = make_layer(case).eval()
+    load_sharded(fresh1, path)
+    for model in (ep2, fresh1):
+        s = expert_shard(model)
+        for name, p in model.named_parameters():
+            want = ref_params[name][s.start:s.stop] if ".experts." in f".{name}" else ref_params[name]
+            assert torch.equal(p, want), f"{name} after loading at EP={s.size}"
+    with torch.no_grad():
+        y2 = ep2(x[mine])  # rank = 2 * dp_rank + ep_rank, so this rank's rows are the same as at EP=4
+        y1 = fresh1(x)
+    assert torch.equal(y1, y_ref), "EP=1 output after loading the EP=4 checkpoint"
+    assert_close(y4, y_ref[mine], 1e-12, "EP=4 output")
+    assert_close(y2, y4, 1e-12, "EP=2 output after loading the EP=4 checkpoint")
+
+
+def worker_4(rank: int, world: int, ckpt_path: str) -> None:
+    g4 = build_groups(ep_size=4)
+    for case in (dict(dtype=torch.float32, k=2, shared=True),
+                 dict(dtype=torch.float64, k=2, experts="mlp", dispatch=Capacity(factor=0.5, per_sequence=True))):
+        check_layer_equivalence(case, g4.ep, g4.world)
+    try:
+        shard_experts(MoE(D, 6, router=TopK(k=1)), g4.ep)
+    except ValueError as e:
+        assert "6 experts cannot be split evenly" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
+    check_checkpoint_reshard(g4, ckpt_path)
+    g22 = build_groups(ep_size=2)  # 2 EP ranks x 2 DP replicas
+    check_layer_equivalence(dict(dtype=torch.float64, k=2, shared=True), g22.ep, g22.world)
+    check_global_batch_loss(g22)
+    check_training(g22, dtype=torch.float64, opt_name="adamw", use_ddp=False)
+    check_training(g22, dtype=torch.float32, opt_name="sgd", use_ddp=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# faults
+
+
+def fault_worker(rank: int, world: int, port: int, mode: str, timeout_s: float, queue) -> None:
+    import datetime
+    import os
+    import time
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    groups = build_groups(ep_size=world, timeout_s=timeout_s)
+    torch.manual_seed(0)
+    layer = shard_experts(MoE(D, 4, router=TopK(k=2), experts=SwiGLU(hidden_dim=8)), groups.ep)
+    x = torch.randn(2, 3, D)
+    layer(x)  # one healthy step
+    dist.barrier()
+    if rank == 1:
+        if mode == "killed":
+            os._exit(3)
+        time.sleep(120)  # hung; the parent kills us
+        os._exit(0)
+    t0 = time.monotonic()
+    try:
+        layer(x)
+        queue.put(("no error", "", time.monotonic() - t0))
+    except CollectiveError as e:
+        queue.put(("CollectiveError", str(e), time.monotonic() - t0))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        queue.put((type(e).__name__, str(e), time.monotonic() - t0))
+    os._exit(0)  # no teardown: the peer is gone
