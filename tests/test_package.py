@@ -6,8 +6,9 @@ import sys
 
 def test_import_is_light():
     code = (
-        "import sys, moekit; heavy = [m for m in ('transformers', 'matplotlib', 'safetensors', 'tqdm', 'sklearn', "
-        "'rich', 'scipy') if m in sys.modules]; print(','.join(heavy))"
+        "import sys, torch; before = set(sys.modules); import moekit; new = set(sys.modules) - before; "
+        "heavy = [m for m in ('transformers', 'matplotlib', 'safetensors', 'tqdm', 'sklearn', 'rich', 'scipy') "
+        "if m in new]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import moekit pulled in optional dependencies: {out}"
