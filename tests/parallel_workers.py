@@ -342,4 +342,6 @@ def fault_worker(rank: int, world: int, port: int, mode: str, timeout_s: float, 
         queue.put(("CollectiveError", str(e), time.monotonic() - t0))
     except Exception as e:  # noqa: BLE001 - reported to the test
         queue.put((type(e).__name__, str(e), time.monotonic() - t0))
-    os._exit(0)  # no teardown: the peer is gone
+    queue.close()
+    queue.join_thread()  # flush the report before the hard exit
+    os._exit(0)  # no process-group teardown: the peer is gone
