@@ -78,13 +78,18 @@ class ZeroComputeExperts(nn.Module):
         x_MD = x_TD.index_select(0, token_M)
         if C == 0:
             return out_TD.index_add(0, token_M, weight_M.unsqueeze(-1) * x_MD)
+        # constant experts: [a1, a2] = softmax(W_c x), one small (n_c, D) x (D, 2) product per constant expert
+        alpha_M2 = x_MD.new_zeros(token_M.numel(), 2)
+        for c in range(C):
+            rows = (slot_M == c).nonzero().squeeze(1)
+            gate_n2 = x_MD.index_select(0, rows) @ self.wc_C2D[c].T.to(x_TD.dtype)
+            alpha_M2 = alpha_M2.index_put((rows,), gate_n2.softmax(-1))
         is_const_M = slot_M < C
-        c_M = slot_M.clamp(max=C - 1)
-        alpha_M2 = torch.einsum("md,mkd->mk", x_MD, self.wc_C2D[c_M].to(x_TD.dtype)).softmax(-1)
-        # copy: a_x = 1, a_v = 0; constant: a_x = alpha_1, a_v = alpha_2
+        # copy: a_x = 1, a_v = 0; constant: a_x = a1, a_v = a2
         a_x_M = torch.where(is_const_M, alpha_M2[:, 0], torch.ones_like(weight_M))
         a_v_M = torch.where(is_const_M, alpha_M2[:, 1], torch.zeros_like(weight_M))
-        y_MD = a_x_M.unsqueeze(-1) * x_MD + a_v_M.unsqueeze(-1) * self.v_CD[c_M].to(x_TD.dtype)
+        v_MD = self.v_CD.to(x_TD.dtype).index_select(0, slot_M.clamp(max=C - 1))
+        y_MD = a_x_M.unsqueeze(-1) * x_MD + a_v_M.unsqueeze(-1) * v_MD
         return out_TD.index_add(0, token_M, weight_M.unsqueeze(-1) * y_MD)
 
     def extra_repr(self) -> str:
