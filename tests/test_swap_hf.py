@@ -157,6 +157,43 @@ def test_training_through_the_swap_matches_hf_and_survives_revert():
     torch.testing.assert_close(after[:, :Fh], before[:, :Fh] - 0.1 * bank.w1_EFD.grad, atol=1e-7, rtol=0)
 
 
+@torch.no_grad()
+def test_switch_transformers_swap_copies_and_keeps_router_outputs():
+    t = transformers
+    cfg = t.SwitchTransformersConfig(vocab_size=97, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2,
+                                     num_decoder_layers=2, num_experts=4, expert_capacity=4, num_sparse_encoder_layers=1,
+                                     num_sparse_decoder_layers=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = t.SwitchTransformersForConditionalGeneration(cfg).eval()
+    kw = dict(input_ids=_ids(), decoder_input_ids=_ids(S=6, seed=4), output_router_logits=True)
+    ref = model(**kw)
+    with pytest.raises(ValueError, match="share=False"):
+        swap_hf_moe(model)
+    handle = swap_hf_moe(model, share=False)
+    assert handle.names == ["encoder.block.1.layer.1.mlp", "decoder.block.1.layer.2.mlp"]
+    out = model(**kw)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    for key in ("encoder_router_logits", "decoder_router_logits"):
+        assert len(out[key]) == 1
+        torch.testing.assert_close(out[key][0], ref[key][0], atol=1e-5, rtol=0)  # (B, S, E), as HF reports them
+    for key in ("encoder_z_loss", "encoder_aux_loss", "decoder_z_loss", "decoder_aux_loss"):
+        torch.testing.assert_close(out[key], ref[key], atol=1e-5, rtol=1e-6)
+    handle.revert()
+    assert torch.equal(model(**kw).logits, ref.logits)
+
+
+@torch.no_grad()
+def test_adapter_can_return_a_tuple_like_older_blocks():
+    from moekit.convert import from_hf
+
+    block = _model("olmoe").model.layers[0].mlp
+    adapter = HFBlockAdapter(from_hf(block), "OlmoeSparseMoeBlock", returns_tuple=True)
+    x = torch.randn(2, 5, 64)
+    y, logits = adapter(x)
+    torch.testing.assert_close(y, block(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, block.gate(x)[0], atol=1e-5, rtol=0)
+
+
 def test_swap_errors():
     model = _model("olmoe")
     swap_hf_moe(model)

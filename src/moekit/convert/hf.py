@@ -584,6 +584,9 @@ def swap_hf_moe(model: nn.Module, *, share: bool = True) -> SwapHandle:
                          f"{', '.join(SUPPORTED_BLOCKS)}")
     recorders = _router_recorders(model)
     swapped = []
+    if share and any(a.block_class == "SwitchTransformersSparseMLP" for *_, a in found):
+        raise ValueError("swap_hf_moe: SwitchTransformers keeps one nn.Linear per expert, which moekit's stacked bank "
+                         "cannot share; pass share=False to copy the weights")
     for parent, name, qualname, block, arch in found:
         layer = from_hf(block, share=share)
         router = block.router if arch.block_class == "SwitchTransformersSparseMLP" else block.gate
