@@ -312,3 +312,17 @@ def test_smoe_dropout_bad_configs():
         _swiglu_layer(SMoEDropout(k_min=1, k_max=8), E=4)
     with pytest.raises(ValueError, match="total_steps"):
         SMoEDropout(total_steps=0)
+
+
+# -------------------------------------------------------------------------------------- registry / serialization
+@pytest.mark.parametrize("router,experts", [
+    ({"type": "expert_choice", "capacity_factor": 1.5}, None), ({"type": "top_p", "threshold": 0.3}, None),
+    ("moepp", None), ({"type": "adamoe", "k": 2, "num_null": 2}, None), ("aoe", {"type": "aoe", "rank": 4}),
+    ({"type": "hash", "vocab_size": 50}, None), ({"type": "smoe_dropout", "k_min": 1, "k_max": 3}, None),
+], ids=["expert_choice", "top_p", "moepp", "adamoe", "aoe", "hash", "smoe_dropout"])
+def test_router_built_by_name_round_trips_through_config(router, experts):
+    layer = MoE(D, 4, router=router, experts=experts or SwiGLU(hidden_dim=F_)).eval()
+    clone = MoE.from_config(layer.config.to_dict()).eval()
+    clone.load_state_dict(layer.state_dict())
+    x, ids = torch.randn(2, 5, D), torch.randint(50, (2, 5))
+    assert torch.equal(clone(x, task=ids), layer(x, task=ids))
