@@ -70,16 +70,18 @@ class LocalDispatcher(nn.Module):
         return x_TD.index_select(0, plan.token_N)
 
     def combine(self, y_ND: Tensor, plan: DispatchPlan) -> Tensor:
+        """Weighted sum of each token's expert outputs. Half-precision outputs are weighted and summed in float32
+        and rounded once (as Hugging Face's MoE blocks do)."""
+        dtype = y_ND.dtype
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         if plan.inv_order_N is not None:
             # weight_N is in grid order here: (K, T) after the pairs are put back in grid order
-            y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(
-                plan.num_slots, plan.num_tokens, -1
-            )
-            w_KT1 = plan.weight_N.to(y_ND.dtype).view(plan.num_slots, plan.num_tokens, 1)
-            return (y_KTD * w_KT1).sum(0)
-        y_ND = y_ND * plan.weight_N.unsqueeze(-1).to(y_ND.dtype)
+            y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, -1)
+            w_KT1 = plan.weight_N.to(acc).view(plan.num_slots, plan.num_tokens, 1)
+            return (y_KTD.to(acc) * w_KT1).sum(0).to(dtype)
+        y_ND = y_ND.to(acc) * plan.weight_N.unsqueeze(-1).to(acc)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
-        return out_TD.index_add(0, plan.token_N, y_ND)
+        return out_TD.index_add(0, plan.token_N, y_ND).to(dtype)
 
 
 @register_spec("dropless", "dispatch")
