@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moekit.experts import AoEExperts
+from moekit.routers import AoE, ExpertChoice, MoEPP, TopP
 from moekit import MLP, AuxFree, Capacity, Dropless, MoE, SwiGLU, SwitchLoss, TopK, aux_loss, update_balance_bias
 from moekit.parallel import (
     CollectiveError,
@@ -49,7 +51,8 @@ def make_layer(case: dict) -> MoE:
     )
     layer = MoE(
         D, case.get("E", 8),
-        router=TopK(k=case.get("k", 2), score=case.get("score", "softmax"), router_bias=case.get("skew", False)),
+        router=case.get("router") or TopK(k=case.get("k", 2), score=case.get("score", "softmax"),
+                                           router_bias=case.get("skew", False)),
         experts=experts,
         shared_experts=SwiGLU(hidden_dim=4) if case.get("shared") else None,
         shared_gate=bool(case.get("shared")),
@@ -126,6 +129,11 @@ CASES_2 = [
     dict(dtype=torch.float64, k=1, E=4, skew=True, shared=True),
     dict(dtype=torch.float32, k=2, shared=True),  # grouped_mm expert path
     dict(dtype=torch.float32, k=3, E=4, dispatch=Capacity(factor=1.0, per_sequence=True)),
+    # other routers of the core: MoE++ (compute-free experts stay on the token's rank), top-p, and expert choice
+    # (experts choose among the tokens of each rank's call, so the reference runs per rank-chunk)
+    dict(dtype=torch.float64, router=MoEPP(k=2, router_hidden_mult=None), shared=True),
+    dict(dtype=torch.float64, router=TopP(), experts="mlp"),
+    dict(dtype=torch.float64, router=ExpertChoice(capacity_factor=1.0), chunked=True),
 ]
 
 
@@ -140,6 +148,12 @@ def worker_ep2(rank: int, world: int) -> None:
         assert "3 experts cannot be split evenly" in str(e), e
     else:
         raise AssertionError("expected a ValueError for 3 experts over 2 ranks")
+    try:
+        shard_experts(MoE(D, 4, router=AoE(), experts=AoEExperts()), groups.ep)
+    except ValueError as e:
+        assert "cannot be sharded" in str(e), e
+    else:
+        raise AssertionError("expected a ValueError for a router that reads the expert weights")
     check_aux_free_bias(groups)
 
 
