@@ -2,7 +2,7 @@
 
 Tolerances (absolute, unit-scale inputs): float64 <= 1e-10, float32 <= 1e-5 for one layer's outputs and gradients;
 training (4 optimizer steps, EP=2 x DP=2): float64 AdamW <= 1e-10, float32 SGD+momentum under DDP <= 2e-5.
-The checks themselves are in parallel_workers.py (several per spawn, to pay the process start-up once).
+The checks themselves are in _parallel_workers.py (several per spawn, to pay the process start-up once).
 """
 
 import pytest
@@ -11,7 +11,7 @@ import torch
 from moekit import MoE, TopK
 from moekit.parallel import group_layout, spawn_local
 
-import parallel_workers as W
+import _parallel_workers as W
 
 
 def test_ep2_layer_equals_single_process_all_modes():

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from moekit.parallel import free_port
 
-import parallel_workers as W
+import _parallel_workers as W
 
 TIMEOUT_S = 3.0
 
