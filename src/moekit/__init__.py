@@ -19,3 +19,13 @@ __all__ = [
     "RoutingStats", "SwiGLU", "SwitchLoss", "TopK", "ZLoss", "attach_bias_update", "aux_loss",
     "reset_routing_stats", "routing_stats", "track_routing", "update_balance_bias",
 ]
+
+# routing methods of the MoE literature (docs/routers.md)
+from .experts import AoEExperts, HeteroFFN, SizePenalty  # noqa: E402
+from .routers import AdaMoE, AoE, EntropyLoss, ExpertChoice, Hash, HeteroBalanceLoss, MoEPP  # noqa: E402
+from .routers import SMoEDropout, THOR, TopP, thor_consistency_loss  # noqa: E402
+
+__all__ += [
+    "AdaMoE", "AoE", "AoEExperts", "EntropyLoss", "ExpertChoice", "Hash", "HeteroBalanceLoss", "HeteroFFN", "MoEPP",
+    "SMoEDropout", "SizePenalty", "THOR", "TopP", "thor_consistency_loss",
+]
