@@ -155,6 +155,14 @@ def worker_ep2(rank: int, world: int) -> None:
     else:
         raise AssertionError("expected a ValueError for a router that reads the expert weights")
     check_aux_free_bias(groups)
+    # an EP model (dispatcher and global-batch loss hold process groups) can be deep-copied, e.g. for an EMA
+    torch.manual_seed(0)
+    ep = apply_expert_parallel(make_layer(dict(balance=(SwitchLoss(coef=0.1),))), groups, global_balance=True)
+    twin = copy.deepcopy(ep)
+    x = torch.randn(2, 3, D)
+    a, b = ep.forward_with_aux(x), twin.forward_with_aux(x)
+    assert torch.equal(a.y, b.y) and torch.equal(a.aux_loss, b.aux_loss)
+    assert twin.experts.w1_EFD is not ep.experts.w1_EFD
 
 
 def check_aux_free_bias(groups) -> None:

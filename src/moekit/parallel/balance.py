@@ -41,6 +41,9 @@ class GlobalBatchSwitchLoss(BalanceSpec):
     coef: float = 0.01
     group: Any = dataclasses.field(default=None, compare=False, repr=False)
 
+    def __deepcopy__(self, memo) -> "GlobalBatchSwitchLoss":
+        return self  # immutable, and its process group cannot be copied
+
     def loss(self, a: Assignment) -> Tensor:
         probs_TE = _probs_TE(a)
         sums = torch.cat([

@@ -72,6 +72,17 @@ def _segment_gather_index(sizes_RL: Tensor) -> Tensor:
     )
 
 
+class _GroupRef:
+    """Holds a process group; deep copies share it (a group is a handle, and cannot be copied), so that
+    ``copy.deepcopy`` of an expert-parallel model works (EMA copies, evaluation clones)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo) -> "_GroupRef":
+        return self
+
+
 class AllToAllDispatcher(nn.Module):
     """Wraps a local dispatcher (``Dropless()`` / ``Capacity(...)`` built) and exchanges rows over ``group``.
 
@@ -90,12 +101,16 @@ class AllToAllDispatcher(nn.Module):
                 f"{size} ranks; choose an EP size that divides the number of experts"
             )
         self.inner = inner
-        self.group = group
+        self._group = _GroupRef(group)
         self.ep_size = size
         self.ep_rank = dist.get_rank(group)
         self.num_experts = num_experts
         self.num_local_experts = num_experts // size
         self.counter = CommCounter()
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self._group.group
 
     def plan(self, a: Assignment, group_size: int | None = None) -> ExpertParallelPlan:
         if a.num_experts != self.num_experts:
