@@ -12,3 +12,7 @@ ACTIVATIONS.register("swish")(F.silu)
 ACTIVATIONS.register("gelu")(F.gelu)
 ACTIVATIONS.register("gelu_tanh")(lambda x: F.gelu(x, approximate="tanh"))
 ACTIVATIONS.register("relu")(F.relu)
+
+from ..approx.gelu import gelu_table  # noqa: E402  (Edge-MoE's table GELU; torch-only module)
+
+ACTIVATIONS.register("gelu_table")(gelu_table)

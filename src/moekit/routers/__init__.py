@@ -1,9 +1,10 @@
 """Routers: ``router(x_TD, task=None) -> Assignment``."""
 
 from .base import RouterSpec
+from .task import MultiGate, PathwayGate, TaskEmbedGate, TaskExperts
 from .topk import TopK, TopKRouter
 
-__all__ = ["RouterSpec", "TopK", "TopKRouter"]
+__all__ = ["MultiGate", "PathwayGate", "RouterSpec", "TaskEmbedGate", "TaskExperts", "TopK", "TopKRouter"]
 
 # routing methods of the MoE literature (one module per family)
 from .adamoe import AdaMoE
