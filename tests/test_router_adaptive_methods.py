@@ -11,8 +11,16 @@ from _routing_methods_ref import TOL64, assert_matches_reference, swiglu_expert
 
 from moekit import MoE, SwiGLU, SwitchLoss, TopK
 from moekit.experts import AoEExperts, HeteroFFN, SizePenalty
-from moekit.routers import THOR, AdaMoE, AoE, Hash, SMoEDropout, advance_smoe_dropout, set_inference_k
-from moekit.routers import thor_consistency_loss
+from moekit.routers import (
+    THOR,
+    AdaMoE,
+    AoE,
+    Hash,
+    SMoEDropout,
+    advance_smoe_dropout,
+    set_inference_k,
+    thor_consistency_loss,
+)
 
 D, F_ = 8, 6
 f64 = torch.float64

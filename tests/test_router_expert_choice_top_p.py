@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _routing_methods_ref import TOL64, assert_matches_reference, grads, swiglu_expert
+from _routing_methods_ref import TOL64, assert_matches_reference, swiglu_expert
 
 from moekit import MoE, SwiGLU, SwitchLoss
 from moekit.routers import EntropyLoss, ExpertChoice, TopP
