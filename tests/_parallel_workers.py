@@ -345,7 +345,8 @@ def fault_worker(rank: int, world: int, port: int, mode: str, timeout_s: float, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    groups = build_groups(ep_size=world, timeout_s=timeout_s)
+    groups = build_groups(ep_size=world)  # inherits the world's timeout
+    assert groups.timeout_s == timeout_s, groups.timeout_s
     torch.manual_seed(0)
     layer = shard_experts(MoE(D, 4, router=TopK(k=2), experts=SwiGLU(hidden_dim=8)), groups.ep)
     x = torch.randn(2, 3, D)

@@ -47,8 +47,19 @@ class ParallelGroups:
     timeout_s: float | None = None
 
 
+def world_timeout_s() -> float | None:
+    """The collective timeout of the default process group in seconds, or None if it cannot be read."""
+    try:
+        pg = dist.distributed_c10d._get_default_group()
+        device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        return pg._get_backend(device).options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001 - private API; fall back to torch's default for new groups
+        return None
+
+
 def build_groups(ep_size: int, *, world_size: int | None = None, timeout_s: float | None = None) -> ParallelGroups:
-    """Create the EP and DP groups on every rank (a collective: all ranks must call it with the same arguments)."""
+    """Create the EP and DP groups on every rank (a collective: all ranks must call it with the same arguments).
+    ``timeout_s`` defaults to the default process group's timeout (torch would give new groups 30 minutes)."""
     if not dist.is_initialized():
         raise RuntimeError("build_groups needs torch.distributed initialised; call moekit.parallel.init_distributed")
     W = dist.get_world_size()
@@ -56,6 +67,8 @@ def build_groups(ep_size: int, *, world_size: int | None = None, timeout_s: floa
         raise ValueError(f"build_groups: world_size={world_size} but the process group has {W} ranks")
     ep_groups, dp_groups = group_layout(W, ep_size)
     rank = dist.get_rank()
+    if timeout_s is None:  # new groups would otherwise get torch's default (30 min), not the world's timeout
+        timeout_s = world_timeout_s()
     timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
     ep = dp = None
     for ranks in ep_groups:  # every rank creates every group, in the same order
