@@ -21,6 +21,7 @@ from moekit import MLP, AuxFree, Capacity, Dropless, MoE, SwiGLU, SwitchLoss, To
 from moekit.parallel import (
     CollectiveError,
     apply_expert_parallel,
+    broadcast_parameters,
     build_groups,
     dense_parameters,
     expert_parameters,
@@ -215,7 +216,7 @@ def _step(model, opt, x, y):
     return loss
 
 
-def check_training(groups, *, dtype, opt_name, use_ddp, steps=4, B=2, S=4) -> None:
+def check_training(groups, *, dtype, opt_name, use_ddp, steps=4, B=2, S=4, save_to=None) -> None:
     tol = {torch.float64: 1e-10, torch.float32: 2e-5}[dtype]
     W, rank = groups.world_size, groups.rank
     make_opt = {
@@ -249,6 +250,27 @@ def check_training(groups, *, dtype, opt_name, use_ddp, steps=4, B=2, S=4) -> No
     for name, p in dense_parameters(model):
         assert_close(p.detach(), ref_params[name].detach(), tol, f"trained {name}")
     assert_close(model.moe.router.bias_E, ref.moe.router.bias_E, tol, "trained aux-free bias")
+    if save_to is not None:  # EP 2 x DP 2: one replica of each shard writes; a plain model loads it
+        save_sharded(net, save_to, groups)
+        plain = load_sharded(Toy().to(dtype), save_to)
+        trained = dict(model.named_parameters())
+        for name, p in dense_parameters(plain):
+            assert torch.equal(p, trained[name]), f"reloaded {name}"
+        for name, p in expert_parameters(plain):
+            assert_close(p.detach(), ref_params[name].detach(), tol, f"reloaded {name}")
+
+
+def check_broadcast(groups) -> None:
+    """broadcast_parameters makes dense weights equal to global rank 0's and shards equal to their DP rank 0's."""
+    torch.manual_seed(100 + groups.rank)  # different weights on every rank
+    model = apply_expert_parallel(Toy(), groups)
+    broadcast_parameters(model, groups)
+    for _, p in list(dense_parameters(model)) + list(expert_parameters(model)):
+        group = groups.world if any(p is q for _, q in dense_parameters(model)) else groups.dp
+        lo, hi = p.detach().clone(), p.detach().clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+        assert torch.equal(lo, hi), "replicas differ after broadcast_parameters"
 
 
 def check_global_batch_loss(groups) -> None:
@@ -330,7 +352,8 @@ def worker_4(rank: int, world: int, ckpt_path: str) -> None:
     check_layer_equivalence(dict(dtype=torch.float64, k=2, shared=True), g22.ep, g22.world)
     check_global_batch_loss(g22)
     check_training(g22, dtype=torch.float64, opt_name="adamw", use_ddp=False)
-    check_training(g22, dtype=torch.float32, opt_name="sgd", use_ddp=True)
+    check_training(g22, dtype=torch.float32, opt_name="sgd", use_ddp=True, save_to=ckpt_path + "_ep2dp2")
+    check_broadcast(g22)
 
 
 # ---------------------------------------------------------------------------------------------------------------
