@@ -11,8 +11,8 @@ def add_arguments(parser) -> None:
                         help="comma-separated LM runs (preset or registered router names; default: all runnable)")
     parser.add_argument("--smear", default=None,
                         help="comma-separated digits runs (default: all: smear,tag,top1,st_gumbel,reinforce,...)")
-    parser.add_argument("--steps", type=int, default=None, help="LM training steps (default 600; --quick 8)")
-    parser.add_argument("--digits-steps", type=int, default=None, help="digits training steps (default 1500; --quick 10)")
+    parser.add_argument("--steps", type=int, default=None, help="LM training steps (default 600; --quick 4)")
+    parser.add_argument("--digits-steps", type=int, default=None, help="digits training steps (default 1500; --quick 6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared CPU more threads can be many times slower)")
@@ -61,9 +61,9 @@ def run(args) -> int:
     lm_cfg = LMConfig(seed=args.seed)
     dg_cfg = DigitsConfig(seed=args.seed)
     if args.quick:
-        lm_cfg = dataclasses.replace(lm_cfg, dim=16, heads=2, seq=16, batch=4, expert_hidden=16, steps=8, warmup=2,
-                                     eval_batches=2, log_every=2)
-        dg_cfg = dataclasses.replace(dg_cfg, dim=16, expert_hidden=4, steps=10, batch=32, eval_every=5)
+        lm_cfg = dataclasses.replace(lm_cfg, dim=16, heads=2, seq=16, batch=4, expert_hidden=16, steps=4, warmup=2,
+                                     eval_batches=1, log_every=2)
+        dg_cfg = dataclasses.replace(dg_cfg, dim=16, expert_hidden=4, steps=6, batch=32, eval_every=3)
     if args.steps is not None:
         lm_cfg = dataclasses.replace(lm_cfg, steps=args.steps)
     if args.digits_steps is not None:

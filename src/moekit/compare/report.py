@@ -18,6 +18,7 @@ _COLS = [
     ("experts_per_token", "experts/token", "{:.2f}"),
     ("max_over_mean", "max/mean load", "{:.2f}"),
     ("wall_s", "wall s", "{:.1f}"),
+    ("cpu_s", "CPU s", "{:.1f}"),
     ("note", "setup", "{}"),
 ]
 

@@ -10,7 +10,8 @@ routing changes. Numbers are measured on the held-out split after training:
   its merge (E multiply-adds per parameter of one expert, per example);
 - ``experts_per_token``: computed (token, expert) pairs per token, averaged over layers (SMEAR: 1 merged expert);
 - ``max_over_mean``: max expert load over mean expert load, averaged over layers (1.0 = perfect balance);
-- ``wall_s``: training wall time (no evaluation).
+- ``wall_s`` / ``cpu_s``: training wall time and process CPU time (LM: no evaluation; digits: with the periodic
+  test-accuracy evaluations).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class RunResult:
     experts_per_token: float
     max_over_mean: float
     wall_s: float
+    cpu_s: float  # process CPU time of training: less sensitive than wall time to other jobs on a shared machine
     params: int
     curve: list = field(default_factory=list)  # [(step, train loss)] or [(step, test accuracy)]
     extra: dict = field(default_factory=dict)
@@ -191,7 +193,7 @@ def train_lm(preset: LMPreset, cfg: LMConfig, data: TextData, tick: Callable[[],
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
     curve, running = [], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(cfg.steps):
         x, y = data.batch("train", cfg.batch, cfg.seq, gen)
         logits, aux = model(x)
@@ -214,12 +216,12 @@ def train_lm(preset: LMPreset, cfg: LMConfig, data: TextData, tick: Callable[[],
             curve.append((step + 1, sum(running) / len(running)))
             running = []
         tick()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     val_loss, stats = _eval_lm(model, data, cfg)
     flops, ept, load, per_layer = _lm_costs(model, stats)
     return RunResult(
         task="lm", name=preset.name, note=preset.note, loss=val_loss, accuracy=None,
-        ffn_mflops_per_token=flops / 1e6, experts_per_token=ept, max_over_mean=load, wall_s=wall,
+        ffn_mflops_per_token=flops / 1e6, experts_per_token=ept, max_over_mean=load, wall_s=wall, cpu_s=cpu,
         params=sum(p.numel() for p in model.parameters()), curve=curve, extra={"layers": per_layer},
     )
 
@@ -272,7 +274,7 @@ def train_digits(preset: DigitsPreset, cfg: DigitsConfig, data: DomainData,
     task_needed = preset.routing == "tag"
     n = data.x_train.shape[0]
     curve = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(cfg.steps):
         idx = torch.randint(0, n, (cfg.batch,), generator=gen)
         task = (torch.zeros_like(idx) if preset.single else data.d_train[idx]) if task_needed else None
@@ -287,7 +289,7 @@ def train_digits(preset: DigitsPreset, cfg: DigitsConfig, data: DomainData,
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             curve.append((step + 1, _eval_digits(model, _as_single(data) if preset.single else data, task_needed)[1]))
         tick()
-    wall = time.perf_counter() - t0  # includes the periodic test-accuracy evaluations (cheap here)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0  # includes the periodic evaluations (cheap)
     test_data = _as_single(data) if preset.single else data
     loss, acc, routes = _eval_digits(model, test_data, task_needed)
 
@@ -311,7 +313,7 @@ def train_digits(preset: DigitsPreset, cfg: DigitsConfig, data: DomainData,
     return RunResult(
         task="digits", name=preset.name, note=preset.note, loss=loss, accuracy=acc,
         ffn_mflops_per_token=flops / 1e6, experts_per_token=sum(epts) / len(epts),
-        max_over_mean=sum(loads) / len(loads), wall_s=wall,
+        max_over_mean=sum(loads) / len(loads), wall_s=wall, cpu_s=cpu,
         params=sum(p.numel() for p in params), curve=curve,
         extra={"routing_domain_nmi": sum(nmis) / len(nmis), "domains": list(data.domains)},
     )
