@@ -29,3 +29,9 @@ __all__ += [
     "AdaMoE", "AoE", "AoEExperts", "EntropyLoss", "ExpertChoice", "Hash", "HeteroBalanceLoss", "HeteroFFN", "MoEPP",
     "SMoEDropout", "SizePenalty", "THOR", "TopP", "thor_consistency_loss",
 ]
+
+# per-example expert merging (docs/smear.md) and Union of Experts (docs/uoe.md)
+from .merging import SMEAR, SMEARConfig, reinforce_loss  # noqa: E402
+from .uoe import HeadExperts, SlicedMLP, TokenSelection  # noqa: E402
+
+__all__ += ["HeadExperts", "SMEAR", "SMEARConfig", "SlicedMLP", "TokenSelection", "reinforce_loss"]

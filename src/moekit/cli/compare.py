@@ -11,7 +11,7 @@ def add_arguments(parser) -> None:
                         help="comma-separated LM runs (preset or registered router names; default: all runnable)")
     parser.add_argument("--smear", default=None,
                         help="comma-separated digits runs (default: all: smear,tag,top1,st_gumbel,reinforce,...)")
-    parser.add_argument("--steps", type=int, default=None, help="LM training steps (default 600; --quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="LM training steps (default 300; --quick 4)")
     parser.add_argument("--digits-steps", type=int, default=None, help="digits training steps (default 1500; --quick 6)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,

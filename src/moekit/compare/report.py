@@ -85,6 +85,10 @@ def _plot(results: list[RunResult], path: Path) -> Path | None:
             if r.curve:
                 s, v = zip(*r.curve)
                 row[0].plot(s, v, label=r.name)
+        if task == "lm":  # zoom on the part of training where the runs differ
+            lows = [v for r in rows for _, v in r.curve]
+            if lows:
+                row[0].set_ylim(min(lows) - 0.05, min(lows) + 0.8)
         row[0].set_xlabel("step")
         row[0].set_ylabel("train loss" if task == "lm" else "test accuracy")
         row[0].set_title("LM training loss" if task == "lm" else "digits test accuracy")
