@@ -9,8 +9,8 @@ Construction (all randomness from ``numpy.random.default_rng(seed)``):
    test pool, the rest to the train pool. Train canvases use only train-pool images and test canvases only
    test-pool images, so the splits share no source image.
 2. **Canvas.** A ``12 x 20`` black canvas gets two different pool digits (uniform pairs) (intensity scaled to [0, 1]): the *left*
-   digit with its top-left corner at row ``U{0..4}``, column ``U{0..4}``; the *right* digit at row ``U{0..4}``,
-   column ``U{8..12}``. The two 8x8 boxes may overlap by up to 4 columns; pixels combine by maximum.
+   digit with its top-left corner at row ``U{0..4}``, column ``U{0..3}``; the *right* digit at row ``U{0..4}``,
+   column ``U{9..12}``. The two 8x8 boxes may overlap by up to 2 columns; pixels combine by maximum.
 3. **Targets.** ``left``: class of the left digit (10 classes). ``right``: class of the right digit (10 classes).
    ``seg``: per pixel 0 = background (combined intensity < 0.25), 1 = left digit, 2 = right digit (whichever
    digit is brighter at that pixel; ties go to the left one).
@@ -27,8 +27,8 @@ from torch import Tensor
 
 CANVAS_HW = (12, 20)
 DIGIT = 8
-LEFT_COLS = (0, 4)  # inclusive range of the left digit's first column
-RIGHT_COLS = (8, 12)
+LEFT_COLS = (0, 3)  # inclusive range of the left digit's first column
+RIGHT_COLS = (9, 12)
 ROWS = (0, 4)
 FOREGROUND = 0.25
 

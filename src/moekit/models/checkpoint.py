@@ -112,7 +112,10 @@ def _load_model_and_step(folder) -> tuple[MultiTaskViT, int]:
             "(an interrupted save?)"
         )
     model = MultiTaskViT(config)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"checkpoint {folder}: weights do not match its config: {e}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {folder} does not match its config: missing {sorted(missing)[:5]}, "

@@ -97,7 +97,8 @@ def extract_task(model: MultiTaskViT, task: str | int, *, calibration: Tensor | 
                           **{f"experts.{n}": v for n, v in bank.items()}})
 
     config = model.config.replace(tasks=(head,), layer_moe=tuple(layer_moe))
-    pathway = MultiTaskViT(config)
+    ref = next(model.parameters())
+    pathway = MultiTaskViT(config).to(device=ref.device, dtype=ref.dtype)
     source = model.state_dict()
     moe_prefix = {f"blocks.{i}.ffn.": j for j, i in enumerate(model.config.moe_blocks)}
     state = {}
