@@ -9,6 +9,7 @@ import sys
 
 # name -> (module, one-line help). Add a command by adding a module and a line here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("moekit.cli.demo", "train a multi-task MoE ViT and a dense ViT on bundled digits; report accuracy, FLOPs, pathways"),
     "bench": ("moekit.cli.bench", "benchmark MoE layers against the dense floor and Hugging Face blocks"),
     "compare": ("moekit.cli.compare", "train one small model with several routers and tabulate quality, FLOPs, balance"),
     "train-ep": ("moekit.cli.train_ep", "train a small MoE with expert x data parallelism (run under torchrun)"),
