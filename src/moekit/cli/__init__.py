@@ -9,6 +9,7 @@ import sys
 
 # name -> (module, one-line help). Add a command by adding a module and a line here.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "robustqa": ("moekit.cli.robustqa", "Robust QA recipe: Switch-upcycled MiniLM vs dense, in-domain and held-out domain"),
     "demo": ("moekit.cli.demo", "train a multi-task MoE ViT and a dense ViT on bundled digits; report accuracy, FLOPs, pathways"),
     "bench": ("moekit.cli.bench", "benchmark MoE layers against the dense floor and Hugging Face blocks"),
     "compare": ("moekit.cli.compare", "train one small model with several routers and tabulate quality, FLOPs, balance"),

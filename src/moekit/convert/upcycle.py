@@ -246,6 +246,8 @@ def train_only_moe_(
 
 def select_sites(model: nn.Module, layers: Any) -> list[FFNSite]:
     """Resolve ``layers`` (see :class:`UpcycleConfig`) to the dense FFN sites of ``model``."""
+    if isinstance(layers, list):
+        layers = tuple(layers)
     if isinstance(layers, tuple) and layers and isinstance(layers[0], str):
         return [_site_by_name(model, name) for name in layers]
     model_type = getattr(getattr(model, "config", None), "model_type", None)

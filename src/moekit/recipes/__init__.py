@@ -1,0 +1,1 @@
+"""End-to-end recipes built on moekit (each imports its optional dependencies lazily)."""
