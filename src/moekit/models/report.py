@@ -86,8 +86,8 @@ def render_markdown(summary: dict) -> str:
         "",
         "## Training",
         "",
-        markdown_table(["model", "steps", "train seconds", "final losses"],
-                       [[m, str(v["steps"]), f"{v['seconds']:.1f}",
+        markdown_table(["model", "steps", "train wall s", "train CPU s", "final losses"],
+                       [[m, str(v["steps"]), f"{v['seconds']:.1f}", f"{v.get('cpu_seconds', float('nan')):.1f}",
                          ", ".join(f"{k}={x:.3f}" for k, x in v["final_losses"].items())]
                         for m, v in summary["training"].items()]),
         "",
@@ -95,7 +95,8 @@ def render_markdown(summary: dict) -> str:
         "",
         "![training curves](training_curves.png)",
         "",
-        f"Machine: {summary['machine']}. Wall time of the whole demo: {summary['wall_seconds']:.1f} s.",
+        f"Machine: {summary['machine']}. Wall time of the whole demo: {summary['wall_seconds']:.1f} s "
+        f"(CPU time of all its processes: {summary.get('cpu_seconds', float('nan')):.1f} s).",
         "",
     ]
     return "\n".join(lines)

@@ -69,7 +69,7 @@ class MultiTaskTrainer:
     """
 
     def __init__(self, model: MultiTaskViT, data, config: TrainConfig, *, progress: bool = True,
-                 desc: str = "train") -> None:
+                 desc: str = "train", bar_position: int | None = None) -> None:
         missing = [t.name for t in model.config.tasks if t.name not in data.targets]
         if missing:
             raise ValueError(f"the dataset has no targets for tasks {missing}; it has {sorted(data.targets)}")
@@ -79,7 +79,7 @@ class MultiTaskTrainer:
         if len(data) < config.batch_size:
             raise ValueError(f"the dataset has {len(data)} examples, fewer than batch_size={config.batch_size}")
         self.model, self.data, self.config = model, data, config
-        self.progress, self.desc = progress, desc
+        self.progress, self.desc, self.bar_position = progress, desc, bar_position
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_embed" not in n)]
         self.optimizer = torch.optim.AdamW(
@@ -130,7 +130,8 @@ class MultiTaskTrainer:
         """Train until ``steps`` (default ``config.steps``) total steps, with a progress bar; save a checkpoint
         every ``checkpoint_every`` steps and at the end when ``checkpoint_dir`` is given."""
         end = self.config.steps if steps is None else steps
-        bar = _progress(total=end, initial=self.step, desc=self.desc, enabled=self.progress)
+        bar = _progress(total=end, initial=self.step, desc=self.desc, enabled=self.progress,
+                        position=self.bar_position)
         try:
             while self.step < end:
                 rec = self.train_step()
@@ -187,11 +188,12 @@ class MultiTaskTrainer:
         return trainer
 
 
-def _progress(total: int, initial: int, desc: str, enabled: bool):
+def _progress(total: int, initial: int, desc: str, enabled: bool, position: int | None = None):
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is optional
         return None
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True,
+                position=position)
