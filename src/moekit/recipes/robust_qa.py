@@ -103,14 +103,20 @@ def load_chatterbot_pairs() -> dict[str, list[tuple[str, str]]]:
 
 
 def make_items(pairs: list[tuple[str, str]], domain: str, k: int, rng: random.Random) -> list[QAItem]:
-    items = []
+    """One item per distinct question: its first answer is the gold one, and the ``k - 1`` distractors are answers
+    of other questions of the domain (never another answer of the same question)."""
+    answers: dict[str, list[str]] = {}
     for q, a in pairs:
-        pool = sorted({b for _, b in pairs if b != a})
+        answers.setdefault(q, []).append(a)
+    all_answers = sorted({a for _, a in pairs})
+    items = []
+    for q, own in answers.items():
+        pool = [b for b in all_answers if b not in own]
         if len(pool) < k - 1:
             continue
-        cands = [a] + rng.sample(pool, k - 1)
+        cands = [own[0]] + rng.sample(pool, k - 1)
         rng.shuffle(cands)
-        items.append(QAItem(domain, q, cands, cands.index(a)))
+        items.append(QAItem(domain, q, cands, cands.index(own[0])))
     return items
 
 
