@@ -35,3 +35,8 @@ from .merging import SMEAR, SMEARConfig, reinforce_loss  # noqa: E402
 from .uoe import HeadExperts, SlicedMLP, TokenSelection  # noqa: E402
 
 __all__ += ["HeadExperts", "SMEAR", "SMEARConfig", "SlicedMLP", "TokenSelection", "reinforce_loss"]
+
+# task routers for multi-task MoE (M3ViT / Edge-MoE; docs/demo.md); the multi-task ViT lives in moekit.models
+from .routers import MultiGate, TaskEmbedGate, TaskExperts  # noqa: E402
+
+__all__ += ["MultiGate", "TaskEmbedGate", "TaskExperts"]
