@@ -18,6 +18,15 @@ from moekit.models.train import MultiTaskTrainer, TrainConfig  # noqa: E402
 TASKS = (TaskHead(name="cls", kind="classify", num_classes=3), TaskHead(name="seg", kind="segment", num_classes=2))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: one thread is faster, and avoids oversubscription when pytest-xdist runs workers side by side
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class Toy:
     images: torch.Tensor

@@ -12,6 +12,15 @@ from moekit.models.flops import count_params, vit_flops, vit_flops_all_tasks
 TASKS = (TaskHead(name="cls", kind="classify", num_classes=3), TaskHead(name="seg", kind="segment", num_classes=2))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: one thread is faster, and avoids oversubscription when pytest-xdist runs workers side by side
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**kw):
     base = dict(tasks=TASKS, image_size=(4, 4), patch_size=2, dim=4, depth=2, num_heads=2, mlp_ratio=2,
                 moe_every=2, num_experts=4, k=2)

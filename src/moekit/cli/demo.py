@@ -26,6 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # when called in-process (tests), leave the caller's setting alone
+
+
+def _run(args: argparse.Namespace) -> int:
     import json
     import platform
     import time
