@@ -27,7 +27,7 @@ def _reference_switch_loss(handle, coef):
         E = a.num_experts
         f = torch.bincount(a.expert_N, minlength=E).double() / a.num_tokens
         P = a.scores_TE.double().mean(0)
-        total += coef * E * float((f * P).sum())
+        total += coef * E * float((f * P.detach()).sum())
     return total
 
 

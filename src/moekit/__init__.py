@@ -40,3 +40,8 @@ __all__ += ["HeadExperts", "SMEAR", "SMEARConfig", "SlicedMLP", "TokenSelection"
 from .routers import MultiGate, TaskEmbedGate, TaskExperts  # noqa: E402
 
 __all__ += ["MultiGate", "TaskEmbedGate", "TaskExperts"]
+
+# upcycling dense transformers into MoE (docs/upcycling.md); save/load and the Trainer live in moekit.convert
+from .convert.upcycle import UnitGate, UpcycleConfig, train_only_moe_, upcycle_  # noqa: E402
+
+__all__ += ["UnitGate", "UpcycleConfig", "train_only_moe_", "upcycle_"]
