@@ -4,5 +4,15 @@ active FLOPs, experts per token, load balance and wall time. See ``docs/compare.
 from .presets import DIGITS_PRESETS, LM_PRESETS, DigitsPreset, LMPreset, lm_choices
 from .runner import DigitsConfig, LMConfig, RunResult, train_digits, train_lm
 
-__all__ = ["DIGITS_PRESETS", "DigitsConfig", "DigitsPreset", "LMConfig", "LMPreset", "LM_PRESETS", "RunResult",
-           "lm_choices", "train_digits", "train_lm"]
+__all__ = [
+           "DIGITS_PRESETS",
+           "LM_PRESETS",
+           "DigitsConfig",
+           "DigitsPreset",
+           "LMConfig",
+           "LMPreset",
+           "RunResult",
+           "lm_choices",
+           "train_digits",
+           "train_lm",
+]

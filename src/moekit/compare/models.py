@@ -4,7 +4,8 @@ digits classifier with per-example adapters (SMEAR and its baselines) on a froze
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

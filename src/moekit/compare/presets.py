@@ -112,6 +112,26 @@ def lm_choices() -> tuple[dict[str, LMPreset], dict[str, str]]:
     for r in sorted(routers - covered):
         if r in TASK_ROUTERS:
             skipped[r] = "needs task ids (the LM task has none)"
+            continue
+        preset = LMPreset(r, r, {}, SWITCH, note="registered router, default spec + LB 0.01")
+        problem = _default_build_problem(preset)
+        if problem is None:
+            runnable[r] = preset
         else:
-            runnable[r] = LMPreset(r, r, {}, SWITCH, note="registered router, default spec + LB 0.01")
+            skipped[r] = f"its default spec does not build a layer here: {problem}"
     return runnable, skipped
+
+
+def _default_build_problem(preset: LMPreset) -> str | None:
+    """None if the preset's router builds and routes a small MoE layer, else the error (a router that needs
+    arguments, task ids or special experts cannot run as a generic preset)."""
+    import torch
+
+    from ..layer import MoE
+
+    try:
+        layer = MoE(8, 4, router=preset.router_spec(), balance=preset.balance_specs())
+        layer(torch.randn(2, 3, 8))
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot run generically"
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return None

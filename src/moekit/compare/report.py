@@ -50,8 +50,8 @@ def write_report(results: list[RunResult], out_dir: Path, config: dict, skipped:
     env = environment()
     titles = {"lm": "Byte-level LM on the Python standard library (validation loss, nats/byte)",
               "digits": "Digits in 6 domains: SMEAR vs tag routing vs gradient estimators (test set)"}
-    md = ["# moekit compare", "", f"torch {env['torch']}, {env['threads']} threads, {env['processor']}; "
-          "a shared CPU, so wall times are rough.", ""]
+    md = ["# moekit compare", "", (f"torch {env['torch']}, {env['threads']} threads, {env['processor']}; "
+                                   "a shared CPU, so wall times are rough."), ""]
     for task in ("lm", "digits"):
         table = markdown_table(results, task)
         if table:

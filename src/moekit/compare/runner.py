@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,7 @@ def build_lm(preset: LMPreset, cfg: LMConfig, vocab: int) -> TinyLM:
     if preset.router is None:
         from ..experts.bank import MLP
 
-        factory = lambda i: MLP(hidden_dim=hidden, activation="gelu").build_dense(cfg.dim)  # noqa: E731
+        factory = lambda i: MLP(hidden_dim=hidden, activation="gelu").build_dense(cfg.dim)
         return TinyLM(vocab, cfg.dim, cfg.layers, cfg.heads, cfg.seq, factory)
     experts, balance_kw = _experts_spec(preset, hidden)
     router = preset.router_spec()

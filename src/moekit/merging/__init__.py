@@ -4,4 +4,4 @@ REINFORCE, ensemble)."""
 from .router import ExampleRouter, mean_pool
 from .smear import ROUTINGS, SMEAR, SMEARConfig, SMEARRouting, reinforce_loss, set_step
 
-__all__ = ["ExampleRouter", "ROUTINGS", "SMEAR", "SMEARConfig", "SMEARRouting", "mean_pool", "reinforce_loss", "set_step"]
+__all__ = ["ROUTINGS", "SMEAR", "ExampleRouter", "SMEARConfig", "SMEARRouting", "mean_pool", "reinforce_loss", "set_step"]

@@ -59,7 +59,7 @@ class HeadExperts(nn.Module):
     # ------------------------------------------------------------------------------------------ decomposition
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, *, causal: bool = False, head_k: int | None = None,
-                   weighted: bool = False) -> "HeadExperts":
+                   weighted: bool = False) -> HeadExperts:
         """Exact head experts of a ``torch.nn.MultiheadAttention`` (``batch_first=True``, no bias_kv/zero_attn,
         equal q/k/v dims). Dropout is not carried over."""
         if not mha.batch_first or mha.bias_k is not None or mha.add_zero_attn or not mha._qkv_same_embed_dim:

@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..experts.activations import ACTIVATIONS
@@ -79,7 +78,7 @@ class SlicedMLP(nn.Module):
 
     # ------------------------------------------------------------------------------------------ decomposition
     @classmethod
-    def from_dense(cls, dense: nn.Module, num_slices: int, *, selection: TokenSelection | None = None) -> "SlicedMLP":
+    def from_dense(cls, dense: nn.Module, num_slices: int, *, selection: TokenSelection | None = None) -> SlicedMLP:
         """Exact slices of a :class:`moekit.experts.DenseFFN` (or anything with ``w1_FD``, ``w2_DF``, ...)."""
         spec = dense.spec
         out = cls(dense.dim, dense.hidden_dim, num_slices, activation=spec.activation, glu=spec.glu, bias=spec.bias,
@@ -89,7 +88,7 @@ class SlicedMLP(nn.Module):
 
     @classmethod
     def from_linears(cls, fc1: nn.Linear, fc2: nn.Linear, num_slices: int, *, activation: str = "gelu",
-                     selection: TokenSelection | None = None) -> "SlicedMLP":
+                     selection: TokenSelection | None = None) -> SlicedMLP:
         """Exact slices of ``fc2(act(fc1(x)))`` built from two ``nn.Linear`` (both with or both without bias)."""
         bias = fc1.bias is not None
         if (fc2.bias is not None) != bias:
@@ -102,7 +101,7 @@ class SlicedMLP(nn.Module):
 
     @torch.no_grad()
     def load_dense_(self, *, w1_FD: Tensor, w2_DF: Tensor, w3_FD: Tensor | None = None, b1_F: Tensor | None = None,
-                    b3_F: Tensor | None = None, b2_D: Tensor | None = None) -> "SlicedMLP":
+                    b3_F: Tensor | None = None, b2_D: Tensor | None = None) -> SlicedMLP:
         E, Fe, D = self.num_slices, self.slice_dim, self.dim
         self.w1_EFD.copy_(w1_FD.reshape(E, Fe, D))
         self.w2_EDF.copy_(w2_DF.reshape(D, E, Fe).permute(1, 0, 2))
@@ -120,7 +119,7 @@ class SlicedMLP(nn.Module):
     def dense_weights(self) -> dict[str, Tensor | None]:
         """The dense parametrisation (``w1_FD``, ``w2_DF``, ...) as views of the slices; gradients flow."""
         E, Fe, D = self.num_slices, self.slice_dim, self.dim
-        flat = lambda t: None if t is None else t.reshape(E * Fe, *t.shape[2:])  # noqa: E731
+        flat = lambda t: None if t is None else t.reshape(E * Fe, *t.shape[2:])
         return {"w1_FD": flat(self.w1_EFD), "w3_FD": flat(self.w3_EFD),
                 "w2_DF": self.w2_EDF.permute(1, 0, 2).reshape(D, E * Fe),
                 "b1_F": None if self.b1_EF is None else self.b1_EF.reshape(-1),
