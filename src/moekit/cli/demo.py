@@ -46,11 +46,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..data import make_multidigit
     from ..models import TaskHead, ViTConfig, with_approximations
+    from ..models.checkpoint import load_model
     from ..models.evaluate import evaluate, expert_usage, latency_per_image, predict
     from ..models.extract import extract_task, pathway_agreement
     from ..models.flops import count_params, vit_flops, vit_flops_all_tasks
     from ..models.report import plot_expert_usage, plot_training_curves, render_markdown, render_text
-    from ..models.checkpoint import load_model
     from ..models.train import TrainConfig
 
     start = time.perf_counter()
@@ -91,7 +91,8 @@ def _run(args: argparse.Namespace) -> int:
             "position": i if args.jobs > 1 else None,
             "checkpoint": str(out / "checkpoints" / name.split()[0].lower()),
         })
-    say(f"training both models for {steps} steps ({'in parallel, ' + str(args.jobs) + ' processes' if args.jobs > 1 else 'one after the other'})")
+    how = f"in parallel, {args.jobs} processes" if args.jobs > 1 else "one after the other"
+    say(f"training both models for {steps} steps ({how})")
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -184,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         "pathways": pathway_rows,
         "approx_note": (
             "`MoE + Edge approx` is the trained MoE model evaluated with Edge-MoE's single-pass softmax (gates and "
-            f"attention) and the table GELU, no retraining. Predictions identical to the exact model's: "
+            "attention) and the table GELU, no retraining. Predictions identical to the exact model's: "
             + ", ".join(f"{k} {v:.4f}" for k, v in approx_agree.items())
             + f" (per image, or per pixel for segmentation); largest logit change {approx_diff:.2e} (a token whose "
             "top-2 gate scores nearly tie can switch experts when the approximations perturb its input)."

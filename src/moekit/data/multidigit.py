@@ -8,9 +8,10 @@ Construction (all randomness from ``numpy.random.default_rng(seed)``):
 1. **Source split.** Each class's images are shuffled and the first ``round(test_fraction * n_class)`` go to the
    test pool, the rest to the train pool. Train canvases use only train-pool images and test canvases only
    test-pool images, so the splits share no source image.
-2. **Canvas.** A ``12 x 20`` black canvas gets two different pool digits (uniform pairs) (intensity scaled to [0, 1]): the *left*
-   digit with its top-left corner at row ``U{0..4}``, column ``U{0..3}``; the *right* digit at row ``U{0..4}``,
-   column ``U{9..12}``. The two 8x8 boxes may overlap by up to 2 columns; pixels combine by maximum.
+2. **Canvas.** A ``12 x 20`` black canvas gets two different pool digits (a uniform pair; intensity scaled to
+   [0, 1]): the *left* digit with its top-left corner at row ``U{0..4}``, column ``U{0..3}``; the *right* digit at
+   row ``U{0..4}``, column ``U{9..12}``. The two 8x8 boxes may overlap by up to 2 columns; pixels combine by
+   maximum.
 3. **Targets.** ``left``: class of the left digit (10 classes). ``right``: class of the right digit (10 classes).
    ``seg``: per pixel 0 = background (combined intensity < 0.25), 1 = left digit, 2 = right digit (whichever
    digit is brighter at that pixel; ties go to the left one).

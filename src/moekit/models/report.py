@@ -30,12 +30,15 @@ def cost_rows(summary: dict) -> list[list[str]]:
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    def line(cells: list[str]) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    out = ["| " + " | ".join(header) + " |", rule]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
@@ -49,8 +52,8 @@ def quality_header(summary: dict) -> list[str]:
 
 
 def render_text(summary: dict) -> str:
-    parts = [text_table(quality_header(summary), quality_rows(summary)), "", text_table(COST_HEADER, cost_rows(summary))]
-    return "\n".join(parts)
+    quality = text_table(quality_header(summary), quality_rows(summary))
+    return "\n".join([quality, "", text_table(COST_HEADER, cost_rows(summary))])
 
 
 def render_markdown(summary: dict) -> str:

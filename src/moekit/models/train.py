@@ -23,7 +23,13 @@ from torch import Tensor
 
 from ..layer import aux_loss
 from .checkpoint import (
-    TRAINER_FILE, CheckpointError, _load_model_and_step, flatten_optimizer, load_tensors, save_model, save_tensors,
+    TRAINER_FILE,
+    CheckpointError,
+    _load_model_and_step,
+    flatten_optimizer,
+    load_tensors,
+    save_model,
+    save_tensors,
     unflatten_optimizer,
 )
 from .vit import MultiTaskViT

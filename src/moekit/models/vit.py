@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..approx.softmax import SOFTMAX_MODES, online_softmax_stats
@@ -77,7 +76,9 @@ class ViTConfig:
             raise ValueError(f"ViTConfig: task names must be unique, got {names}")
         H, W = self.image_size
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"ViTConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"ViTConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
         if self.dim % self.num_heads:
             raise ValueError(f"ViTConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
         if self.attention_softmax not in SOFTMAX_MODES:
@@ -87,7 +88,9 @@ class ViTConfig:
         if self.moe_every < 0 or self.depth < 1:
             raise ValueError("ViTConfig: depth must be >= 1 and moe_every >= 0")
         if self.layer_moe is not None and len(self.layer_moe) != len(self.moe_blocks):
-            raise ValueError(f"ViTConfig: layer_moe has {len(self.layer_moe)} entries for {len(self.moe_blocks)} MoE blocks")
+            raise ValueError(
+                f"ViTConfig: layer_moe has {len(self.layer_moe)} entries for {len(self.moe_blocks)} MoE blocks"
+            )
 
     # -- derived --------------------------------------------------------------------------------------------
     @property
@@ -275,11 +278,11 @@ class MultiTaskViT(nn.Module):
 
     def check_images(self, images: Tensor) -> None:
         c = self.config
-        want = (c.in_channels, *c.image_size)
+        want = ", ".join(map(str, (c.in_channels, *c.image_size)))
         if not isinstance(images, Tensor):
-            raise ValueError(f"images must be a tensor of shape (B, {', '.join(map(str, want))}), got {type(images).__name__}")
+            raise ValueError(f"images must be a tensor of shape (B, {want}), got {type(images).__name__}")
         if images.dim() != 4:
-            raise ValueError(f"images must be 4-D (B, C, H, W) = (B, {', '.join(map(str, want))}), got shape {tuple(images.shape)}")
+            raise ValueError(f"images must be 4-D (B, C, H, W) = (B, {want}), got shape {tuple(images.shape)}")
         if images.shape[1] != c.in_channels:
             raise ValueError(f"images have {images.shape[1]} channels; this model expects {c.in_channels}")
         if tuple(images.shape[2:]) != c.image_size:

@@ -34,9 +34,12 @@ from .base import RouterSpec
 
 
 def task_ids(task, num_tasks: int, num_tokens: int, router: str) -> int | Tensor:
-    """Validate ``task``: an int in [0, num_tasks), a 0-d tensor, or one id per token. Returns an int or a (T,) tensor."""
+    """Validate ``task``: an int in [0, num_tasks), a 0-d tensor, or one id per token. Returns an int or a (T,)
+    tensor."""
     if task is None:
-        raise ValueError(f"{router}: this router is task-conditioned; call it with task=<task id in 0..{num_tasks - 1}>")
+        raise ValueError(
+            f"{router}: this router is task-conditioned; call it with task=<task id in 0..{num_tasks - 1}>"
+        )
     if isinstance(task, str):
         raise ValueError(
             f"{router}: got task name {task!r}; routers take integer task ids (the model maps names to ids)"
@@ -323,7 +326,9 @@ class PathwayGate(RouterSpec):
         if self.num_scores < 1 or self.k < 1:
             raise ValueError(f"PathwayGate: num_scores and k must be >= 1, got {self.num_scores}, {self.k}")
         if self.softmax not in SOFTMAX_MODES:
-            raise ValueError(f"PathwayGate: unknown softmax {self.softmax!r}; valid choices: {', '.join(SOFTMAX_MODES)}")
+            raise ValueError(
+                f"PathwayGate: unknown softmax {self.softmax!r}; valid choices: {', '.join(SOFTMAX_MODES)}"
+            )
 
     def validate(self, num_experts: int) -> None:
         if self.k > num_experts:
