@@ -11,7 +11,7 @@ import argparse
 from moekit.recipes.robust_qa import RobustQAConfig, run_recipe, save_json
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=120)
+parser.add_argument("--steps", type=int, default=80)
 parser.add_argument("--eda", type=float, default=0.0, help="probability of augmenting a training text")
 parser.add_argument("--held-out", default="trivia")
 parser.add_argument("--out", default=None)

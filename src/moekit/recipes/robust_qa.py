@@ -42,7 +42,7 @@ class RobustQAConfig:
     num_candidates: int = 4
     max_train_per_domain: int = 240
     max_test_per_domain: int = 80
-    steps: int = 120
+    steps: int = 80
     batch_questions: int = 16
     lr: float = 5e-5
     scale: float = 20.0
