@@ -267,3 +267,14 @@ def test_train_only_moe_freezes_the_rest():
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
     routers_only = train_only_moe_(model, experts=False)
     assert routers_only and all(".router." in n for n in routers_only)
+
+
+def test_revert_follows_a_dtype_change():
+    model, inputs = tiny("bert")
+    upcycle_(model, CONFIGS["copy-switch-unit"])
+    model.double()  # the kept dense modules are outside the model; revert brings them to its dtype
+    revert(model)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.bert.encoder.layer[1].output.dense.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(**inputs).logits.dtype == torch.float64

@@ -179,9 +179,9 @@ class UpcycleHandle:
         """Put the original dense modules back (moved to the device and dtype of what replaced them)."""
         if getattr(self._model, HANDLE_ATTR, None) is not self:
             raise RuntimeError("revert: this upcycle handle is no longer active on its model")
+        ref = next(iter(self._model.parameters()), None)
         for parent, attr, original in reversed(self._swaps):
-            current = getattr(parent, attr)
-            ref = next(iter(current.parameters()), None)
+            ref = next(iter(getattr(parent, attr).parameters()), ref)
             if ref is not None:
                 original.to(device=ref.device, dtype=ref.dtype)
             setattr(parent, attr, original)
