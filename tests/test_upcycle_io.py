@@ -16,7 +16,12 @@ from moekit import TopK
 from moekit.convert.unit_gate import UnitGate
 from moekit.convert.upcycle import UpcycleConfig, get_upcycle, revert, upcycle_
 from moekit.convert.upcycle_io import (
-    CONFIG_NAME, WEIGHTS_NAME, UpcycleCheckpointError, load_upcycled, read_upcycle_meta, save_upcycled,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    UpcycleCheckpointError,
+    load_upcycled,
+    read_upcycle_meta,
+    save_upcycled,
 )
 
 CFG = UpcycleConfig(num_experts=4, router=UnitGate(router=TopK(k=1)), noise=0.05, layers=[1])

@@ -91,7 +91,7 @@ def test_trainer_adds_aux_loss_and_logs_routing(tmp_path):
 
 def test_eda_operations():
     rng = random.Random(0)
-    words = "what is the capital city of france today".split()
+    words = ["what", "is", "the", "capital", "city", "of", "france", "today"]
     swapped = random_swap(words, 2, rng)
     assert sorted(swapped) == sorted(words) and swapped != words
     deleted = random_deletion(words, 0.3, rng)

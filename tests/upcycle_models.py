@@ -13,9 +13,9 @@ def tiny(arch: str):
 
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(1))
     text = {"input_ids": ids}
-    enc = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    dec = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-               intermediate_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    enc = {"vocab_size": V, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 64}
+    dec = {**enc, "num_key_value_heads": 1, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
     if arch == "bert":
         model = tf.BertForSequenceClassification(tf.BertConfig(**enc, num_labels=3))
     elif arch == "roberta":

@@ -23,8 +23,8 @@ The activation is identified numerically (probed against moekit's activations), 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

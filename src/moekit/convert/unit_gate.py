@@ -45,7 +45,7 @@ class UnitGate(RouterSpec):
     def validate(self, num_experts: int) -> None:
         self.router.validate(num_experts)
 
-    def build(self, dim: int, num_experts: int) -> "UnitGateRouter":
+    def build(self, dim: int, num_experts: int) -> UnitGateRouter:
         return UnitGateRouter(self.router.build(dim, num_experts), self)
 
 

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +38,7 @@ from ..experts.bank import MLP, SwiGLU
 from ..layer import MoE
 from ..routers.base import RouterSpec
 from ..routers.topk import TopK
-from ..spec import Spec, resolve, spec_from_dict
+from ..spec import resolve, spec_from_dict
 from ..stats import _moe_layers
 from .ffn_forms import DenseWeights, FFNSite, UpcycledFFN, detect_form, find_site_in_block
 from .unit_gate import UnitGate
@@ -138,7 +139,7 @@ class UpcycleConfig:
         }
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "UpcycleConfig":
+    def from_dict(d: dict[str, Any]) -> UpcycleConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(UpcycleConfig)}
         unknown = set(d) - known
@@ -336,7 +337,7 @@ def _build_moe(dw: DenseWeights, cfg: UpcycleConfig, gen: torch.Generator, site:
 
 def _dense_tensors(dw: DenseWeights) -> dict[str, Tensor | None]:
     """Dense weights keyed by the expert bank's parameter names (bank layout without the E axis), float32."""
-    f = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
+    f = lambda t: None if t is None else t.detach().to("cpu", torch.float32)
     return {"w1_EFD": f(dw.w1_FD), "w3_EFD": f(dw.w3_FD), "w2_EDF": f(dw.w2_DF),
             "b1_EF": f(dw.b1_F), "b3_EF": f(dw.b3_F), "b2_ED": f(dw.b2_D)}
 

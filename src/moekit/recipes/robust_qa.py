@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import itertools
 import json
 import os
 import random
@@ -96,7 +97,7 @@ def load_chatterbot_pairs() -> dict[str, list[tuple[str, str]]]:
         domain = DOMAINS.get(os.path.basename(path)[:-4], OTHER)
         for conv in data.get("conversations") or []:
             turns = [str(t).strip() for t in conv]
-            for q, a in zip(turns, turns[1:]):
+            for q, a in itertools.pairwise(turns):
                 if q and a and (q, a) not in pairs[domain]:
                     pairs[domain].append((q, a))
     return dict(pairs)
@@ -219,7 +220,7 @@ def train_one(name: str, cfg: RobustQAConfig, data, moe: bool, log=print) -> Run
         opt, lambda s: min((s + 1) / warmup, max(0.0, (cfg.steps - s) / max(1, cfg.steps - warmup)))
     )
     rng = random.Random(cfg.seed + 1)  # the same data order and augmentation for dense and MoE
-    aug = lambda t: eda(t, rng, cfg.eda_alpha) if cfg.eda_prob > 0 and rng.random() < cfg.eda_prob else t  # noqa: E731
+    aug = lambda t: eda(t, rng, cfg.eda_alpha) if cfg.eda_prob > 0 and rng.random() < cfg.eda_prob else t
     order: list[int] = []
     model.train()
     t0, c0 = time.perf_counter(), time.process_time()
