@@ -354,12 +354,16 @@ class PathwayRouter(nn.Module):
         logits_TS = F.linear(x_TD, self.weight_SD.to(x_TD.dtype), self.bias_S.to(x_TD.dtype))
         probs_TS = softmax(logits_TS, -1, s.softmax)
         kept_S = self.expert_S >= 0
-        choice_TS = logits_TS.detach().masked_fill(~kept_S, float("-inf"))
+        choice_TS = logits_TS.detach()
+        if not bool(kept_S.all()):
+            choice_TS = choice_TS.masked_fill(~kept_S, float("-inf"))
         top_TK = choice_TS.topk(s.k, dim=-1).indices
         weight_TK = probs_TS.gather(1, top_TK)
         if s.normalize:
             weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
         T, E = x_TD.shape[0], self.num_experts
+        if logits_TS.shape[1] == E and bool((self.expert_S == torch.arange(E, device=x_TD.device)).all()):
+            return Assignment.from_topk(top_TK, weight_TK.to(x_TD.dtype), E, probs_TS, logits_TS)  # nothing dropped
         cols = kept_S.nonzero().squeeze(1)
         scores_TE = probs_TS.new_zeros(T, E).index_copy(1, self.expert_S[cols], probs_TS[:, cols])
         logits_TE = logits_TS.new_full((T, E), float("-inf")).index_copy(1, self.expert_S[cols], logits_TS[:, cols])
