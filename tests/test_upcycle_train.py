@@ -124,3 +124,18 @@ def test_robust_qa_splits_hold_a_domain_out():
     assert [it.candidates for it in again[2]] == [it.candidates for it in held]  # fixed by the seed
     with pytest.raises(ValueError, match="unknown held-out domain"):
         build_splits(RobustQAConfig(held_out="astrology"))
+
+
+def test_robustqa_cli_arguments_map_to_the_config():
+    import argparse
+
+    from moekit.cli import COMMANDS, robustqa
+    from moekit.recipes.robust_qa import RobustQAConfig
+
+    assert COMMANDS["robustqa"][0] == "moekit.cli.robustqa"
+    parser = argparse.ArgumentParser()
+    robustqa.add_arguments(parser)
+    args = parser.parse_args(["--steps", "3", "--layers", "1", "3", "--train-only-moe", "--eda-prob", "0.5"])
+    cfg = robustqa.config_from_args(args)
+    assert (cfg.steps, cfg.layers, cfg.train_only_moe, cfg.eda_prob, cfg.held_out) == (3, (1, 3), True, 0.5, "trivia")
+    assert robustqa.config_from_args(parser.parse_args([])) == RobustQAConfig()

@@ -31,14 +31,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
 
 
-def run(args) -> int:
+def config_from_args(args):
     from dataclasses import fields
 
-    from ..recipes.robust_qa import RobustQAConfig, run_recipe, save_json
+    from ..recipes.robust_qa import RobustQAConfig
 
     kw = {f.name: getattr(args, f.name) for f in fields(RobustQAConfig)}
     kw["layers"] = tuple(kw["layers"])
-    out = run_recipe(RobustQAConfig(**kw))
+    return RobustQAConfig(**kw)
+
+
+def run(args) -> int:
+    from ..recipes.robust_qa import run_recipe, save_json
+
+    out = run_recipe(config_from_args(args))
     if args.out:
         save_json(out, args.out)
         print(f"results written to {args.out}")
