@@ -14,13 +14,17 @@ def _blocks(path: pathlib.Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-CASES = [(p, i, code) for p in DOCS if p.exists() for i, code in enumerate(_blocks(p))]
+CASES = [p for p in DOCS if p.exists() and _blocks(p)]
 
 
-@pytest.mark.parametrize("path,index,code", CASES, ids=[f"{p.name}-{i}" for p, i, _ in CASES])
-def test_doc_python_block_runs(path, index, code, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", CASES, ids=[p.name for p in CASES])
+def test_doc_python_blocks_run(path, tmp_path, monkeypatch):
+    """A document's ```python blocks run in order in one namespace, like a notebook. Illustrative snippets that
+    are not meant to run in-process use ```py."""
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, f"{path.name}[{index}]", "exec"), {"__name__": "__readme__"})
+    namespace = {"__name__": "__doc__"}
+    for index, code in enumerate(_blocks(path)):
+        exec(compile(code, f"{path.name}[{index}]", "exec"), namespace)
 
 
 def test_cli_help_runs():
