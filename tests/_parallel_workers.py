@@ -9,7 +9,6 @@ test_layer_reference.py) on the *global* batch, i.e. every rank's micro-batch co
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 import torch.distributed as dist

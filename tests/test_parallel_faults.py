@@ -2,7 +2,6 @@
 timeout instead of hanging. Processes are started by hand (not mp.spawn, which would kill the survivor as soon as
 one rank exits) and the survivor reports through a queue."""
 
-import time
 
 import pytest
 import torch.multiprocessing as mp
