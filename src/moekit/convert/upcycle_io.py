@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ..io import atomic_write
 from .upcycle import UpcycleConfig, get_upcycle, revert, upcycle_
 
 FORMAT = "moekit.upcycle"
@@ -55,10 +56,10 @@ def save_upcycled(model: nn.Module, path: str | os.PathLike) -> Path:
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata={_META_KEY: json.dumps(meta)}))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata={_META_KEY: json.dumps(meta)}))
     full = dict(meta, hf_config=hf_config.to_dict() if hasattr(hf_config, "to_dict") else None)
     text = json.dumps(full, indent=2, sort_keys=True, default=str)
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return folder
 
 
@@ -159,15 +160,3 @@ def _build_hf_model(meta: dict[str, Any]) -> nn.Module:
     hf.pop("model_type", None)
     config = transformers.AutoConfig.for_model(meta["model_type"], **hf)
     return cls(config).eval()
-
-
-def _atomic_write(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

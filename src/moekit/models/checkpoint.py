@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..io import atomic_write
 from .vit import MultiTaskViT, ViTConfig
 
 FORMAT = "moekit.vit/1"
@@ -35,23 +35,10 @@ def _safetensors():
     return st
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     st = _safetensors()
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
 
 
 def load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -76,7 +63,7 @@ def save_model(folder: str | os.PathLike, model: MultiTaskViT, *, step: int = 0)
     meta = {"format": FORMAT, "step": str(step), "config": json.dumps(model.config.to_dict())}
     save_tensors(folder / MODEL_FILE, dict(model.state_dict()), meta)
     text = json.dumps({"format": FORMAT, "step": step, "config": model.config.to_dict()}, indent=2)
-    _atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
     return folder
 
 

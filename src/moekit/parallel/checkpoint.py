@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..io import atomic_write
 from ..stats import _moe_layers
 from .shard import expert_shard
 
@@ -47,23 +47,11 @@ def _expert_entries(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _shard_file(rank: int, size: int) -> str:
@@ -100,7 +88,7 @@ def save_sharded(model: nn.Module, path: str | os.PathLike, groups=None) -> Path
             "experts": {k: {"num_experts": E, "shape": [E, *state[k].shape[1:]], "dtype": str(state[k].dtype)}
                         for k, (E, _, _) in entries.items()},
         }
-        _atomic_write(path / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        atomic_write(path / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
     if distributed:
         dist.barrier()
     return path
