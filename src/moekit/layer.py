@@ -187,10 +187,7 @@ class MoE(nn.Module):
 
         losses = {b.type_name: b.loss(assignment) for b in self.losses}
         aux = sum(losses.values()) if losses else x_TD.new_zeros(())
-        # a plan may report kept pairs per global expert separately from the per-local-expert counts_E it hands
-        # the experts (the expert-parallel all-to-all plan does); local plans have only counts_E
-        kept_E = getattr(plan, "kept_E", plan.counts_E)
-        stats = RoutingStats(kept_E.detach(), plan.routed_E.detach(), assignment.num_tokens)
+        stats = RoutingStats(plan.kept_E.detach(), plan.routed_E.detach(), assignment.num_tokens)
         self._record(stats)
         self.last_aux_loss = aux
         return MoEOutput(y_TD.reshape(x.shape), aux, losses, stats, assignment)

@@ -35,6 +35,11 @@ class DispatchPlan:
     num_slots: int | None = None
 
     @property
+    def kept_E(self) -> Tensor:
+        """Kept pairs per expert, for routing statistics (the expert-parallel plan reports global experts here)."""
+        return self.counts_E
+
+    @property
     def num_dropped(self) -> Tensor:
         return self.routed_E.sum() - self.counts_E.sum()
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..ops.grouped import IMPLS, grouped_linear
+from ..ops.grouped import IMPLS, grouped_linear, grouped_mm_available
 from ..spec import Spec, register_spec
 from .activations import ACTIVATIONS
 
@@ -101,8 +101,11 @@ class ExpertBank(nn.Module):
 
     def forward(self, x_ND: Tensor, counts_E: Tensor, expert_N: Tensor | None = None) -> Tensor:
         impl = self.spec.impl
-        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        counts_list = None if impl == "grouped_mm" else counts_E.tolist()
+        if impl == "auto":  # decide once per call: every projection then takes the same path
+            dims_ok = grouped_mm_available(x_ND.dtype, self.dim, self.hidden_dim)
+            impl = "grouped_mm" if dims_ok and x_ND.shape[0] > 0 else "loop"
+        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
+        counts_list = counts_E.tolist() if impl == "loop" else None
         if self.b1_EF is not None and expert_N is None:
             expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device), counts_E)
 
