@@ -100,16 +100,25 @@ def _to_local(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return local
 
 
-def _convert(msd: dict, osd: dict | None, experts: dict, fn) -> None:
-    """Apply ``fn(tensor, key, shard)`` in place to the expert entries of a model and optimizer state dict."""
+def _convert(msd: dict, osd: dict | None, experts: dict, fn, only: list | None = None) -> list:
+    """Apply ``fn(tensor, key, shard)`` in place to the expert entries of a model and optimizer state dict: the
+    weights and every optimizer tensor shaped like its parameter (or exactly the entries ``only`` lists).
+    Returns the entries converted, as ``(key, state name or None)``."""
+    done = []
     for key, (p, s) in experts.items():
-        if key in msd:
+        if key in msd and (only is None or (key, None) in only):
             msd[key] = fn(msd[key], key, s)
+            done.append((key, None))
         state = (osd or {}).get("state", {}).get(key)
-        if state:
-            for name, v in list(state.items()):
-                if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape):
-                    state[name] = fn(v, key, s)
+        for name, v in list((state or {}).items()):
+            if only is not None:
+                hit = (key, name) in only
+            else:
+                hit = isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) == tuple(p.shape)
+            if hit:
+                state[name] = fn(v, key, s)
+                done.append((key, name))
+    return done
 
 
 def _mesh(groups, experts: dict):
@@ -130,8 +139,8 @@ def _state_dicts(model: nn.Module, optimizer, experts: dict, pm):
         msd, osd = get_model_state_dict(model), None
     else:
         msd, osd = get_state_dict(model, optimizer)
-    _convert(msd, osd, experts, lambda t, key, s: _to_global(t, s, pm))
-    return msd, osd
+    converted = _convert(msd, osd, experts, lambda t, key, s: _to_global(t, s, pm))
+    return msd, osd, converted
 
 
 # ---------------------------------------------------------------------------------------------- the atomic switch
@@ -233,7 +242,7 @@ def save_dcp(
     if _is_rank0():
         snap.mkdir(parents=True, exist_ok=False)
     _barrier()
-    msd, osd = _state_dicts(model, optimizer, experts, pm)
+    msd, osd, _ = _state_dicts(model, optimizer, experts, pm)
     state = {"model": msd} if osd is None else {"model": msd, "optim": osd}
     dcp.save(state, checkpoint_id=str(snap), no_dist=not dist.is_initialized())  # every rank's files, then .metadata (after a collective)
     _barrier()
@@ -275,12 +284,12 @@ def load_dcp(
         raise ValueError(f"load_dcp: {snap} was saved without optimizer state; pass optimizer=None")
     experts = _sharded_experts(model)
     pm = _mesh(groups, experts)
-    msd, osd = _state_dicts(model, optimizer, experts, pm)
+    msd, osd, converted = _state_dicts(model, optimizer, experts, pm)
     state = {"model": msd} if osd is None else {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(snap), no_dist=not dist.is_initialized())
     msd, osd = state["model"], state.get("optim")
     like = {k: p for k, (p, _) in experts.items()}
-    _convert(msd, osd, experts, lambda t, key, s: _to_local(t, like[key]))
+    _convert(msd, osd, experts, lambda t, key, s: _to_local(t, like[key]), only=converted)
     if osd is None:
         set_model_state_dict(model, msd)
     else:
