@@ -155,6 +155,7 @@ def worker_ep2(rank: int, world: int) -> None:
     else:
         raise AssertionError("expected a ValueError for a router that reads the expert weights")
     check_aux_free_bias(groups)
+    checks_fsdp_2(groups)
     # an EP model (dispatcher and global-batch loss hold process groups) can be deep-copied, e.g. for an EMA
     torch.manual_seed(0)
     ep = apply_expert_parallel(make_layer(dict(balance=(SwitchLoss(coef=0.1),))), groups, global_balance=True)
@@ -335,7 +336,7 @@ def check_checkpoint_reshard(groups4, path) -> None:
     assert_close(y2, y4, 1e-12, "EP=2 output after loading the EP=4 checkpoint")
 
 
-def worker_4(rank: int, world: int, ckpt_path: str) -> None:
+def worker_4(rank: int, world: int, ckpt_path: str, dcp_root: str, hf_root: str) -> None:
     g4 = build_groups(ep_size=4)
     for case in (dict(dtype=torch.float32, k=2, shared=True),
                  dict(dtype=torch.float64, k=2, experts="mlp", dispatch=Capacity(factor=0.5, per_sequence=True))):
@@ -353,6 +354,7 @@ def worker_4(rank: int, world: int, ckpt_path: str) -> None:
     check_training(g22, dtype=torch.float64, opt_name="adamw", use_ddp=False)
     check_training(g22, dtype=torch.float32, opt_name="sgd", use_ddp=True, save_to=ckpt_path + "_ep2dp2")
     check_broadcast(g22)
+    checks_fsdp_4(g22, dcp_root, hf_root)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,9 +503,8 @@ class HFToy(nn.Module):
         return self.moe(x)
 
 
-def worker_fsdp_2(rank: int, world: int) -> None:
+def checks_fsdp_2(g) -> None:
     """2 ranks: EP2 x FSDP (dp=1) training; every consistency mismatch kind."""
-    g = build_groups(ep_size=2)
     check_fsdp_training(g, dense="fsdp", experts="fsdp", dtype=torch.float64, opt_name="adamw")
     check_fsdp_training(g, dense="fsdp", experts="fsdp", dtype=torch.float32, opt_name="sgd")
     check_mismatches(g)
@@ -560,12 +561,11 @@ def check_mismatches(groups) -> None:
     model(torch.randn(2, 3, D))
 
 
-def worker_fsdp_4(rank: int, world: int, root: str, hf_root: str) -> None:
+def checks_fsdp_4(g22, root: str, hf_root: str) -> None:
     """4 ranks: EP2 x FSDP2 (dp=2) training saved with DCP; resumed at EP4 (FSDP over the world), EP1 x FSDP4
     (experts FSDP-sharded over 4) and EP2 x DP2 HSDP with replicated experts; a Mixtral-like model for the export."""
     from moekit.parallel import apply_fsdp, memory_per_rank, save_dcp
 
-    g22 = build_groups(ep_size=2)
     model, opt = check_fsdp_training(g22, dense="fsdp", experts="fsdp", dtype=torch.float64, opt_name="adamw",
                                      save_to=root)
     # memory per rank: FSDP2 holds a quarter of the dense and half of the (EP-halved) expert bytes of plain DP
@@ -590,3 +590,45 @@ def worker_fsdp_4(rank: int, world: int, root: str, hf_root: str) -> None:
     hf = apply_expert_parallel(HFToy().to(torch.float64), g22)
     apply_fsdp(hf, g22)
     save_dcp(hf, None, hf_root, g22, step=0)
+
+
+def check_single_process_resume(root) -> None:
+    """In the test process (no process group): the EP2 x FSDP2 checkpoint resumes with the single-process losses."""
+    from moekit.parallel import load_dcp, read_latest
+
+    manifest = read_latest(root)
+    assert manifest["step"] == 3 and manifest["optimizer"] is True, manifest
+    data = _train_data(5, 4, 2, 4, torch.float64)
+    _, ref_losses = reference_run(torch.float64, "adamw", data)
+    torch.manual_seed(1234)
+    model = Toy().to(torch.float64).train()
+    opt = make_opt("adamw", model.parameters())
+    load_dcp(model, opt, root)
+    for i, (x, y) in enumerate(data[3:]):
+        loss = _step(model, opt, x, y).detach()
+        opt.step()
+        update_balance_bias(model)
+        assert abs(float(loss - ref_losses[3 + i])) <= 1e-10, (i, float(loss), float(ref_losses[3 + i]))
+
+
+def check_hf_export(hf_root) -> None:
+    """Consolidate the EP2 x FSDP2 checkpoint of the Mixtral-like model in one process and export it with
+    moekit.convert.to_hf: bitwise the same weights, and the HF block computes what the layer computes."""
+    import transformers
+
+    from moekit.convert import to_hf
+    from moekit.parallel import consolidate
+
+    torch.manual_seed(5)
+    ref = HFToy().to(torch.float64)
+    torch.manual_seed(99)
+    plain = consolidate(hf_root, HFToy().to(torch.float64))
+    for (n, a), (_, b) in zip(ref.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), n
+    cfg = transformers.MixtralConfig(hidden_size=D, intermediate_size=8, num_local_experts=4, num_experts_per_tok=2)
+    block = to_hf(plain.moe, cfg)
+    x = torch.randn(2, 3, D, dtype=torch.float64)
+    with torch.no_grad():
+        out = block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        assert (out - ref(x)).abs().max() <= 1e-12
