@@ -451,11 +451,11 @@ def reference_run(dtype, opt_name, data):
 
 def check_fsdp_training(groups, *, dense, experts, dtype, opt_name, steps=3, B=2, save_to=None):
     tol = TOL[dtype]
-    data = _train_data(steps, groups.world_size, B, 4, dtype)
-    ref, ref_losses = reference_run(dtype, opt_name, data)
+    data = _train_data(steps + 1, groups.world_size, B, 4, dtype)
+    ref, ref_losses = reference_run(dtype, opt_name, data[:steps])
     model, plan = fsdp_model(groups, dense, experts, dtype)
     opt = make_opt(opt_name, model.parameters())
-    losses = train_steps(model, plan, opt, groups, data, B)
+    losses = train_steps(model, plan, opt, groups, data[:steps], B)
     what = f"EP{groups.ep_size} x DP{groups.dp_size} dense={dense} experts={plan.experts} {dtype} {opt_name}"
     for i, (a, b) in enumerate(zip(losses, ref_losses)):
         assert_close(a, b, tol, f"{what}: loss of step {i + 1}")
@@ -470,6 +470,9 @@ def check_fsdp_training(groups, *, dense, experts, dtype, opt_name, steps=3, B=2
         from moekit.parallel import save_dcp
 
         save_dcp(model, opt, save_to, groups, step=steps, extra={"note": what})
+        # saving leaves the model and its optimizer as they were: the next step is the single-process one
+        next_loss = train_steps(model, plan, opt, groups, data[steps:], B)[0]
+        assert_close(next_loss, reference_run(dtype, opt_name, data)[1][steps], tol, f"{what}: step after saving")
     return model, opt
 
 

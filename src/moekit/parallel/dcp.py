@@ -105,6 +105,8 @@ def _convert(msd: dict, osd: dict | None, experts: dict, fn, only: list | None =
     weights and every optimizer tensor shaped like its parameter (or exactly the entries ``only`` lists).
     Returns the entries converted, as ``(key, state name or None)``."""
     done = []
+    if osd is not None and "state" in osd:  # get_state_dict may hand out the optimizer's own dicts: copy them
+        osd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in osd["state"].items()}
     for key, (p, s) in experts.items():
         if key in msd and (only is None or (key, None) in only):
             msd[key] = fn(msd[key], key, s)
