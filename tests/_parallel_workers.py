@@ -189,14 +189,17 @@ def check_aux_free_bias(groups) -> None:
 
 
 class Toy(nn.Module):
-    def __init__(self, dispatch=None) -> None:
+    def __init__(self, dispatch=None, skew: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(D, D)
         self.moe = MoE(
-            D, 8, router=TopK(k=2), experts=SwiGLU(hidden_dim=8), shared_experts=SwiGLU(hidden_dim=8),
+            D, 8, router=TopK(k=2, router_bias=skew), experts=SwiGLU(hidden_dim=8), shared_experts=SwiGLU(hidden_dim=8),
             dispatch=dispatch or Dropless(), balance=(SwitchLoss(coef=0.1), AuxFree(rate=0.01)),
         )
         self.out = nn.Linear(D, 1)
+        if skew:  # every token picks experts 0 and 1: the EP ranks holding experts 4..7 receive no rows at all
+            with torch.no_grad():
+                self.moe.router.gate.bias[:2] = 50.0
 
     def forward(self, x):
         h = self.inp(x)
@@ -411,12 +414,12 @@ def make_opt(name, params):
     }[name]()
 
 
-def fsdp_model(groups, dense, experts, dtype, seed=7):
+def fsdp_model(groups, dense, experts, dtype, seed=7, skew=False):
     """Toy built with ``seed``, expert-parallel over ``groups.ep``, then FSDP2 (``dense``, ``experts`` modes)."""
     from moekit.parallel import apply_fsdp
 
     torch.manual_seed(seed)
-    model = apply_expert_parallel(Toy().to(dtype).train(), groups, global_balance=True)
+    model = apply_expert_parallel(Toy(skew=skew).to(dtype).train(), groups, global_balance=True)
     plan = apply_fsdp(model, groups, dense=dense, experts=experts)
     return model, plan
 
@@ -436,10 +439,10 @@ def train_steps(model, plan, opt, groups, data, B):
     return losses
 
 
-def reference_run(dtype, opt_name, data):
+def reference_run(dtype, opt_name, data, skew=False):
     """Single-process training of the same Toy on the global batches; (model, per-step losses)."""
     torch.manual_seed(7)
-    ref = Toy().to(dtype).train()
+    ref = Toy(skew=skew).to(dtype).train()
     opt = make_opt(opt_name, ref.parameters())
     losses = []
     for x, y in data:
@@ -449,14 +452,15 @@ def reference_run(dtype, opt_name, data):
     return ref, losses
 
 
-def check_fsdp_training(groups, *, dense, experts, dtype, opt_name, steps=3, B=2, save_to=None):
+def check_fsdp_training(groups, *, dense, experts, dtype, opt_name, steps=3, B=2, save_to=None, skew=False):
     tol = TOL[dtype]
     data = _train_data(steps + 1, groups.world_size, B, 4, dtype)
-    ref, ref_losses = reference_run(dtype, opt_name, data[:steps])
-    model, plan = fsdp_model(groups, dense, experts, dtype)
+    ref, ref_losses = reference_run(dtype, opt_name, data[:steps], skew=skew)
+    model, plan = fsdp_model(groups, dense, experts, dtype, skew=skew)
     opt = make_opt(opt_name, model.parameters())
     losses = train_steps(model, plan, opt, groups, data[:steps], B)
-    what = f"EP{groups.ep_size} x DP{groups.dp_size} dense={dense} experts={plan.experts} {dtype} {opt_name}"
+    what = (f"EP{groups.ep_size} x DP{groups.dp_size} dense={dense} experts={plan.experts} {dtype} {opt_name}"
+            + (" skewed" if skew else ""))
     for i, (a, b) in enumerate(zip(losses, ref_losses)):
         assert_close(a, b, tol, f"{what}: loss of step {i + 1}")
     ref_params = dict(ref.named_parameters())
@@ -585,6 +589,8 @@ def checks_fsdp_4(g22, root: str, hf_root: str) -> None:
     expert_local = sum(p.numel() for _, p in expert_parameters(plain)) * 8
     assert base["param_bytes"] == dense_total + expert_local, base
     assert abs(mem["param_bytes"] - (dense_total / 4 + expert_local / 2)) <= 8 * 16, (mem, dense_total, expert_local)
+    # a skewed router starves EP rank 1: its FSDP expert units see no rows, and still reduce-scatter in step
+    check_fsdp_training(g22, dense="hsdp", experts="fsdp", dtype=torch.float32, opt_name="sgd", steps=2, skew=True)
     check_resume(build_groups(ep_size=4), root, dense="fsdp", experts="fsdp")
     check_resume(build_groups(ep_size=1), root, dense="fsdp", experts="fsdp")
     check_resume(g22, root, dense="hsdp", experts="replicate")

@@ -146,6 +146,8 @@ def apply_fsdp(
             fully_shard(layer.experts, mesh=pm.dp, reshard_after_forward=reshard_after_forward)
             # FSDP averages over the dp replicas; the EP exchange already summed the EP group's tokens
             layer.experts.set_gradient_divide_factor(float(g.world_size))
+            if dist.get_backend() == "gloo":  # gloo has no PREMUL_SUM (what FSDP would use in fp32): sum, then divide
+                layer.experts.set_force_sum_reduction_for_comms(True)
             plan.fsdp_modules.append(layer.experts)
     if dense != "replicate":
         dense_mesh = pm.world if dense == "fsdp" else pm.mesh
