@@ -61,3 +61,11 @@ def test_dcp_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert json.loads((tmp_path / "latest.json").read_text())["checkpoint"] == second.name
     with pytest.raises(FileNotFoundError, match="no complete distributed checkpoint"):
         load_dcp(fresh, None, tmp_path / "nothing")
+    wider = torch.nn.Sequential()
+    wider.add_module("moe", W.MoE(W.D, 8, router=W.TopK(k=2), experts=W.SwiGLU(hidden_dim=8)))
+    with pytest.raises(ValueError, match=r"moe.router.gate.weight has shape \(4, 8\) in the checkpoint .*"
+                                         r"\(8, 8\) in the model"):
+        load_dcp(wider, None, tmp_path)
+    with pytest.raises(ValueError, match="saved without optimizer state"):
+        save_dcp(model, None, tmp_path / "weights_only")
+        load_dcp(fresh, fresh_opt, tmp_path / "weights_only")

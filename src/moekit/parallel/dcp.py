@@ -268,6 +268,20 @@ def _switch(root: Path, manifest: dict) -> None:
     _write_latest(root, manifest)
 
 
+def _check_shapes(snap: Path, state: dict) -> None:
+    """Compare the global shape of every tensor to load with the checkpoint's; a clear error instead of DCP's."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = FileSystemReader(str(snap)).read_metadata().state_dict_metadata
+    for key, t in state.get("model", {}).items():
+        meta = saved.get(f"model.{key}")
+        if isinstance(t, torch.Tensor) and isinstance(meta, TensorStorageMetadata):
+            if tuple(meta.size) != tuple(t.shape):
+                raise ValueError(f"load_dcp: {key} has shape {tuple(meta.size)} in the checkpoint {snap}, "
+                                 f"{tuple(t.shape)} in the model (global shapes)")
+
+
 def load_dcp(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -288,6 +302,7 @@ def load_dcp(
     pm = _mesh(groups, experts)
     msd, osd, converted = _state_dicts(model, optimizer, experts, pm)
     state = {"model": msd} if osd is None else {"model": msd, "optim": osd}
+    _check_shapes(snap, state)
     dcp.load(state, checkpoint_id=str(snap), no_dist=not dist.is_initialized())
     msd, osd = state["model"], state.get("optim")
     like = {k: p for k, (p, _) in experts.items()}
@@ -310,6 +325,7 @@ def consolidate(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             raise ValueError("consolidate: pass an unsharded model (build it as on one process)")
     snap, _ = _resolve(path)
     msd = {k: v for k, v in model.state_dict().items()}
+    _check_shapes(snap, {"model": msd})
     dcp.load({"model": msd}, checkpoint_id=str(snap), no_dist=True)  # reads the full tensors, no collective
     model.load_state_dict(msd)
     return model
