@@ -116,7 +116,10 @@ def apply_fsdp(
         blocks: extra submodules to wrap as their own FSDP units (e.g. transformer blocks), wrapped before the MoE
             layers and the root; fewer, larger units mean fewer collectives, more units lower peak memory.
         reshard_after_forward: free the gathered parameters after forward (ZeRO-3) or keep them to backward.
-        mp_policy: an FSDP2 ``MixedPrecisionPolicy`` for the dense units.
+        mp_policy: an FSDP2 ``MixedPrecisionPolicy`` for every unit (dense and experts).
+
+    With a one-rank ``dp`` dimension (``ep_size == world``) ``experts="fsdp"`` has nothing to shard and becomes
+    ``"replicate"`` (``plan.experts`` says which was used).
 
     Build the optimizer after this call (the parameters become DTensors). Every MoE layer's ``forward_with_aux``
     is registered with FSDP, so calling it directly gathers the parameters too.
@@ -143,7 +146,7 @@ def apply_fsdp(
     expert_params = {p for _, p in expert_parameters(model)}
     if experts == "fsdp":
         for layer in layers:
-            fully_shard(layer.experts, mesh=pm.dp, reshard_after_forward=reshard_after_forward)
+            fully_shard(layer.experts, mesh=pm.dp, reshard_after_forward=reshard_after_forward, mp_policy=mp)
             # FSDP averages over the dp replicas; the EP exchange already summed the EP group's tokens
             layer.experts.set_gradient_divide_factor(float(g.world_size))
             if dist.get_backend() == "gloo":  # gloo has no PREMUL_SUM (what FSDP would use in fp32): sum, then divide
