@@ -81,7 +81,8 @@ class LocalDispatcher(nn.Module):
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         if plan.inv_order_N is not None:
             # weight_N is in grid order here: (K, T) after the pairs are put back in grid order
-            y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, -1)
+            D = y_ND.shape[-1]  # explicit, so that an empty batch (T = 0) reshapes too
+            y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, D)
             w_KT1 = plan.weight_N.to(acc).view(plan.num_slots, plan.num_tokens, 1)
             return (y_KTD.to(acc) * w_KT1).sum(0).to(dtype)
         y_ND = y_ND.to(acc) * plan.weight_N.unsqueeze(-1).to(acc)
