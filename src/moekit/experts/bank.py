@@ -160,11 +160,13 @@ class ExpertBank(nn.Module):
     # ------------------------------------------------------------------------------------------- compute
     def forward(self, x_ND: Tensor, counts_E: Tensor, expert_N: Tensor | None = None) -> Tensor:
         impl = self.spec.impl
-        if impl == "auto":  # decide once per call: every projection then takes the same path
-            dims_ok = grouped_mm_available(x_ND.dtype, self.dim, self.hidden_dim)
-            impl = "grouped_mm" if dims_ok and x_ND.shape[0] > 0 else "loop"
-        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
-        counts_list = counts_E.tolist() if impl == "loop" else None
+        offsets_E = counts_list = None
+        if not (torch.compiler.is_compiling() or x_ND.device.type == "meta"):  # else: grouped_linear's custom op
+            if impl == "auto":  # decide once per call: every projection then takes the same path
+                dims_ok = grouped_mm_available(x_ND.dtype, self.dim, self.hidden_dim)
+                impl = "grouped_mm" if dims_ok and x_ND.shape[0] > 0 else "loop"
+            offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
+            counts_list = counts_E.tolist() if impl == "loop" else None
         b_in = self.b_in
         if b_in is not None and expert_N is None:
             expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device), counts_E)
@@ -215,10 +217,16 @@ class DenseFFN(nn.Module):
         self.b1_F = nn.Parameter(torch.zeros(hidden_dim)) if spec.bias else None
         self.b3_F = nn.Parameter(torch.zeros(hidden_dim)) if spec.bias and spec.glu else None
         self.b2_D = nn.Parameter(torch.zeros(dim)) if spec.bias else None
-        _init_bank(self.w1_FD, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_bank(self.w1_FD, self.dim)
         if self.w3_FD is not None:
-            _init_bank(self.w3_FD, dim)
-        _init_bank(self.w2_DF, hidden_dim)
+            _init_bank(self.w3_FD, self.dim)
+        _init_bank(self.w2_DF, self.hidden_dim)
+        for b in (self.b1_F, self.b3_F, self.b2_D):
+            if b is not None:
+                nn.init.zeros_(b)
 
     def forward(self, x: Tensor) -> Tensor:
         F_ = torch.nn.functional
