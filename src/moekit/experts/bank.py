@@ -68,6 +68,9 @@ class MLP(FFN):
     bias: bool = True
 
 
+DECODE_MAX_ROWS = 16  # at most this many (token, expert) rows without autograd: the per-touched-expert decode path
+
+
 def _init_bank(w: Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)
     nn.init.uniform_(w, -bound, bound)
@@ -159,6 +162,9 @@ class ExpertBank(nn.Module):
 
     # ------------------------------------------------------------------------------------------- compute
     def forward(self, x_ND: Tensor, counts_E: Tensor, expert_N: Tensor | None = None) -> Tensor:
+        if (expert_N is not None and 0 < x_ND.shape[0] <= DECODE_MAX_ROWS and self.spec.impl == "auto"
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x_ND.device.type == "cpu"):
+            return self._decode(x_ND, expert_N)
         impl = self.spec.impl
         offsets_E = counts_list = None
         if not (torch.compiler.is_compiling() or x_ND.device.type == "meta"):  # else: grouped_linear's custom op
@@ -182,6 +188,27 @@ class ExpertBank(nn.Module):
         else:
             h_NF = self.act(h)
         return proj(h_NF, self.w2_EDF, self.b2_ED)
+
+    def _decode(self, x_ND: Tensor, expert_N: Tensor) -> Tensor:
+        """Few rows, no autograd (serving): one ``linear`` pair per *touched* expert on its contiguous weights. The
+        row-to-expert map is read on the host (a CPU tensor: no device synchronisation); no grouped-kernel setup,
+        no call for the untouched experts, and each touched expert's weights are read once."""
+        rows: dict[int, list[int]] = {}
+        for n, e in enumerate(expert_N.tolist()):
+            rows.setdefault(e, []).append(n)
+        out = x_ND.new_empty(x_ND.shape[0], self.dim)
+        b_in, b2, Fh = self.b_in, self.b2_ED, self.hidden_dim
+        lin = torch.nn.functional.linear
+        for e, idx in rows.items():
+            contiguous = idx[-1] - idx[0] + 1 == len(idx)  # sorted dispatch: the expert's rows are one slice
+            sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=x_ND.device)
+            h = lin(x_ND[sel], self.w_in[e], None if b_in is None else b_in[e])
+            if self.spec.glu:
+                h = self.act(h[:, :Fh]) * h[:, Fh:]
+            else:
+                h = self.act(h)
+            out[sel] = lin(h, self.w2_EDF[e], None if b2 is None else b2[e])
+        return out
 
     def expert_forward(self, e: int, x_TD: Tensor) -> Tensor:
         """Run expert ``e`` alone on ``x_TD`` (reference and inspection; not the fast path)."""
