@@ -62,7 +62,8 @@ class MoefyConfig:
         method: neuron partition, ``"cluster"``, ``"contiguous"`` or ``"random"``.
         features: clustering features, ``"activations"`` (calibration co-activation) or ``"weights"``.
         router_fit: ``"regression"`` (ridge on calibration activations) or ``"centroid"`` (mean gate row).
-        ridge: L2 penalty of the regression router, relative to the mean diagonal of ``X^T X``.
+        ridge: L2 penalty of the regression router, relative to the mean diagonal of ``X^T X``; None chooses it on
+            held-out calibration tokens.
         kmeans_iters: balanced k-means iterations.
         layers: which FFNs (as ``UpcycleConfig.layers``; None = every block).
         max_calib_tokens: at most this many calibration tokens per layer are kept (memory bound).
@@ -74,7 +75,7 @@ class MoefyConfig:
     method: str = "cluster"
     features: str = "activations"
     router_fit: str = "regression"
-    ridge: float = 1e-3
+    ridge: float | None = None
     kmeans_iters: int = 20
     layers: Any = None
     max_calib_tokens: int = 4096
@@ -88,7 +89,7 @@ class MoefyConfig:
         for name, allowed in (("method", METHODS), ("features", FEATURES), ("router_fit", ROUTER_FITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"MoefyConfig: unknown {name} {getattr(self, name)!r}; valid: {', '.join(allowed)}")
-        if self.ridge < 0:
+        if self.ridge is not None and self.ridge < 0:
             raise ValueError(f"MoefyConfig: ridge must be >= 0, got {self.ridge}")
         if self.kmeans_iters < 0 or self.max_calib_tokens < 1:
             raise ValueError("MoefyConfig: kmeans_iters must be >= 0 and max_calib_tokens >= 1")
@@ -245,12 +246,32 @@ def expert_contributions(dw: DenseWeights, neurons_EG: Tensor, x_TD: Tensor) -> 
     return torch.stack([(h[:, g] @ w2[:, g].T).norm(dim=1) for g in neurons_EG], dim=1)
 
 
+def _ridge(X: Tensor, Y: Tensor, lam_rel: float, intercept: bool) -> tuple[Tensor, Tensor]:
+    """Ridge solution ``(W_DE, b_E)`` of ``Y ~ X W + b``; the penalty is ``lam_rel`` times the mean diagonal of the
+    (centred) Gram matrix, so it does not depend on the scale of ``X``."""
+    mx = X.mean(0) if intercept else torch.zeros(X.shape[1], dtype=X.dtype)
+    my = Y.mean(0) if intercept else torch.zeros(Y.shape[1], dtype=Y.dtype)
+    Xc, Yc = X - mx, Y - my
+    G = Xc.T @ Xc
+    lam = lam_rel * float(G.diagonal().mean())
+    W = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), Xc.T @ Yc)
+    return W, my - mx @ W
+
+
+def _fit_scores(pred: Tensor, Y: Tensor) -> dict[str, float]:
+    r2 = 1.0 - float(((pred - Y) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum().clamp_min(1e-30))
+    return {"r2": r2, "top1_agreement": float((pred.argmax(1) == Y.argmax(1)).double().mean())}
+
+
 @torch.no_grad()
 def fit_router_(moe: MoE, dw: DenseWeights, neurons_EG: Tensor, how: str = "regression",
-                x_TD: Tensor | None = None, ridge: float = 1e-3) -> dict[str, float]:
-    """Set the router of ``moe`` (see ``router_fit`` in the module docstring). Returns fit diagnostics: for
-    ``"regression"`` the R^2 of the predicted contributions and the fraction of tokens whose true best expert is the
-    router's first choice (on the calibration tokens)."""
+                x_TD: Tensor | None = None, ridge: float | None = None) -> dict[str, float]:
+    """Set the router of ``moe`` (see ``router_fit`` in the module docstring).
+
+    ``ridge``: the relative L2 penalty; None picks it from {1e-4, 1e-3, 1e-2, 1e-1, 1} by R^2 on every 5th
+    calibration token held out. Returns diagnostics measured on those held-out tokens (a fit on the other 4/5):
+    R^2 of the predicted contributions and the fraction of tokens whose largest contribution is the router's first
+    choice; the router itself is then refitted on every token."""
     gate = router_gate(moe)
     if how == "centroid":
         w = dw.w1_FD.detach().float()
@@ -260,25 +281,24 @@ def fit_router_(moe: MoE, dw: DenseWeights, neurons_EG: Tensor, how: str = "regr
         return {}
     if how != "regression":
         raise ValueError(f"fit_router_: unknown router fit {how!r}; valid: {', '.join(ROUTER_FITS)}")
-    if x_TD is None or x_TD.shape[0] == 0:
-        raise ValueError("fit_router_: router_fit='regression' needs calibration inputs x_TD")
+    if x_TD is None or x_TD.shape[0] < 5:
+        raise ValueError("fit_router_: router_fit='regression' needs at least 5 calibration inputs x_TD")
     X = x_TD.detach().to("cpu", torch.float64)
     Y = expert_contributions(dw, neurons_EG, x_TD).to("cpu", torch.float64)
-    if gate.bias is not None:  # an intercept: centre both sides
-        mx, my = X.mean(0), Y.mean(0)
-        Xc, Yc = X - mx, Y - my
-    else:
-        Xc, Yc = X, Y
-    G = Xc.T @ Xc
-    lam = ridge * float(G.diagonal().mean()) if G.numel() else 0.0
-    W_DE = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), Xc.T @ Yc)
-    gate.weight.copy_(W_DE.T.to(gate.weight))
-    if gate.bias is not None:
-        gate.bias.copy_((my - mx @ W_DE).to(gate.bias))
-    pred = Xc @ W_DE + (my if gate.bias is not None else 0)
-    r2 = 1.0 - float(((pred - Y) ** 2).sum() / ((Y - Y.mean(0)) ** 2).sum().clamp_min(1e-30))
-    top1 = float((pred.argmax(1) == Y.argmax(1)).double().mean())
-    return {"r2": r2, "top1_agreement": top1}
+    bias = gate.bias is not None
+    held = torch.arange(X.shape[0]) % 5 == 4
+    best: tuple[float, float, dict[str, float]] | None = None
+    for lam in ([ridge] if ridge is not None else [1e-4, 1e-3, 1e-2, 1e-1, 1.0]):
+        W, b = _ridge(X[~held], Y[~held], lam, bias)
+        scores = _fit_scores(X[held] @ W + b, Y[held])
+        if best is None or scores["r2"] > best[0]:
+            best = (scores["r2"], lam, scores)
+    _, lam, scores = best
+    W, b = _ridge(X, Y, lam, bias)
+    gate.weight.copy_(W.T.to(gate.weight))
+    if bias:
+        gate.bias.copy_(b.to(gate.bias))
+    return {**scores, "ridge": lam}
 
 
 # --- the whole model -------------------------------------------------------------------------------------------
@@ -327,7 +347,7 @@ class MoefyReport:
         fits = [f for f in self.router_fit.values() if f]
         mean = lambda key: sum(f[key] for f in fits) / len(fits) if fits else float("nan")
         return {"layers": len(self.neurons), "router_r2": mean("r2"), "router_top1": mean("top1_agreement"),
-                "seconds": dict(self.seconds)}
+                "phase_seconds": dict(self.seconds)}
 
 
 def _batches(calib: Tensor | Iterable[Tensor]) -> Iterable[Tensor]:
