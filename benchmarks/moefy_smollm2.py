@@ -61,11 +61,13 @@ def main(argv=None) -> int:
     arts = wiki_articles()
     enc = lambda s: tok(s, add_special_tokens=False).input_ids
     n_blocks = lambda n: max(1, n // args.block)
-    calib_ids, i = [], 0
-    while len(calib_ids) < args.calib_tokens + args.block:
-        calib_ids += enc(arts[i][1])
+    calib_rows, i = [], 0  # one block from the start of each of the first articles (diverse topics)
+    while len(calib_rows) < n_blocks(args.calib_tokens) and i < len(arts) - 12:
+        ids = enc(arts[i][1][: 8 * args.block])
+        if len(ids) >= args.block:
+            calib_rows.append(token_blocks(ids, args.block, 1))
         i += 1
-    calib = token_blocks(calib_ids, args.block, n_blocks(args.calib_tokens))
+    calib = torch.cat(calib_rows)
     held_out = "\n\n".join(b for _, b in arts[-12:])  # the calibration text comes from the first articles
     bible = bible_text()
     chars = 6 * args.eval_tokens
