@@ -99,25 +99,29 @@ class MoefyConfig:
 
 
 def balanced_assign(dist_FE: Tensor) -> Tensor:
-    """Assign each of F points to one of E clusters, exactly F/E per cluster, greedily by increasing distance
-    (the cheapest (point, cluster) pair first among clusters with room). Returns ``cluster_F`` (long)."""
+    """Assign each of F points to one of E clusters, exactly F/E per cluster (``cluster_F``, long).
+
+    Rounds of proposals: every unassigned point proposes to its nearest cluster that still has room, and each
+    cluster accepts its closest proposers up to its room. Each round fills at least one cluster or assigns every
+    point, so there are at most E rounds."""
     F_, E = dist_FE.shape
     if F_ % E:
         raise ValueError(f"balanced_assign: {E} clusters do not divide {F_} points")
-    cap = F_ // E
-    order = torch.argsort(dist_FE.reshape(-1), stable=True).tolist()
-    cluster = [-1] * F_
-    room = [cap] * E
-    left = F_
-    for flat in order:
-        f, e = divmod(flat, E)
-        if cluster[f] < 0 and room[e] > 0:
-            cluster[f] = e
-            room[e] -= 1
-            left -= 1
-            if left == 0:
-                break
-    return torch.tensor(cluster, dtype=torch.long)
+    d = dist_FE.detach().to(torch.float64)
+    cluster = torch.full((F_,), -1, dtype=torch.long)
+    room = torch.full((E,), F_ // E, dtype=torch.long)
+    while True:
+        free = (cluster < 0).nonzero().squeeze(1)
+        if free.numel() == 0:
+            return cluster
+        dd = d[free].clone()
+        dd[:, room == 0] = float("inf")
+        best_d, best = dd.min(1)
+        for e in best.unique().tolist():
+            cand = free[best == e]
+            take = cand[torch.argsort(best_d[best == e], stable=True)[: int(room[e])]]
+            cluster[take] = e
+            room[e] -= take.numel()
 
 
 def balanced_kmeans(x_FX: Tensor, num_clusters: int, *, iters: int = 20, seed: int = 0) -> Tensor:

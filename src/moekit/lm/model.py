@@ -187,7 +187,9 @@ def build_lm(cfg: LMConfig, kind: str = "moe", *, router: Any = None, balance: A
     for i, layer in enumerate(model.model.layers):
         block = layer.mlp
         ref = from_hf(block)  # the HF initialisation in moekit's layout
-        moe = MoE(cfg.dim, cfg.num_experts, router=router, experts=SwiGLU(hidden_dim=cfg.expert_hidden),
+        # the first layer of a gating-residual router (MoE++) has no previous logits
+        layer_router = dataclasses.replace(router, gating_residual=False) if chain is not None and i == 0 else router
+        moe = MoE(cfg.dim, cfg.num_experts, router=layer_router, experts=SwiGLU(hidden_dim=cfg.expert_hidden),
                   balance=balance)
         missing, _ = moe.load_state_dict(ref.state_dict(), strict=False)
         exportable = exportable and not missing and _exports(moe, hf_router)
