@@ -186,3 +186,19 @@ def test_cli_quick_run_on_code(tmp_path):
     assert summary["hf_check"]["identical"] and set(summary["runs"]) == {"moe", "dense"}
     for f in ("report.md", "loss.png", "expert_usage.png", "hf_moe/config.json", "hf_dense/config.json"):
         assert (tmp_path / f).exists()
+
+
+def test_cli_compare_quick(tmp_path):
+    from moekit.cli import main
+
+    rc = main(["train-lm", "--quick", "--domains", "code", "--out", str(tmp_path), "--no-progress", "--steps", "2",
+               "--compare", "top2,expert_choice", "--seeds", "2"])
+    assert rc == 0
+    res = json.loads((tmp_path / "compare.json").read_text())
+    assert set(res["summary"]) == {"top2", "expert_choice"}
+    assert len(res["summary"]["expert_choice"]["code"]["values"]) == 2
+    assert "p_vs_baseline" in res["summary"]["expert_choice"]["code"]
+    assert res["extra"]["top2"]["experts_per_token"] == pytest.approx(2.0)
+    assert "95% CI" in (tmp_path / "compare.md").read_text()
+    with pytest.raises(SystemExit, match="unknown routers"):
+        main(["train-lm", "--quick", "--domains", "code", "--out", str(tmp_path), "--compare", "top9"])

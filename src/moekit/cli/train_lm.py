@@ -49,6 +49,12 @@ def run(args) -> int:
     from moekit.lm.train import TrainConfig, train_lm
 
     torch.set_num_threads(args.threads)
+    if args.compare:
+        from moekit.lm.compare import ROUTERS
+
+        unknown = [n.strip() for n in args.compare.split(",") if n.strip() and n.strip() not in ROUTERS]
+        if unknown:
+            raise SystemExit(f"moekit train-lm --compare: unknown routers {unknown}; valid: {', '.join(ROUTERS)}")
     if args.quick:
         args.max_chars, args.vocab, args.block, args.dim, args.layers = 60_000, 400, 32, 32, 2
         args.heads, args.kv_heads, args.experts, args.expert_hidden, args.steps, args.batch = 2, 1, 4, 32, 6, 4
@@ -147,9 +153,6 @@ def _compare(args, cfg, tcfg, data, out) -> int:
     from moekit.lm.train import train_lm
 
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROUTERS]
-    if unknown:
-        raise SystemExit(f"moekit train-lm --compare: unknown routers {unknown}; valid: {', '.join(ROUTERS)}")
     results: dict[str, list] = {n: [] for n in names}
     extra: dict[str, dict] = {}
     for name in names:

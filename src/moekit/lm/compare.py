@@ -23,9 +23,11 @@ ROUTERS: dict[str, tuple[dict, tuple, str]] = {
                      "top-2 + auxiliary-loss-free selection bias (rate 1e-3)"),
     "expert_choice": ({"type": "expert_choice", "capacity_factor": 2.0}, (),
                       "expert choice, capacity factor 2 (not causal: experts see the whole batch)"),
-    "moepp": ({"type": "moepp", "k": 2, "gating_residual": True}, ({"type": "hetero_balance", "coef": 0.01, "tau": 0.75},),
+    "moepp": ({"type": "moepp", "k": 2, "gating_residual": True},
+              ({"type": "hetero_balance", "coef": 0.01, "tau": 0.75},),
               "MoE++: FFN + zero/copy/constant experts, top-2, gating residuals, heterogeneous LB"),
-    "top_p": ({"type": "top_p", "threshold": 0.4}, ({"type": "switch", "coef": 0.01}, {"type": "entropy", "coef": 1e-4}),
+    "top_p": ({"type": "top_p", "threshold": 0.4},
+              ({"type": "switch", "coef": 0.01}, {"type": "entropy", "coef": 1e-4}),
               "dynamic top-p (p=0.4) + LB 0.01 + entropy 1e-4"),
 }
 
@@ -51,8 +53,8 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
 
 
 def welch_p(a: list[float], b: list[float]) -> float:
-    """Two-sided p-value of Welch's t-test (normal approximation of the t tail is avoided: the Student t CDF is
-    integrated numerically from its density)."""
+    """Two-sided p-value of Welch's t-test (the Student t tail is integrated numerically from its density, so no
+    scipy is needed)."""
     if len(a) < 2 or len(b) < 2:
         return float("nan")
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
