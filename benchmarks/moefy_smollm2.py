@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-k", type=int, default=None, help="k of the fine-tune runs (default E/4)")
     p.add_argument("--finetune-steps", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--domains", default="bible,code,wiki_heldout", help="evaluation domains")
     p.add_argument("--layers", type=int, default=None, help="keep only the first n blocks (quick check)")
     return p.parse_args(argv)
 
@@ -44,8 +45,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from moekit.convert.moefy import MoefyConfig, finetune_, moefy_, set_top_k_
-    from moekit.convert.upcycle import revert
+    from moekit.convert.moefy import MoefyConfig, collect_ffn_inputs, finetune_, moefy_, set_top_k_
+    from moekit.convert.upcycle import revert, select_sites
     from moekit.lm.corpora import bible_text, code_text, wiki_articles
     from moekit.lm.metrics import perplexity, token_blocks
     from moekit.lm.pretrained import load_smollm2
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
                              n_blocks(args.eval_tokens)),
         "wiki_heldout": token_blocks(enc(held_out[:chars]), args.block, n_blocks(args.eval_tokens)),
     }
+    evals = {d: evals[d] for d in args.domains.split(",")}
     if i >= len(arts) - 12:
         raise SystemExit("the calibration text overlaps the held-out Wikipedia articles: lower --calib-tokens")
     timings["tokenize"] = time.perf_counter() - t0
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         r = {d: perplexity(model, b) for d, b in evals.items()}
         r["seconds"] = time.perf_counter() - t
+        (out / "partial.jsonl").open("a").write(json.dumps({"tag": tag, **r}) + "\n")  # survives an interruption
         print(f"{tag:<40} " + "  ".join(f"{d} {v:8.2f}" for d, v in r.items() if d != "seconds")
               + f"  ({r['seconds']:.0f} s)", flush=True)
         return r
@@ -100,9 +103,12 @@ def main(argv=None) -> int:
     with torch.no_grad():
         dense_logits = model(input_ids=calib[:1]).logits
     builds = {}
+    t = time.perf_counter()
+    ffn_inputs = collect_ffn_inputs(model, select_sites(model, None), [calib], calib.numel())
+    timings["calibrate"] = time.perf_counter() - t  # one calibration pass, shared by every partition
     for method in [m for m in args.methods.split(",") if m]:
         t = time.perf_counter()
-        handle = moefy_(model, calib, MoefyConfig(num_experts=E, k=ks[-1], method=method,
+        handle = moefy_(model, ffn_inputs, MoefyConfig(num_experts=E, k=ks[-1], method=method,
                                                    max_calib_tokens=calib.numel()))
         builds[method] = {"seconds": time.perf_counter() - t, **handle.moefy.summary()}
         for k in ks:
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
     for method in [m for m in args.finetune.split(",") if m]:
         for mode in ("router", "full"):
             model, _ = load_smollm2(num_hidden_layers=args.layers)
-            moefy_(model, calib, MoefyConfig(num_experts=E, k=ft_k, method=method, max_calib_tokens=calib.numel()))
+            moefy_(model, ffn_inputs, MoefyConfig(num_experts=E, k=ft_k, method=method, max_calib_tokens=calib.numel()))
             t = time.perf_counter()
             losses = finetune_(model, list(calib.split(1)), steps=args.finetune_steps,
                                lr=1e-3 if mode == "router" else 3e-5, router_only=mode == "router")
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
 
 
 def markdown(result: dict) -> str:
-    doms = ["bible", "code", "wiki_heldout"]
+    doms = result["config"]["domains"].split(",")
     lines = ["| model | partition | k/E | fine-tune | " + " | ".join(f"ppl {d}" for d in doms) + " | eval s |",
              "|---|---|---|---|" + "---|" * len(doms) + "---|"]
     for r in result["rows"]:
@@ -165,7 +171,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    doms = ["bible", "code", "wiki_heldout"]
+    doms = result["config"]["domains"].split(",")
     fig, axes = plt.subplots(1, len(doms), figsize=(11, 3.2))
     dense = next(r for r in result["rows"] if r["model"] == "dense")
     exact = next((r for r in result["rows"] if r["k"] is not None and r["k"] == r["E"]), None)
