@@ -48,10 +48,11 @@ def plot_usage(usage: list[dict[str, list[float]]], path: Path) -> None:
     plt = _plt()
     L = len(usage)
     fig, axes = plt.subplots(1, L, figsize=(2.6 * L + 1, 2.4), squeeze=False)
+    vmax = max(max(r) for layer in usage for r in layer.values())  # one colour scale for every layer
     for j, ax in enumerate(axes[0]):
         doms = list(usage[j])
         mat = [usage[j][d] for d in doms]
-        im = ax.imshow(mat, vmin=0, vmax=max(max(r) for r in mat), cmap="viridis", aspect="auto")
+        im = ax.imshow(mat, vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(doms)), doms if j == 0 else [""] * len(doms))
         ax.set_xticks(range(len(mat[0])))
         ax.set_xlabel("expert")
