@@ -57,9 +57,9 @@ def test_upcycle_init_cluster_is_exact_and_balanced():
     # the router starts at the clusters' mean gate rows, not at random
     gate = moe.router.inner.gate.weight
     w1 = select_sites(tiny_llama(3), None)[0].weights().w1_FD
-    rows = {tuple(r.tolist()) for r in torch.round(moe.experts.w1_EFD.detach().reshape(-1, 32) * 1e5)}
+    rows = {tuple(r.tolist()) for r in torch.round(moe.experts.gate_EFD.detach().reshape(-1, 32) * 1e5)}
     assert rows == {tuple(r.tolist()) for r in torch.round(w1 * 1e5)}  # every dense neuron lands in one expert
-    assert torch.allclose(gate, moe.experts.w1_EFD.detach().mean(1), atol=1e-6)
+    assert torch.allclose(gate, moe.experts.gate_EFD.detach().mean(1), atol=1e-6)
 
 
 def test_upcycle_cluster_needs_divisible_hidden():
