@@ -36,7 +36,7 @@ SEQ, BATCH, NEW_TOKENS = 8, 2, 3
 # Generic tiny sizes; each is applied only when the config class has a field of that name.
 TINY: dict[str, Any] = {
     "vocab_size": 96, "hidden_size": 32, "intermediate_size": 32, "moe_intermediate_size": 16,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8,
     "max_position_embeddings": 64, "initializer_range": 0.05,
     "num_local_experts": 8, "num_experts": 8, "n_routed_experts": 8, "moe_num_experts": 8,
     "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2,
@@ -49,7 +49,12 @@ TINY: dict[str, Any] = {
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "use_cache": True,
 }
 # Per-architecture additions / corrections to TINY (model-type folder name -> kwargs).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
+    "lfm2_moe": {"num_dense_layers": 0},
+    "zaya": {"num_experts_per_tok": 1},  # the config accepts top-1 only
+    "gemma4": {"enable_moe_block": True},
+}
 # Architectures known not to build or run on CPU: folder name -> reason (still listed in the results).
 NOT_ON_CPU: dict[str, str] = {}
 
@@ -126,6 +131,9 @@ def _pick_model_class(mod: Any) -> type:
 
 
 def tiny_config(arch: str, config_class: type) -> Any:
+    """``config_class`` with the TINY sizes (and the OVERRIDES of ``arch``) that it has fields for. Per-layer kind
+    lists of the default config (``layer_types``, ``mlp_layer_types``, ...) are cut to the tiny depth keeping every
+    kind once, so a hybrid keeps an attention layer and a dense-then-sparse model keeps an MoE layer."""
     names = _fields(config_class)
     attr_map = getattr(config_class, "attribute_map", {}) or {}
     kw: dict[str, Any] = {}
@@ -133,15 +141,36 @@ def tiny_config(arch: str, config_class: type) -> Any:
         k2 = k if k in names else attr_map.get(k)
         if k2 in names and k2 not in kw:
             kw[k2] = v
-    cfg = config_class(**kw)
-    # per-layer lists sized for the default depth: cut to the tiny depth
-    n = getattr(cfg, "num_hidden_layers", None)
-    if n is not None:
-        for name in ("layer_types", "mlp_layer_types"):
-            v = getattr(cfg, name, None)
-            if isinstance(v, list) and len(v) != n:
-                setattr(cfg, name, v[:n])
-    return cfg
+    n = kw.get("num_hidden_layers")
+    try:
+        default = config_class()
+    except Exception:  # noqa: BLE001 (a config without usable defaults: no per-layer lists to cut)
+        default = None
+    n0 = getattr(default, "num_hidden_layers", None)
+    if n is not None and isinstance(n0, int):
+        lists = {
+            name: v for name in sorted(names - kw.keys())
+            if isinstance(v := getattr(default, name, None), list) and len(v) == n0 and len(set(map(str, v))) > 1
+            and all(isinstance(t, str) for t in v)
+        }
+        n = max([n] + [len(set(v)) for v in lists.values()])
+        kw["num_hidden_layers"] = n
+        for name, v in lists.items():
+            kw[name] = _cut_pattern(v, n)
+    return config_class(**kw)
+
+
+def _cut_pattern(types: list, n: int) -> list:
+    """The first ``n`` entries, but with every distinct kind kept once (a hybrid model keeps its full attention)."""
+    kinds = list(dict.fromkeys(types))
+    if len(kinds) >= n:
+        return kinds[:n]
+    out = list(kinds)
+    for t in types:
+        if len(out) == n:
+            break
+        out.append(t)
+    return sorted(out, key=types.index)
 
 
 def _experts_modules(model: nn.Module) -> list[nn.Module]:
@@ -202,7 +231,7 @@ def run_arch(arch: str, swap: bool = True) -> Result:
             torch.manual_seed(0)
             model = cls._from_config(cfg, experts_implementation="eager").eval()
         except Exception as e:  # noqa: BLE001 (reported, never swallowed: the result says why)
-            r.status, r.reason = "not built", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            r.status, r.reason = "not built", _why(e)
             return r
         experts = _experts_modules(model)
         if not experts:
@@ -233,7 +262,7 @@ def run_arch(arch: str, swap: bool = True) -> Result:
         if swap:
             _check_swap(r, model, ids, y_ref, tok_ref)
     except Exception as e:  # noqa: BLE001
-        r.status, r.reason = "fail", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        r.status, r.reason = "fail", _why(e)
     finally:
         r.seconds = time.perf_counter() - t0
     return r
@@ -258,6 +287,11 @@ def _check_swap(r: Result, model: nn.Module, ids: torch.Tensor, y_ref: torch.Ten
         r.swap = "ok" if r.swap_err <= TOL_LOGITS and r.swap_tokens_same is not False else "fail"
     except Exception as e:  # noqa: BLE001
         r.swap = f"fail: {type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+
+
+def _why(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return re.sub(r"\s+", " ", f"{type(e).__name__}: {' '.join(lines[:2])}")[:220]
 
 
 def sweep(archs: list[str] | None = None, swap: bool = True) -> list[Result]:
