@@ -39,7 +39,7 @@ TINY: dict[str, Any] = {
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8,
     "max_position_embeddings": 64, "initializer_range": 0.05,
     "num_local_experts": 8, "num_experts": 8, "n_routed_experts": 8, "moe_num_experts": 8,
-    "num_experts_per_tok": 2, "moe_k": 2, "moe_topk": 2,
+    "num_experts_per_tok": 2, "top_k_experts": 2, "moe_k": 2, "moe_topk": 2,
     "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0, "moe_layer_start_index": 0,
     "n_shared_experts": 1, "shared_expert_intermediate_size": 16, "moe_shared_expert_intermediate_size": 16,
     "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
@@ -51,9 +51,19 @@ TINY: dict[str, Any] = {
 # Per-architecture additions / corrections to TINY (model-type folder name -> kwargs).
 OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
-    "lfm2_moe": {"num_dense_layers": 0},
     "zaya": {"num_experts_per_tok": 1},  # the config accepts top-1 only
-    "gemma4": {"enable_moe_block": True},
+    "gemma4": {"enable_moe_block": True, "vocab_size_per_layer_input": 96, "hidden_size_per_layer_input": 8},
+    "glm5_next": {"qk_rope_head_dim": 0, "qk_nope_head_dim": 16},  # its DSA layers are NoPE
+    "glm4v_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0]}},
+    "hy_v4_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
+    "granitemoehybrid": {"mamba_n_heads": 4},
+    "ernie4_5_vl_moe": {"moe_intermediate_size": [16, 16]},  # (text, vision) expert widths
+    "lfm2_moe": {"num_dense_layers": 0, "layer_types": ["conv", "full_attention"]},
+    "deepseek_ocr2": {"mlp_layer_types": ["sparse", "sparse"]},
+    "inkling2": {"unpadded_vocab_size": 96},
+    "inkling2_loop": {"unpadded_vocab_size": 96},
+    "qwen4_exp": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 8, "indexer_budget": 8,
+                  "indexer_compress_ratio": 2},
 }
 # Architectures known not to build or run on CPU: folder name -> reason (still listed in the results).
 NOT_ON_CPU: dict[str, str] = {}
