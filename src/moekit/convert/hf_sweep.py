@@ -56,8 +56,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "glm5_next": {"qk_rope_head_dim": 0, "qk_nope_head_dim": 16},  # its DSA layers are NoPE
     "glm4v_moe": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0]}},
     "hy_v4_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}},
-    "granitemoehybrid": {"mamba_n_heads": 4},
-    "ernie4_5_vl_moe": {"moe_intermediate_size": [16, 16]},  # (text, vision) expert widths
+    "granitemoehybrid": {"mamba_n_heads": 4, "layer_types": ["linear_attention", "full_attention"]},
+    "mimo_v2_flash": {"num_key_value_heads": 2},
+    "ernie4_5_vl_moe": {"moe_intermediate_size": [16, 16],  # (text, vision) expert widths
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}},
     "lfm2_moe": {"num_dense_layers": 0, "layer_types": ["conv", "full_attention"]},
     "deepseek_ocr2": {"mlp_layer_types": ["sparse", "sparse"]},
     "inkling2": {"unpadded_vocab_size": 96},
