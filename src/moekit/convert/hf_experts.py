@@ -51,6 +51,7 @@ import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..assignment import Assignment
@@ -126,6 +127,46 @@ def _default_gate(module: Any, gate_up_N2F: Tensor) -> Tensor:
     return module.act_fn(gate) * up
 
 
+def _gate(m: Any, h_N: Tensor) -> Tensor:
+    if not m.has_gate:
+        return m.act_fn(h_N)
+    if _uses_default_gate(m):
+        return _default_gate(m, h_N)
+    return m._apply_gate(h_N)
+
+
+# Decode path: at most this many (token, expert) pairs on CPU without autograd run one small GEMM pair per pair
+# (no sort, no plan, no grouped kernel); generation's one-token steps are dominated by that fixed cost.
+FEW_PAIRS = 16
+
+
+def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: Tensor, w_down: Tensor,
+                       b_up: Tensor | None, b_down: Tensor | None) -> Tensor:
+    """``sum_k w * expert(x)`` pair by pair, summed in float32 for half-precision inputs (as the grouped path)."""
+    E = w_up.shape[0]
+    acc = torch.float32 if x_TD.dtype in (torch.float16, torch.bfloat16) else x_TD.dtype
+    ep = getattr(m, "_is_expert_parallel", False)
+    rows = []
+    for t, experts in enumerate(idx_TK.tolist()):
+        x_1D = x_TD[t:t + 1]
+        out_1D = x_TD.new_zeros((1, w_down.shape[1]), dtype=acc)
+        for j, e in enumerate(experts):
+            if not 0 <= e < E:
+                if ep:
+                    continue  # another rank's expert
+                raise ValueError(
+                    f"moekit experts implementation ({_where(m)}): top_k_index holds expert id {e}, outside "
+                    f"[0, {E}) (the experts in the weights), and the module is not marked expert-parallel"
+                )
+            h = F.linear(x_1D, w_up[e], None if b_up is None else b_up[e])
+            y = F.linear(_gate(m, h), w_down[e], None if b_down is None else b_down[e])
+            if m.has_post_expert_norm:
+                y = m.post_expert_norm(y)
+            out_1D = out_1D + y.to(acc) * w_TK[t, j].to(acc)
+        rows.append(out_1D)
+    return torch.cat(rows)
+
+
 def moekit_experts_forward(experts_module: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """The experts' combined output ``(T, D)`` for ``hidden_states (T, D)`` routed to ``top_k_index (T, K)`` with
     combine weights ``top_k_weights (T, K)``: ``sum_k w[t, k] * expert_{idx[t, k]}(x[t])``.
@@ -164,6 +205,9 @@ def moekit_experts_forward(experts_module: Any, hidden_states: Tensor, top_k_ind
         )
     out_dtype = hidden_states.dtype
     x_TD = x_TD.to(w_up.dtype)  # as transformers' grouped_mm: compute in the weights' dtype
+    if T * K <= FEW_PAIRS and x_TD.device.type == "cpu" and not torch.is_grad_enabled():
+        return _few_pairs_forward(m, x_TD, top_k_index, top_k_weights, w_up, w_down, b_up, b_down).to(
+            out_dtype).reshape(*lead, -1)
 
     # Pairs in slot-major grid order (pair j*T + t is token t's j-th choice): moekit's grid fast path.
     expert_N = top_k_index.t().reshape(-1)
@@ -193,14 +237,7 @@ def moekit_experts_forward(experts_module: Any, hidden_states: Tensor, top_k_ind
         y = grouped_linear(h, w, counts_E, offsets_E, counts_list, impl)
         return y if b is None else y + b.index_select(0, plan.expert_N)
 
-    h_N = proj(x_ND, w_up, b_up)
-    if not m.has_gate:
-        h_N = m.act_fn(h_N)
-    elif _uses_default_gate(m):
-        h_N = _default_gate(m, h_N)
-    else:
-        h_N = m._apply_gate(h_N)
-    y_ND = proj(h_N, w_down, b_down)
+    y_ND = proj(_gate(m, proj(x_ND, w_up, b_up)), w_down, b_down)
     if m.has_post_expert_norm:
         y_ND = m.post_expert_norm(y_ND)
     return _DISPATCHER.combine(y_ND, plan).to(out_dtype).reshape(*lead, -1)
