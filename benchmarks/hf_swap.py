@@ -116,11 +116,13 @@ def _iqr(v: list[float]) -> tuple[float, float]:
 def bench_arch(arch: str, args, env: dict) -> list[dict]:
     import torch
 
-    import moekit.convert
+    import moekit.convert  # noqa: F401  (registers "moekit")
     from moekit.convert import swap_hf_moe
 
     hf = build_model(arch, args)
-    models = {"HF grouped_mm": (hf, "grouped_mm"), "HF batched_mm": (hf, "batched_mm"), "moekit experts": (hf, "moekit")}
+    models = {
+        "HF grouped_mm": (hf, "grouped_mm"), "HF batched_mm": (hf, "batched_mm"), "moekit experts": (hf, "moekit"),
+    }
     swap_note = ""
     try:
         mk = copy.deepcopy(hf)
@@ -148,7 +150,8 @@ def bench_arch(arch: str, args, env: dict) -> list[dict]:
         checks = {}
         for name in models:
             m = use(name)
-            checks[name] = ((m(ids).logits - y_ref).abs().max().item(), torch.equal(m.generate(prompt, **gen_kw), tok_ref))
+            err = (m(ids).logits - y_ref).abs().max().item()
+            checks[name] = (err, torch.equal(m.generate(prompt, **gen_kw), tok_ref))
 
     def train(name):
         def run():
@@ -164,8 +167,8 @@ def bench_arch(arch: str, args, env: dict) -> list[dict]:
         return run
 
     shape = {"qwen3_moe": "E=8 k=2 F=2D", "gpt_oss": "E=16 k=4 F=D", "deepseek_v3": "E=64 k=6 F=D/4 +1 shared"}[arch]
-    print(f"\n{arch}: D={args.hidden} L={args.layers} {shape}; " + "; ".join(
-        f"{n}: max|dlogits| {e:.1e}, tokens equal {s}" for n, (e, s) in checks.items()) + (f"; {swap_note}" if swap_note else ""))
+    summary = "; ".join(f"{n}: max|dlogits| {e:.1e}, tokens equal {s}" for n, (e, s) in checks.items())
+    print(f"\n{arch}: D={args.hidden} L={args.layers} {shape}; {summary}" + (f"; {swap_note}" if swap_note else ""))
     rows = []
     for mode, make, reps, unit in (
         (f"train fwd+bwd B={args.batch} S={args.seq}", train, args.repeats, args.batch * args.seq),

@@ -33,7 +33,7 @@ def test_discovery_finds_the_moe_architectures():
 def test_doc_table_lists_every_discovered_architecture():
     text = DOC.read_text(encoding="utf-8")
     missing = [a for a in ARCHS if f"| {a} |" not in text]
-    assert not missing, f"docs/hf_architectures.md lacks rows for {missing}; regenerate: python -m moekit.convert.hf_sweep"
+    assert not missing, f"docs/hf_architectures.md lacks rows for {missing}; regenerate with hf_sweep --doc"
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in ARCHS])

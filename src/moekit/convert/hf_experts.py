@@ -167,7 +167,9 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
     return torch.cat(rows)
 
 
-def moekit_experts_forward(experts_module: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+def moekit_experts_forward(
+    experts_module: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
     """The experts' combined output ``(T, D)`` for ``hidden_states (T, D)`` routed to ``top_k_index (T, K)`` with
     combine weights ``top_k_weights (T, K)``: ``sum_k w[t, k] * expert_{idx[t, k]}(x[t])``.
 
@@ -198,7 +200,8 @@ def moekit_experts_forward(experts_module: Any, hidden_states: Tensor, top_k_ind
     E = w_up.shape[0]
     b_up = _bias(m, f"{up_name}_bias", E, w_up.shape[1]) if m.has_bias else None
     b_down = _bias(m, "down_proj_bias", E, w_down.shape[1]) if m.has_bias else None
-    if w_down.shape[0] != E or w_down.shape[2] * (2 if m.has_gate else 1) != w_up.shape[1] or w_up.shape[2] != x_TD.shape[-1]:
+    width = w_down.shape[2] * (2 if m.has_gate else 1)
+    if w_down.shape[0] != E or width != w_up.shape[1] or w_up.shape[2] != x_TD.shape[-1]:
         raise ValueError(
             f"moekit experts implementation ({_where(m)}): inconsistent shapes {up_name} (as out, in) "
             f"{tuple(w_up.shape)}, down_proj {tuple(w_down.shape)}, hidden {x_TD.shape[-1]} (has_gate={m.has_gate})"

@@ -217,7 +217,8 @@ def _grad_err(g_ref: dict, g: dict) -> float:
 
 
 def _generate(model: nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
-    if not hasattr(model, "generate") or getattr(model, "lm_head", None) is None and "ForCausalLM" not in type(model).__name__:
+    has_head = getattr(model, "lm_head", None) is not None or "ForCausalLM" in type(model).__name__
+    if not hasattr(model, "generate") or not has_head:
         return None
     out = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -256,7 +257,9 @@ def run_arch(arch: str, swap: bool = True) -> Result:
         y_ref, g_ref, probe = _forward_backward(model, ids, None)
         tok_ref = _generate(model, ids)
         calls = []
-        hooks = [m.register_forward_pre_hook(lambda m, a: calls.append(m.config._experts_implementation)) for m in experts]
+        hooks = [
+            m.register_forward_pre_hook(lambda m, a: calls.append(m.config._experts_implementation)) for m in experts
+        ]
         model.set_experts_implementation("moekit")
         y, g, _ = _forward_backward(model, ids, probe)
         tok = _generate(model, ids)
@@ -376,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     if doc is not None:
         import transformers  # noqa: PLC0415
 
-        write_doc(doc, f"transformers {transformers.__version__}, torch {torch.__version__}, float32 on CPU.\n\n{table}")
+        versions = f"transformers {transformers.__version__}, torch {torch.__version__}, float32 on CPU."
+        write_doc(doc, f"{versions}\n\n{table}")
     return 0
 
 
