@@ -130,10 +130,12 @@ class ExpertCache:
             if not self.contains(k):
                 self.prefetch(k)
         with self._lock:
-            pinned_bytes = sum(self.items[k].nbytes for k in self.pinned if k in self.items)
-            if pinned_bytes > self.budget_bytes:
-                raise ValueError(f"pinned experts need {pinned_bytes} bytes, more than the budget "
-                                 f"({self.budget_bytes} bytes); pin fewer experts")
+            left_out = [k for k in keys if k not in self.items]
+            if left_out:
+                pinned_bytes = sum(self.items[k].nbytes for k in self.pinned if k in self.items)
+                raise ValueError(f"pinned experts need more than the budget ({self.budget_bytes} bytes): "
+                                 f"{len(keys) - len(left_out)} fit ({pinned_bytes} bytes), {left_out[:4]}... do not; "
+                                 f"pin fewer experts")
 
     def reset_stats(self) -> None:
         with self._lock:
