@@ -16,13 +16,17 @@ from .quant import maybe_dequantize
 
 
 class OffloadedExperts(torch.nn.Module):
-    def __init__(self, template: torch.nn.Module, layer: int, runtime, inner, next_layer: int | None):
+    def __init__(self, template: torch.nn.Module, layer: int, runtime, inner, next_layer: int | None,
+                 zero_copy: bool = False):
         super().__init__()
         object.__setattr__(self, "_template", template)  # not a submodule: its (meta) weights stay out of the model
         self.layer, self.next_layer = layer, next_layer
         self.num_experts = template.num_experts
         object.__setattr__(self, "runtime", runtime)
         self.inner = inner
+        # eager implementations only index ``weights[expert]``: a list of per-expert tensors serves them without
+        # stacking (no copy); other implementations get stacked [n, ...] tensors
+        self.zero_copy = zero_copy
         src = runtime.sources[layer]
         self._params = list(src.params)
         self._shapes = src.params
@@ -59,10 +63,20 @@ class OffloadedExperts(torch.nn.Module):
     def _run(self, ids, x, idx, w):
         rt, E = self.runtime, self.num_experts
         n = len(ids)
+        if self.zero_copy:
+            compact = {p: [None] * n for p in self._params}
+            for j, e in enumerate(ids):
+                for p, t in rt.expert(self.layer, e).items():
+                    compact[p][j] = maybe_dequantize(t, rt.dtype)
+            return self._call(ids, compact, x, idx, w)
         compact = {p: torch.empty((n, *self._shapes[p]), dtype=rt.dtype, device=x.device) for p in self._params}
         for j, e in enumerate(ids):  # copy in one at a time: an expert evicted meanwhile is freed at once
             for p, t in rt.expert(self.layer, e).items():
                 compact[p][j].copy_(maybe_dequantize(t, rt.dtype))
+        return self._call(ids, compact, x, idx, w)
+
+    def _call(self, ids, compact, x, idx, w):
+        n, E = len(ids), self.num_experts
         remap = torch.zeros(E, dtype=idx.dtype, device=idx.device)
         remap[torch.tensor(ids, device=idx.device)] = torch.arange(n, dtype=idx.dtype, device=idx.device)
         proxy = ExpertsProxy(self._template, compact, n)

@@ -157,7 +157,8 @@ def load_offloaded(model_dir: str | os.PathLike, expert_budget: int | str = "25%
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         nxt = L + 1 if L + 1 < len(experts) else None
-        setattr(parent, attr, OffloadedExperts(m, L, rt, resolve_inner(inner, m), nxt))
+        fn, zero_copy = resolve_inner(inner, m)
+        setattr(parent, attr, OffloadedExperts(m, L, rt, fn, nxt, zero_copy=zero_copy))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"internal: unexpected tensors {unexpected[:5]}")

@@ -26,26 +26,27 @@ class ExpertsProxy:
         self.__dict__[name] = value
 
 
-def resolve_inner(inner, module: torch.nn.Module):
+def resolve_inner(inner, module: torch.nn.Module) -> tuple[object, bool]:
     """The experts implementation function to run on proxies: a callable ``f(module, x, idx, w)``, or a name:
     ``"eager"`` (the class's own undecorated forward), any name registered in transformers' ``ExpertsInterface``
     (``"grouped_mm"``, ``"batched_mm"``, ``"moekit"`` once registered), or ``"auto"`` (moekit's implementation when
-    ``moekit.convert.hf_experts`` provides it, else ``grouped_mm``)."""
+    ``moekit.convert.hf_experts`` provides it, else ``eager``). Also returns whether the function only indexes
+    ``weights[e]`` (eager), so a list of per-expert tensors can stand in for the stacked weights without a copy."""
     if callable(inner):
-        return inner
+        return inner, False
     if inner == "auto":
         try:
             from moekit.convert.hf_experts import moekit_experts_forward  # type: ignore[import-not-found]
 
-            return moekit_experts_forward
+            return moekit_experts_forward, False
         except ImportError:
-            inner = "grouped_mm"
+            inner = "eager"
     if inner == "eager":
         fwd = type(module).forward
-        return getattr(fwd, "__wrapped__", fwd)
+        return getattr(fwd, "__wrapped__", fwd), True
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     if inner not in ALL_EXPERTS_FUNCTIONS:
         raise ValueError(f"inner={inner!r}: expected 'auto', 'eager', a callable, or one of the registered experts "
                          f"implementations {sorted(ALL_EXPERTS_FUNCTIONS.keys())}")
-    return ALL_EXPERTS_FUNCTIONS[inner]
+    return ALL_EXPERTS_FUNCTIONS[inner], False

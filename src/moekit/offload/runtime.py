@@ -35,6 +35,7 @@ class OffloadRuntime:
                  policy="lru", policy_kwargs=None, quant: QuantConfig | None = None,
                  working_bytes: int | None = None):
         self.sources, self.dtype = sources, dtype
+        self._expert_bytes: dict[int, int] = {}
         self.quant = quant or QuantConfig()
         self.cache = ExpertCache(budget_bytes, self._load, policy, policy_kwargs or {})
         self.prefetcher = None
@@ -47,8 +48,12 @@ class OffloadRuntime:
     # --- sizes -------------------------------------------------------------------------------------------------
     def expert_bytes(self, layer: int) -> int:
         """Bytes of one uncompressed expert of ``layer`` in the compute dtype."""
+        if layer in self._expert_bytes:
+            return self._expert_bytes[layer]
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return sum(int(torch.Size(s).numel()) * itemsize for s in self.sources[layer].params.values())
+        b = sum(int(torch.Size(s).numel()) * itemsize for s in self.sources[layer].params.values())
+        self._expert_bytes[layer] = b
+        return b
 
     def total_expert_bytes(self) -> int:
         return sum(self.expert_bytes(L) * s.num_experts for L, s in self.sources.items())
