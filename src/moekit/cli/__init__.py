@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("moekit.cli.bench", "benchmark MoE layers against the dense floor and Hugging Face blocks"),
     "compare": ("moekit.cli.compare", "train one small model with several routers and tabulate quality, FLOPs, balance"),
     "train-ep": ("moekit.cli.train_ep", "train a small MoE with expert x data parallelism (run under torchrun)"),
+    "generate": ("moekit.cli.generate", "generate from an HF MoE checkpoint with experts on disk under a memory budget"),
+    "compress": ("moekit.cli.compress", "prune or merge experts of an HF MoE checkpoint into a smaller checkpoint"),
 }
 
 
