@@ -149,7 +149,7 @@ def load_offloaded(model_dir: str | os.PathLike, expert_budget: int | str = "25%
         rt.cache.policy.num_layers = len(sources)
     if working_bytes is None:
         top_k = int(getattr(config, "num_experts_per_tok", 1) or 1)
-        rt.working_bytes = max(budget_bytes // 20, top_k * max(rt.expert_bytes(L) for L in sources))
+        rt.working_bytes = max(budget_bytes // 50, top_k * max(rt.expert_bytes(L) for L in sources))
 
     # --- swap in offloaded experts, then load the rest ---
     for path, m in experts:

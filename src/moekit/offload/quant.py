@@ -65,3 +65,21 @@ def quantize(w: torch.Tensor, bits: str = "int8", group_size: int = 64) -> Quant
 
 def maybe_dequantize(t, dtype: torch.dtype) -> torch.Tensor:
     return t.dequantize(dtype) if isinstance(t, QuantizedTensor) else t.to(dtype)
+
+
+def precision_by_importance(counts: dict[int, torch.Tensor], high: str | None = "int8", low: str = "int4",
+                            high_fraction: float = 0.25) -> dict[tuple[int, int], str | None]:
+    """EdgeMoE-style per-expert precision: in every layer the ``high_fraction`` most routed experts of a calibration
+    profile (``counts[layer]`` = routed slots per expert) get ``high`` (None = uncompressed), the rest ``low``."""
+    if not 0 <= high_fraction <= 1:
+        raise ValueError(f"high_fraction={high_fraction}: expected a value in [0, 1]")
+    for b in (high, low):
+        if b is not None and b not in QMAX:
+            raise ValueError(f"precision {b!r}: expected None or one of {sorted(QMAX)}")
+    out = {}
+    for layer, c in counts.items():
+        n_high = round(len(c) * high_fraction)
+        order = c.argsort(descending=True).tolist()
+        for rank, e in enumerate(order):
+            out[(layer, e)] = high if rank < n_high else low
+    return out
