@@ -61,7 +61,7 @@ class OffloadedExperts(torch.nn.Module):
         return out
 
     def _run(self, ids, x, idx, w):
-        rt, E = self.runtime, self.num_experts
+        rt = self.runtime
         n = len(ids)
         if self.zero_copy:
             compact = {p: [None] * n for p in self._params}
