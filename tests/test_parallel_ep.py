@@ -25,11 +25,14 @@ def test_ep4_layer_training_global_balance_and_checkpoint(tmp_path):
     """EP=4 equivalence; checkpoint saved at EP=4 loads at EP=2 and EP=1; EP=2 x DP=2: layer equivalence,
     global-batch balance loss, and 4 training steps (manual reduction and DDP) equal single-process training."""
     spawn_local(W.worker_4, 4, str(tmp_path / "ckpt"), timeout_s=60)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+    from moekit.io import read_checkpoint
+
+    ck = read_checkpoint(tmp_path / "ckpt")  # one committed save, every file's checksum verified
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["manifest.json", f"save-{ck.save_id}"]
+    assert sorted(ck.files) == [
         "dense.safetensors",
         "experts-00000-of-00004.safetensors", "experts-00001-of-00004.safetensors",
         "experts-00002-of-00004.safetensors", "experts-00003-of-00004.safetensors",
-        "meta.json",
     ]
 
 

@@ -1,6 +1,5 @@
 """``moekit train-ep`` runs under torchrun (2 gloo processes, a few tiny steps) and writes a sharded checkpoint."""
 
-import json
 import subprocess
 import sys
 
@@ -18,7 +17,9 @@ def test_train_ep_under_torchrun(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "world 2 = EP 2 x DP 1" in out.stdout, out.stdout
     assert "step     3" in out.stdout, out.stdout
-    assert json.loads((tmp_path / "ckpt" / "meta.json").read_text())["ep_size"] == 2
+    from moekit.parallel import read_meta
+
+    assert read_meta(tmp_path / "ckpt")["ep_size"] == 2
 
 
 def test_train_ep_without_torchrun_says_how_to_launch(monkeypatch, capsys):
