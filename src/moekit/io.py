@@ -126,12 +126,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # honours the umask, unlike mkstemp
     try:
         write(tmp)
+        _plain_mode(tmp, _umask())
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it; restored at once
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: Path, mask: int) -> None:
+    """Give ``path`` the mode ``open`` would (0666 minus the umask): some writers (safetensors) create 0600."""
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _canonical(manifest: Mapping[str, Any]) -> bytes:
@@ -196,6 +208,7 @@ class CheckpointWriter:
         self.staging.mkdir(exist_ok=True)
         self.entries: dict[str, FileEntry] = {}
         self.committed = False
+        self._mask = _umask()
 
     def write(self, name: str, data: FileData) -> FileEntry:
         """Write one file of the save (``bytes``, or a function that writes the file at the path it is given)."""
@@ -209,6 +222,7 @@ class CheckpointWriter:
             data(path)
         else:
             raise TypeError(f"CheckpointWriter.write({name!r}): data must be bytes or a callable, got {type(data)}")
+        _plain_mode(path, self._mask)
         _fsync_file(path)
         entry = FileEntry(name, path.stat().st_size, file_digest(path, self.hash))
         self.entries[name] = entry
