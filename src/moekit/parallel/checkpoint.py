@@ -65,12 +65,18 @@ def _tensor_writer(tensors: dict[str, Tensor], metadata: dict[str, str]):
     return lambda path: save_file(tensors, str(path), metadata=metadata)
 
 
+# the MoEConfig fields that decide what a layer computes from its weights; dispatch, balance losses and input
+# checks may differ between the run that saved and the one that loads (e.g. dropless inference of a capacity run)
+_COMPUTE_FIELDS = ("dim", "num_experts", "router", "experts", "shared_experts", "shared_gate")
+
+
 def _layer_configs(model: nn.Module) -> dict[str, object]:
-    """Each MoE layer's config as JSON (None for a layer built from modules, which has no serializable config)."""
+    """Each MoE layer's computation-defining config as JSON (None for a layer built from modules)."""
     out = {}
     for lname, layer in _moe_layers(model):
         try:
-            out[lname] = json.loads(json.dumps(layer.config.to_dict()))
+            d = json.loads(json.dumps(layer.config.to_dict()))
+            out[lname] = {k: d.get(k) for k in _COMPUTE_FIELDS}
         except (TypeError, AttributeError, ValueError):
             out[lname] = None
     return out
