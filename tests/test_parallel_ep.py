@@ -34,11 +34,14 @@ def test_ep4_layer_training_global_balance_and_checkpoint(tmp_path):
     spawn_local(W.worker_4, 4, str(tmp_path / "ckpt"), str(dcp_root), str(hf_root), timeout_s=90)
     W.check_single_process_resume(dcp_root)
     W.check_hf_export(hf_root)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+    from moekit.io import read_checkpoint
+
+    ck = read_checkpoint(tmp_path / "ckpt")  # one committed save, every file's checksum verified
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["manifest.json", f"save-{ck.save_id}"]
+    assert sorted(ck.files) == [
         "dense.safetensors",
         "experts-00000-of-00004.safetensors", "experts-00001-of-00004.safetensors",
         "experts-00002-of-00004.safetensors", "experts-00003-of-00004.safetensors",
-        "meta.json",
     ]
 
 

@@ -45,7 +45,9 @@ def test_train_ep_under_torchrun_fsdp2_dcp_then_resume_in_one_process(tmp_path, 
     text = capsys.readouterr().out
     assert "resumed from" in text and "(step 3, saved at mesh {'world': 2, 'ep': 2, 'dp': 1})" in text, text
     assert "world 1 = EP 1 x DP 1" in text and "step     4" in text and "step     3 " not in text, text
-    assert json.loads((tmp_path / "ckpt" / "meta.json").read_text())["ep_size"] == 1
+    from moekit.parallel import read_meta
+
+    assert read_meta(tmp_path / "ckpt")["ep_size"] == 1
     assert json.loads((tmp_path / "run" / "latest.json").read_text())["step"] == 5
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ._validate import out_file, positive_int
+
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"
 
 
@@ -12,9 +14,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shapes", nargs="*", default=None,
                         help="shape names (default: all of train-small train-large fine-grained decode-1 decode-8)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke run)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default 15)")
-    parser.add_argument("--runs", type=int, default=1, help="run the whole table this many times (spread check)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per implementation (default 15)")
+    parser.add_argument("--runs", type=positive_int, default=1, help="run the whole table this many times (spread check)")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[2],
                         help="torch.set_num_threads; several values give a thread-scaling table (e.g. 1 2)")
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="parameter and input dtype(s)")
@@ -22,7 +24,7 @@ def add_arguments(parser) -> None:
                         help="also time torch.compile(moekit layer) (inductor; compile time not timed)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face blocks")
     parser.add_argument("--modes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    parser.add_argument("--out", default=None, help="append JSON lines here (default: print only)")
+    parser.add_argument("--out", type=out_file, default=None, help="append JSON lines here (default: print only)")
     parser.add_argument("--no-tcmalloc", action="store_true",
                         help="do not re-run under tcmalloc even if it is installed (glibc malloc makes floors noisy)")
 

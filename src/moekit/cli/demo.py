@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 
+from ._validate import out_dir, positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="moekit-demo", help="report folder (default: ./moekit-demo)")
+    parser.add_argument("--out", type=out_dir, default="moekit-demo", help="report folder (default: ./moekit-demo)")
     parser.add_argument("--quick", action="store_true", help="tiny data and few steps: a smoke test in seconds")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per model (default 1000; quick 8)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps per model (default 1000; quick 8)")
     parser.add_argument("--router", default="task_experts", choices=("task_experts", "multi_gate", "task_embed"),
                         help="task routing of the MoE model (default task_experts: Edge-MoE task-level sparsity)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1: the matrices are small, and extra threads only help "
                              "on an otherwise idle machine)")
-    parser.add_argument("--jobs", type=int, default=2,
+    parser.add_argument("--jobs", type=positive_int, default=2,
                         help="train the MoE and the dense model in this many processes at once (default 2; 1 = "
                              "one after the other in this process)")
     parser.add_argument("--seed", type=int, default=0)

@@ -13,12 +13,14 @@ micro-batch; the global batch is ``world_size * batch``.
 
 from __future__ import annotations
 
+from ._validate import existing_dir, nonnegative_int, out_dir, positive_float, positive_int
+
 
 def add_arguments(p) -> None:
-    p.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (default: the world size)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
-    p.add_argument("--seq", type=int, default=16, help="tokens per sequence")
+    p.add_argument("--ep-size", type=positive_int, default=None, help="expert-parallel size (default: the world size)")
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per rank per step")
+    p.add_argument("--seq", type=positive_int, default=16, help="tokens per sequence")
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64, help="hidden size of each expert")
@@ -38,15 +40,15 @@ def add_arguments(p) -> None:
     p.add_argument("--expert-sharding", choices=("fsdp", "replicate"), default="fsdp",
                    help="with --fsdp: also FSDP-shard each EP block of experts over its DP replicas (default), or not")
     p.add_argument("--ckpt", default=None, help="directory for distributed (DCP) checkpoints with optimizer state")
-    p.add_argument("--ckpt-every", type=int, default=0, help="save a DCP checkpoint every N steps (0: at the end)")
+    p.add_argument("--ckpt-every", type=nonnegative_int, default=0, help="save a DCP checkpoint every N steps (0: at the end)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest DCP checkpoint in --ckpt (saved at any mesh) when there is one")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a collective waits for a peer")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds a collective waits for a peer")
     p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl if CUDA is available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", default=None, help="directory for a sharded checkpoint at the end")
-    p.add_argument("--load", default=None, help="sharded checkpoint to start from (any EP size)")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save", type=out_dir, default=None, help="directory for a sharded checkpoint at the end")
+    p.add_argument("--load", type=existing_dir, default=None, help="sharded checkpoint to start from (any EP size)")
+    p.add_argument("--log-every", type=positive_int, default=10)
 
 
 def _model(args):
