@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer import MoE, update_balance_bias
+from ..models.flops import expert_pair_flops_E, moe_router_flops
 from ..merging import reinforce_loss, set_step
 from ..spec import spec_from_dict
 from ..stats import track_routing
@@ -91,23 +92,9 @@ def _lr_lambda(warmup: int) -> Callable[[int], float]:
 
 
 # ---------------------------------------------------------------------------------------------------------- LM
-def _bank_flops_E(experts: nn.Module) -> Tensor:
-    """Forward FLOPs per (token, expert) pair of each expert in a bank (matmuls only)."""
-    D, E = experts.dim, experts.num_experts
-    if hasattr(experts, "w_down_ERD"):  # Autonomy-of-Experts: x W_down is the router; a_e W_up, x W3, h W2
-        return torch.full((E,), 2.0 * (experts.rank * experts.hidden_dim + 2 * D * experts.hidden_dim), dtype=torch.float64)
-    glu = getattr(experts, "w3_EFD", None) is not None or getattr(experts, "w3_SD", None) is not None
-    hidden = getattr(experts, "hidden_dims", None)  # heterogeneous banks (HMoE)
-    if hidden is None:
-        hidden = [experts.hidden_dim] * E
-    return 2.0 * (3 if glu else 2) * D * torch.as_tensor(list(hidden), dtype=torch.float64)
-
-
-def _router_flops(router: nn.Module, experts: nn.Module | None = None) -> float:
-    """A learned router's matrices (one multiply-add per weight per token); AoE's norm router reads x W_down of
-    every expert; frozen routers keep their weights in buffers (SMoE-Dropout), counted too."""
-    if experts is not None and hasattr(experts, "w_down_ERD"):
-        return 2.0 * experts.w_down_ERD.numel()
+def _router_flops(router: nn.Module) -> float:
+    """A SMEAR router's matrices (one multiply-add per weight per token). MoE layers use their router spec's
+    ``flops_per_token`` instead (:func:`moekit.models.flops.moe_router_flops`)."""
     mats = [t for _, t in list(router.named_parameters()) + list(router.named_buffers()) if t.dim() >= 2 and t.is_floating_point()]
     return 2.0 * sum(t.numel() for t in mats)
 
@@ -167,8 +154,9 @@ def _lm_costs(model: TinyLM, stats: dict) -> tuple[float, float, float, dict]:
     for name, m in model.named_modules():
         if isinstance(m, MoE):
             s = stats[name]
-            f = float((s.tokens_per_expert_E.double() * _bank_flops_E(m.experts)).sum()) / s.num_tokens
-            f += _router_flops(m.router, m.experts)
+            pair_E = expert_pair_flops_E(m.config.experts, m.dim, m.num_experts)
+            f = float((s.tokens_per_expert_E.double() * pair_E).sum()) / s.num_tokens
+            f += moe_router_flops(m)
             flops += f
             epts.append(s.experts_per_token)
             loads.append(s.max_over_mean)
