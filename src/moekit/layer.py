@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .assignment import Assignment
-from .balance.aux_free import AuxFree, AuxFreeBalancer
+from .balance.aux_free import AuxFree
 from .balance.specs import BalanceSpec
 from .dispatch.local import Dropless
 from .experts.bank import FFN, SwiGLU

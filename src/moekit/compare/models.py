@@ -3,7 +3,6 @@ digits classifier with per-example adapters (SMEAR and its baselines) on a froze
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 

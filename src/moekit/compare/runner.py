@@ -16,7 +16,6 @@ routing changes. Numbers are measured on the held-out split after training:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +27,8 @@ from torch import Tensor, nn
 
 from ..layer import MoE, update_balance_bias
 from ..models.flops import expert_pair_flops_E, moe_router_flops
+from ..routers.smoe_dropout import advance_smoe_dropout
+from ..routers.thor import thor_consistency_loss
 from ..merging import reinforce_loss, set_step
 from ..spec import spec_from_dict
 from ..stats import track_routing
@@ -125,9 +126,7 @@ def build_lm(preset: LMPreset, cfg: LMConfig, vocab: int) -> TinyLM:
         factory = lambda i: MLP(hidden_dim=hidden, activation="gelu").build_dense(cfg.dim)
         return TinyLM(vocab, cfg.dim, cfg.layers, cfg.heads, cfg.seq, factory)
     experts, balance_kw = _experts_spec(preset, hidden)
-    router = preset.router_spec()
-    if preset.router == "smoe_dropout":  # the k schedule spans this run's step budget
-        router = dataclasses.replace(router, total_steps=cfg.steps)
+    router = preset.router_spec().for_step_budget(cfg.steps)  # e.g. SMoE-Dropout's k schedule spans the run
     balance = tuple(
         spec_from_dict("balance", {"type": n, **kw, **balance_kw.get(n, {})}) for n, kw in preset.balance
     )
@@ -172,11 +171,8 @@ def _lm_costs(model: TinyLM, stats: dict) -> tuple[float, float, float, dict]:
 def train_lm(preset: LMPreset, cfg: LMConfig, data: TextData, tick: Callable[[], None] = lambda: None) -> RunResult:
     torch.manual_seed(cfg.seed)
     model = build_lm(preset, cfg, data.vocab)
-    thor_consistency_loss = advance_smoe_dropout = None
-    if preset.router == "thor":
-        from ..routers.thor import thor_consistency_loss
-    if preset.router == "smoe_dropout":
-        from ..routers.smoe_dropout import advance_smoe_dropout
+    spec = preset.router_spec()
+    two_passes = spec is not None and spec.consistency_passes == 2
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -187,7 +183,7 @@ def train_lm(preset: LMPreset, cfg: LMConfig, data: TextData, tick: Callable[[],
         logits, aux = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         total = loss + aux
-        if preset.router == "thor":  # a second stochastic pass and the symmetric-KL consistency term
+        if two_passes:  # THOR: a second stochastic pass and the symmetric-KL consistency term
             logits2, aux2 = model(x)
             loss2 = F.cross_entropy(logits2.reshape(-1, logits2.shape[-1]), y.reshape(-1))
             total = loss + loss2 + aux + aux2 + thor_consistency_loss(logits, logits2, alpha=cfg.thor_alpha)
@@ -197,8 +193,7 @@ def train_lm(preset: LMPreset, cfg: LMConfig, data: TextData, tick: Callable[[],
         opt.step()
         sched.step()
         update_balance_bias(model)  # aux-free bias step after the optimiser step (no-op for other layers)
-        if preset.router == "smoe_dropout":
-            advance_smoe_dropout(model)
+        advance_smoe_dropout(model)  # SMoE-Dropout's k schedule (no-op for other routers)
         running.append(float(loss.detach()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             curve.append((step + 1, sum(running) / len(running)))

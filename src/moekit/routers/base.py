@@ -62,6 +62,13 @@ class RouterSpec(Spec):
         layer's expert spec (for routers that read the bank), ``task`` the task id (for per-task gates)."""
         return float(dim * num_experts)
 
+    # how a training loop drives the router: THOR trains on two stochastic passes with a consistency term
+    consistency_passes = 1
+
+    def for_step_budget(self, steps: int) -> "RouterSpec":
+        """The spec for a run of ``steps`` optimizer steps (SMoE-Dropout spans its k schedule over them)."""
+        return self
+
     def at_layer(self, index: int) -> "RouterSpec":
         """The spec to use at MoE layer ``index`` of a stack (0 = first); MoE++ turns its gating residual off at
         layer 0, where no previous logits exist. Default: unchanged."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..assignment import Assignment
 from ..spec import register_spec

@@ -55,6 +55,9 @@ class SMoEDropout(RouterSpec):
         if (self.k_max or num_experts) > num_experts or self.k_min > num_experts:
             raise ValueError(f"SMoEDropout: k_min/k_max must be <= the number of experts ({num_experts})")
 
+    def for_step_budget(self, steps: int) -> "SMoEDropout":
+        return dataclasses.replace(self, total_steps=max(1, steps))
+
     def build(self, dim: int, num_experts: int) -> "SMoEDropoutRouter":
         self.validate(num_experts)
         return SMoEDropoutRouter(dim, num_experts, self)

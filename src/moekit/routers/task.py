@@ -77,6 +77,7 @@ def _kaiming_rows(w: Tensor, fan_in: int) -> None:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _TaskGateSpec(RouterSpec):
     task_conditioned = True  # reads ctx.task
+    task_level = False  # True: a task can only reach a fixed subset of experts (its pathway is known in advance)
     num_tasks: int
     k: int = 2
     normalize: bool = False  # M3ViT / Edge-MoE use the raw full-softmax probabilities as combine weights
@@ -108,6 +109,12 @@ class _TaskRouter(Router):
 
     def route_task(self, x_TD: Tensor, t: int) -> tuple[Tensor, Tensor]:
         """(logits_TS, expert_S): gate logits over the S experts task ``t`` may use and their expert ids."""
+        raise NotImplementedError
+
+    def task_gate(self, t: int) -> tuple[Tensor, Tensor, list[int] | None]:
+        """Task ``t``'s gate as a fixed linear map, for pathway extraction: ``(w_SD, b_S, owned)`` with logits
+        ``x w_SD^T + b_S``; ``owned`` lists the experts the S columns are (task-level routing), or None when the
+        columns are all E experts and any of them may be chosen (token-level routing)."""
         raise NotImplementedError
 
     def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
@@ -190,6 +197,10 @@ class MultiGateRouter(_TaskRouter):
     def route_task(self, x_TD: Tensor, t: int) -> tuple[Tensor, Tensor]:
         return F.linear(x_TD, self.weight_NED[t].to(x_TD.dtype)), self.all_experts_E
 
+    def task_gate(self, t: int) -> tuple[Tensor, Tensor, list[int] | None]:
+        w_SD = self.weight_NED[t].detach()
+        return w_SD, torch.zeros(self.num_experts, dtype=w_SD.dtype, device=w_SD.device), None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 @register_spec("task_embed", "router")
@@ -239,6 +250,11 @@ class TaskEmbedRouter(_TaskRouter):
         x_in = torch.cat([x_TD, tau.expand(x_TD.shape[0], -1)], dim=-1)
         return F.linear(x_in, self.gate.weight.to(x_TD.dtype)), self.all_experts_E
 
+    def task_gate(self, t: int) -> tuple[Tensor, Tensor, list[int] | None]:
+        # [x; tau_t] W^T = x W_x^T + (W_tau tau_t): the task vector folds into a bias
+        w = self.gate.weight.detach()
+        return w[:, : self.dim], w[:, self.dim :] @ self.task_vector(t).detach(), None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 @register_spec("task_experts", "router")
@@ -254,6 +270,7 @@ class TaskExperts(_TaskGateSpec):
         expert_sets: explicit expert ids per task instead of windows, e.g. ``((0, 1, 2), (2, 3, 4))``.
     """
 
+    task_level = True
     experts_per_task: int | None = None
     expert_sets: tuple | None = None
 
@@ -315,6 +332,10 @@ class TaskExpertsRouter(_TaskRouter):
 
     def route_task(self, x_TD: Tensor, t: int) -> tuple[Tensor, Tensor]:
         return F.linear(x_TD, self.gates[t].to(x_TD.dtype)), getattr(self, f"experts_{t}_M")
+
+    def task_gate(self, t: int) -> tuple[Tensor, Tensor, list[int] | None]:
+        w_SD = self.gates[t].detach()
+        return w_SD, torch.zeros(w_SD.shape[0], dtype=w_SD.dtype, device=w_SD.device), list(self.expert_sets[t])
 
 
 # ---------------------------------------------------------------------------------------------------------------

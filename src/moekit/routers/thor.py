@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..assignment import Assignment
 from ..spec import register_spec
@@ -33,6 +33,7 @@ class THOR(RouterSpec):
         eval_mode: ``"token"``: each token draws its own random expert at inference; ``"batch"``: one draw per call.
     """
 
+    consistency_passes = 2  # train on two stochastic passes + thor_consistency_loss
     eval_mode: str = "token"
 
     def __post_init__(self) -> None:
