@@ -91,7 +91,10 @@ class AdaMoERouter(Router):
         )
         scores_TE = logits_TE.softmax(-1)
         p_TK, idx_TK = scores_TE.topk(self.spec.k, dim=-1)
-        p_TK = p_TK.masked_fill(idx_TK >= self.num_true, 0.0)  # null experts: weight 0, renormalise the true ones
+        # null experts: weight 0, renormalise the true ones. A token with non-finite scores (NaN / Inf input) keeps
+        # its NaN weights on the null experts too, so its output row is NaN, as with every other router.
+        finite_T1 = torch.isfinite(scores_TE).all(-1, keepdim=True)
+        p_TK = p_TK.masked_fill((idx_TK >= self.num_true) & finite_T1, 0.0)
         w_TK = renormalize(p_TK)
         a = Assignment.from_topk(idx_TK, w_TK.to(x_TD.dtype), self.num_experts, scores_TE, logits_TE)
         return dataclasses.replace(a, num_free_experts=self.spec.num_null)
