@@ -186,6 +186,8 @@ class MoE(MoELayerBase):
         self.accumulate_stats = False
         self.stats_total: RoutingStats | None = None
         self.last_aux_loss: Tensor | None = None
+        self.routing_log: list[Tensor] | None = None  # set by moekit.replay.record_routing: (T, K) choices per call
+        self.replay_queue: list[Tensor] | None = None  # set by moekit.replay.replay_routing: choices to reuse
         self._register_load_state_dict_pre_hook(_free_experts_old_keys)
 
     @classmethod
@@ -221,6 +223,8 @@ class MoE(MoELayerBase):
         x_TD = self._tokens(x)
         ctx = self._context(x, x_TD, task, prev_logits, token_ids, token_mask)
         a = self.router(x_TD, ctx)
+        if self.routing_log is not None:
+            self.routing_log.append(a.expert_N.detach().view(-1, a.num_tokens).t().clone())
         bank, free = a.split_free()  # compute-free pairs never reach the bank
         plan = self.dispatcher.plan(bank, x.shape[-2] if x.dim() >= 3 else None)
         y_ND = self.experts(self.dispatcher.dispatch(x_TD, plan), plan.counts_E, plan.expert_N)
@@ -290,7 +294,13 @@ class MoE(MoELayerBase):
                 got = tuple(token_mask.shape) if isinstance(token_mask, Tensor) else type(token_mask).__name__
                 raise ValueError(f"MoE: token_mask must have the input's leading shape {tuple(x.shape[:-1])}, got {got}")
             token_mask = token_mask.reshape(T).to(device=x_TD.device, dtype=torch.bool)
-        return RouteContext(task=task, token_ids_T=token_ids, prev_logits_TE=prev_logits, token_mask_T=token_mask)
+        replay = None
+        if self.replay_queue is not None:
+            if not self.replay_queue:
+                raise ValueError("MoE: router replay ran out of recorded calls for this layer")
+            replay = self.replay_queue.pop(0)
+        return RouteContext(task=task, token_ids_T=token_ids, prev_logits_TE=prev_logits, token_mask_T=token_mask,
+                            replay_idx_TK=replay)
 
     def _shared(self, x_TD: Tensor) -> Tensor:
         shared_TD = self.shared(x_TD)

@@ -41,12 +41,15 @@ class RouteContext:
         prev_logits_TE: (T, E) routing logits of the previous MoE layer, for gating residuals (MoE++).
         token_mask_T: bool (T,), True for real tokens and False for padding; balance losses and statistics skip
             padded tokens (routing itself is unchanged).
+        replay_idx_TK: long (T, K) experts to select instead of the router's own choice (router replay, see
+            :mod:`moekit.replay`); only routers whose spec declares ``supports_replay`` read it.
     """
 
     task: Tensor | int | None = None
     token_ids_T: Tensor | None = None
     prev_logits_TE: Tensor | None = None
     token_mask_T: Tensor | None = None
+    replay_idx_TK: Tensor | None = None
 
 
 EMPTY_CONTEXT = RouteContext()

@@ -40,6 +40,7 @@ class RouterSpec(Spec):
     reads_experts = False
     has_selection_bias = False
     num_free_experts = 0
+    supports_replay = False  # reads ctx.replay_idx_TK: selects the recorded experts (moekit.replay)
 
     def build(self, dim: int, num_experts: int) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError

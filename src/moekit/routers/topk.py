@@ -51,6 +51,7 @@ class TopK(RouterSpec):
             cast back to the input dtype. ``None``: the logits' dtype.
     """
 
+    supports_replay = True
     k: int = 2
     score: str = "softmax"
     normalize: bool = True
@@ -174,13 +175,19 @@ class TopKRouter(Router):
         logits_TE = self.logits(x_TD)
         z_TE = logits_TE if s.score_dtype is None else logits_TE.to(getattr(torch, s.score_dtype))
         scores_TE = z_TE.softmax(-1) if s.score == "softmax" else z_TE.sigmoid()
-        idx_TK = self.select(scores_TE)
+        idx_TK = self.select(scores_TE) if ctx.replay_idx_TK is None else self._replayed(ctx.replay_idx_TK, x_TD)
         weight_TK = scores_TE.gather(1, idx_TK)
         if s.normalize:
             weight_TK = renormalize(weight_TK)
         if s.scale != 1.0:
             weight_TK = weight_TK * s.scale
         return Assignment.from_topk(idx_TK, weight_TK.to(x_TD.dtype), self.num_experts, scores_TE, logits_TE)
+
+    def _replayed(self, idx_TK: Tensor, x_TD: Tensor) -> Tensor:
+        expected = (x_TD.shape[0], self.spec.k)
+        if tuple(idx_TK.shape) != expected:
+            raise ValueError(f"TopK replay: recorded choices have shape {tuple(idx_TK.shape)}, expected {expected}")
+        return idx_TK.to(device=x_TD.device, dtype=torch.long)
 
     def extra_repr(self) -> str:
         s = self.spec
