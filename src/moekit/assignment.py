@@ -24,7 +24,7 @@ class Assignment:
     scores_TE: Tensor | None = None  # router probabilities, for balance losses and statistics
     logits_TE: Tensor | None = None  # raw logits, for the z-loss
     # Compute-free experts (MoE++ zero/copy/constant, AdaMoE null): the last ``num_free_experts`` expert ids. Their
-    # pairs never reach the expert bank; the layer hands them to ``router.free_experts`` (see :meth:`split_free`).
+    # pairs never reach the expert bank; the layer hands them to its ``free_experts`` part (see :meth:`split_free`).
     num_free_experts: int = 0
     num_slots: int | None = None  # K when the pairs are exactly the (T, K) grid in slot-major order (pair = j*T + t)
     # Pairs per expert before dropping, over all ``num_experts``, when already counted (the layer fills it from the

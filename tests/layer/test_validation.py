@@ -92,3 +92,15 @@ def test_forward_is_plain_composition():
         src = inspect.getsource(fn)
         for probe in ("isinstance(self.", "getattr(", "hasattr("):
             assert probe not in src, (fn.__name__, probe)
+
+
+def test_old_checkpoints_with_free_experts_in_the_router_load():
+    """Compute-free experts moved from ``router.free_experts`` to the layer; old state dicts still load."""
+    layer = MoE(D, 4, router=MoEPP(k=2)).eval()
+    old = {k.replace("free_experts.", "router.free_experts.", 1) if k.startswith("free_experts.") else k: v
+           for k, v in layer.state_dict().items()}
+    assert any(k.startswith("router.free_experts.") for k in old)
+    fresh = MoE(D, 4, router=MoEPP(k=2)).eval()
+    fresh.load_state_dict(old)
+    x = torch.randn(5, D)
+    assert torch.equal(fresh(x), layer(x))
