@@ -263,8 +263,8 @@ class MoE(MoELayerBase):
             raise ValueError(f"MoE: expected input of shape (..., {self.dim}), got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"MoE: input must be floating point, got dtype {x.dtype}; cast it, e.g. x.float()")
-        dtype = None if torch.is_autocast_enabled(x.device.type) else self.param_dtype()
-        if dtype is not None and x.dtype != dtype:
+        dtype = self.param_dtype()
+        if dtype is not None and x.dtype != dtype and not _autocast_on(x):
             raise ValueError(
                 f"MoE: input dtype {x.dtype} does not match the layer's parameter dtype {dtype}; cast the input "
                 f"(x.to({dtype})) or the layer (layer.to({x.dtype}))"
@@ -349,6 +349,14 @@ class MoE(MoELayerBase):
         last update, then clear them. A no-op for layers without ``AuxFree``."""
         if self.balancer is not None:
             self.balancer.step(self.router.bias_E)
+
+
+def _autocast_on(x: Tensor) -> bool:
+    """Whether autocast is on for x's device (mixed dtypes are then intended); False for devices without autocast."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # e.g. the meta device
+        return False
 
 
 def _free_experts_old_keys(state_dict, prefix, *args) -> None:
