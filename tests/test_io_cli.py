@@ -65,7 +65,7 @@ def test_good_values_parse():
     from moekit.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--repeats", "1", "--threads", "2", "--out", "new/rows.jsonl"])
-    assert (args.repeats, args.threads, args.out) == (1, 2, "new/rows.jsonl")
+    assert (args.repeats, args.threads, args.out) == (1, [2], "new/rows.jsonl")
     args = build_parser().parse_args(["demo", "--steps", "3", "--out", "new-report"])
     assert (args.steps, args.out) == (3, "new-report")
     assert build_parser().parse_args(["robustqa", "--threads", "0"]).threads == 0  # 0 = torch default
