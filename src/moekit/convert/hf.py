@@ -111,7 +111,8 @@ def _check_router(layer: MoE, expected: TopK, block_name: str) -> None:
     spec = getattr(layer.router, "spec", None)
     if not isinstance(layer.router, TopKRouter) or not isinstance(spec, TopK):
         raise ValueError(f"to_hf: a {block_name} needs a TopK router, the layer has {type(layer.router).__name__}")
-    fields = ("k", "score", "normalize", "scale", "n_group", "topk_group", "correction_bias", "router_bias")
+    # jitter too: a block whose router jitters (Mixtral, Switch) must not keep a jitter the layer does not have
+    fields = ("k", "score", "normalize", "scale", "jitter", "n_group", "topk_group", "correction_bias", "router_bias")
     if expected.n_group is not None:
         fields += ("group_score",)
     diff = [f"{f}={getattr(spec, f)!r} (needs {getattr(expected, f)!r})" for f in fields

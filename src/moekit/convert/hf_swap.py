@@ -216,6 +216,22 @@ class SwapHandle:
     def __len__(self) -> int:
         return len(self.swapped)
 
+    @property
+    def replaced_parameters(self) -> list[tuple[str, list[str]]]:
+        """HF parameters that the swapped model trains through *other* Parameter objects (``share=True``: views of the
+        same storage, e.g. ``gate_up_proj`` split into ``w1_EFD``/``w3_EFD``; ``share=False``: copies), as (HF
+        qualified name, moekit qualified names). An optimizer built before the swap must be rebuilt for these."""
+        out = []
+        for s in self.swapped:
+            mine = {id(p): n for n, p in s.adapter.moe.named_parameters()}
+            for n, p in s.original.named_parameters():
+                if id(p) in mine:
+                    continue
+                users = [f"{s.qualname}.moe.{m}" for m, q in s.adapter.moe.named_parameters()
+                         if self.share and q.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()]
+                out.append((f"{s.qualname}.{n}", users))
+        return out
+
     def _check(self, what: str) -> None:
         if not self.active:
             raise RuntimeError(f"{what}: this swap was already reverted")
@@ -405,11 +421,20 @@ def swap_hf_moe(model: nn.Module, *, share: bool = True) -> SwapHandle:
         adapter = HFBlockAdapter(layer, type(block).__name__, tap, flat_logits=arch.flat_logits,
                                  experts_view=experts_view)
         adapter.train(block.training)
+        initialised = bool(getattr(block, "_is_hf_initialized", False))
+        for m in adapter.modules():  # HF's init skips what was initialised (as it would skip the original block)
+            m._is_hf_initialized = initialised
         setattr(parent, name, adapter)
         swapped.append(_Swapped(parent, name, block, adapter, router, qualname, arch))
     handle = SwapHandle(model, swapped, share)
     model.__dict__["_moekit_swap"] = handle
     _integrate(handle, model, before)
+    if share and handle.replaced_parameters:
+        warnings.warn(
+            f"swap_hf_moe(share=True): {len(handle.replaced_parameters)} HF Parameter(s) (e.g. "
+            f"{handle.replaced_parameters[0][0]}) are now trained through new moekit Parameters viewing the same "
+            "storage; an optimizer built before the swap does not update them: build optimizers after the swap "
+            "(handle.replaced_parameters lists each HF name with its moekit replacements)", stacklevel=2)
     return handle
 
 
