@@ -113,11 +113,12 @@ def test_base_model_save_and_reload(tmp_path):
     torch.testing.assert_close(base(ids).last_hidden_state, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("share", [True, False])
 @torch.no_grad()
-def test_post_init_and_init_weights_reach_moekit_tensors():
+def test_post_init_and_init_weights_reach_moekit_tensors(share):
     model = _model("deepseek_v3")
     ids = _ids()
-    handle = swap_hf_moe(model)
+    handle = swap_hf_moe(model, share=share)
     want = model(ids).logits
     model.post_init()  # HF skips what was initialised: nothing changes, nothing raises
     assert torch.equal(model(ids).logits, want)
@@ -130,11 +131,30 @@ def test_post_init_and_init_weights_reach_moekit_tensors():
     layer.router.bias_E.fill_(0.3)
     model.init_weights()
     assert not torch.equal(layer.router.gate.weight, router_before)
-    assert not torch.equal(layer.experts.w1_EFD, w1_before)  # through the HF experts view (shared storage)
+    assert not torch.equal(layer.experts.w1_EFD, w1_before)  # through the HF experts view (gate_up_proj layout)
     assert torch.equal(layer.router.bias_E, torch.zeros_like(layer.router.bias_E))  # HF zeroes the correction bias
     std = model.config.initializer_range
     assert abs(layer.experts.w2_EDF.std().item() - std) < 0.3 * std
     assert torch.isfinite(model(ids).logits).all()
+
+
+@torch.no_grad()
+def test_meta_swap_to_empty_then_init_weights():
+    """transformers' meta-device recipe: build on meta, move with to_empty, init_weights (every tensor reached)."""
+    with torch.device("meta"):
+        model = _model("mixtral")
+    handle = swap_hf_moe(model)
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        m._is_hf_initialized = False
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+    model.init_weights()
+    bank = handle.layers[0].experts
+    for w in (bank.w1_EFD, bank.w3_EFD, bank.w2_EDF, handle.layers[0].router.gate.weight):
+        assert torch.isfinite(w).all()
+    assert torch.isfinite(model(_ids()).logits).all()
 
 
 def test_fp32_rules_tp_plans_and_set_experts_implementation():

@@ -18,10 +18,11 @@ def outcomes(path: str) -> dict[str, str]:
 def main(plain: str, swapped: str) -> int:
     a, b = outcomes(plain), outcomes(swapped)
     passed = [t for t, o in a.items() if o.startswith("PASSED")]
-    lost = [t for t in passed if not b.get(t, "missing").startswith("PASSED")]
+    skipped_here = [t for t in passed if t not in b]  # deselected in the swapped run (-k)
+    lost = [t for t in passed if t in b and not b[t].startswith("PASSED")]
     print(f"plain: {len(passed)} passed of {len(a)}; swapped: "
           f"{sum(o.startswith('PASSED') for o in b.values())} passed of {len(b)}; passing plain but not swapped: "
-          f"{len(lost)}")
+          f"{len(lost)} (not run swapped: {len(skipped_here)})")
     for t in lost:
         print(f"  {t}: {b.get(t, 'missing')}")
     return 1 if lost else 0
