@@ -60,7 +60,7 @@ def make_layer(case: dict) -> MoE:
         balance=case.get("balance", ()),
     )
     with torch.no_grad():
-        for b in (getattr(layer.experts, "b1_EF", None), getattr(layer.experts, "b2_ED", None)):
+        for b in (getattr(layer.experts, "b_in", None), getattr(layer.experts, "b2_ED", None)):
             if b is not None:
                 b.normal_()  # non-zero biases, so that their routing to local experts is exercised
         if case.get("skew"):  # every token's first choice is expert 0: ranks > 0 receive little or nothing
@@ -162,7 +162,7 @@ def worker_ep2(rank: int, world: int) -> None:
     x = torch.randn(2, 3, D)
     a, b = ep.forward_with_aux(x), twin.forward_with_aux(x)
     assert torch.equal(a.y, b.y) and torch.equal(a.aux_loss, b.aux_loss)
-    assert twin.experts.w1_EFD is not ep.experts.w1_EFD
+    assert twin.experts.w_in is not ep.experts.w_in
 
 
 def check_aux_free_bias(groups) -> None:

@@ -13,7 +13,7 @@ TOL64 = 1e-10
 
 def swiglu_expert(bank, e: int, x_D: torch.Tensor) -> torch.Tensor:
     """SwiGLU expert e of an ExpertBank, from its weights: W2 (silu(W1 x) * (W3 x))."""
-    return bank.w2_EDF[e] @ (F.silu(bank.w1_EFD[e] @ x_D) * (bank.w3_EFD[e] @ x_D))
+    return bank.w2_EDF[e] @ (F.silu(bank.gate_EFD[e] @ x_D) * (bank.up_EFD[e] @ x_D))
 
 
 def grads(layer, x: torch.Tensor, fn):

@@ -209,14 +209,14 @@ def test_share_reuses_storage(case):
         torch.testing.assert_close(layer(x), block(x), atol=1e-5, rtol=0)
     assert layer.router.gate.weight is block.gate.weight
     F_ = block.experts.down_proj.shape[-1]
-    assert layer.experts.w1_EFD.data_ptr() == block.experts.gate_up_proj.data_ptr()
-    assert layer.experts.w3_EFD.data_ptr() == block.experts.gate_up_proj[:, F_:].data_ptr()
+    assert layer.experts.w13_E2FD is block.experts.gate_up_proj  # the same Parameter, HF's gate_up layout
+    assert layer.experts.up_EFD.data_ptr() == block.experts.gate_up_proj[:, F_:].data_ptr()
     with torch.no_grad():
-        layer.experts.w3_EFD.mul_(2.0)
+        layer.experts.up_EFD.mul_(2.0)
         torch.testing.assert_close(layer(x), block(x), atol=1e-5, rtol=0)
     # gradients flow to the moekit parameters
     layer(x).sum().backward()
-    assert layer.experts.w1_EFD.grad is not None and layer.experts.w1_EFD.grad.abs().sum() > 0
+    assert layer.experts.w13_E2FD.grad is not None and layer.experts.w13_E2FD.grad.abs().sum() > 0
 
 
 @torch.no_grad()

@@ -19,14 +19,14 @@ def test_one_expert_top1_equals_dense_ffn(experts, normalize):
     layer = MoE(8, 1, router=TopK(k=1, normalize=normalize), experts=experts).double()
     dense = DenseFFN(8, 16, experts).double()
     with torch.no_grad():
-        dense.w1_FD.copy_(layer.experts.w1_EFD[0])
+        dense.w1_FD.copy_(layer.experts.gate_EFD[0])
         dense.w2_DF.copy_(layer.experts.w2_EDF[0])
         if dense.w3_FD is not None:
-            dense.w3_FD.copy_(layer.experts.w3_EFD[0])
+            dense.w3_FD.copy_(layer.experts.up_EFD[0])
         if dense.b1_F is not None:
-            layer.experts.b1_EF.normal_()
+            layer.experts.b_in.normal_()
             layer.experts.b2_ED.normal_()
-            dense.b1_F.copy_(layer.experts.b1_EF[0])
+            dense.b1_F.copy_(layer.experts.gate_bias_EF[0])
             dense.b2_D.copy_(layer.experts.b2_ED[0])
     x1 = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_(True)

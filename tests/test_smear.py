@@ -42,10 +42,13 @@ def _ref_logits(layer, x_b):
 
 
 def _ref_expert(layer, theta, x_ld):
-    w1, w3, w2, b1, b3, b2 = theta
-    h = F.silu(x_ld @ w1.T + (0 if b1 is None else b1))
-    if w3 is not None:
-        h = h * (x_ld @ w3.T + (0 if b3 is None else b3))
+    w_in, w2, b_in, b2 = theta  # w_in: the fused gate/up weight (2F, D) of GLU experts, else (F, D)
+    h = x_ld @ w_in.T + (0 if b_in is None else b_in)
+    if layer.experts.spec.glu:
+        g, u = h.split(layer.experts.hidden_dim, dim=-1)
+        h = F.silu(g) * u
+    else:
+        h = F.silu(h)
     return h @ w2.T + (0 if b2 is None else b2)
 
 

@@ -116,7 +116,7 @@ def test_copy_mode_and_output_router_logits():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.aux_loss, ref.aux_loss, atol=1e-6, rtol=0)
     mlp = model.model.layers[0].mlp
-    assert mlp.moe.experts.w1_EFD.data_ptr() != handle.swapped[0].original.experts.gate_up_proj.data_ptr()
+    assert mlp.moe.experts.w13_E2FD.data_ptr() != handle.swapped[0].original.experts.gate_up_proj.data_ptr()
     handle.revert()
     assert torch.equal(model(ids, output_router_logits=True).aux_loss, ref.aux_loss)
 
@@ -145,8 +145,7 @@ def test_training_through_the_swap_matches_hf_and_survives_revert():
     Fh = hf.model.layers[0].mlp.experts.down_proj.shape[-1]
     g_hf = hf.model.layers[0].mlp.experts.gate_up_proj.grad
     bank = sw.model.layers[0].mlp.moe.experts
-    torch.testing.assert_close(bank.w1_EFD.grad, g_hf[:, :Fh], atol=1e-6, rtol=0)
-    torch.testing.assert_close(bank.w3_EFD.grad, g_hf[:, Fh:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(bank.w13_E2FD.grad, g_hf, atol=1e-6, rtol=0)
     g_router = hf.model.layers[0].mlp.gate.weight.grad
     torch.testing.assert_close(sw.model.layers[0].mlp.moe.router.gate.weight.grad, g_router, atol=1e-6, rtol=0)
     opt = torch.optim.SGD(sw.parameters(), lr=0.1)
@@ -154,7 +153,7 @@ def test_training_through_the_swap_matches_hf_and_survives_revert():
     before = hf.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
     revert_hf_moe(sw)
     after = sw.model.layers[0].mlp.experts.gate_up_proj
-    torch.testing.assert_close(after[:, :Fh], before[:, :Fh] - 0.1 * bank.w1_EFD.grad, atol=1e-7, rtol=0)
+    torch.testing.assert_close(after[:, :Fh], before[:, :Fh] - 0.1 * bank.w13_E2FD.grad[:, :Fh], atol=1e-7, rtol=0)
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 from moekit.convert import HFBlockAdapter, revert_hf_moe, swap_hf_moe, to_hf  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*experts_implementation.*")
-pytestmark = pytest.mark.filterwarnings("ignore:swap_hf_moe\\(share=True\\).*optimizer:UserWarning")
 
 COMMON = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=64, initializer_range=0.1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -127,11 +126,11 @@ def test_post_init_and_init_weights_reach_moekit_tensors(share):
         m._is_hf_initialized = False
     layer = handle.layers[0]
     router_before = layer.router.gate.weight.clone()
-    w1_before = layer.experts.w1_EFD.clone()
+    w13_before = layer.experts.w13_E2FD.clone()
     layer.router.bias_E.fill_(0.3)
     model.init_weights()
     assert not torch.equal(layer.router.gate.weight, router_before)
-    assert not torch.equal(layer.experts.w1_EFD, w1_before)  # through the HF experts view (gate_up_proj layout)
+    assert not torch.equal(layer.experts.w13_E2FD, w13_before)  # through the HF experts view (gate_up_proj layout)
     assert torch.equal(layer.router.bias_E, torch.zeros_like(layer.router.bias_E))  # HF zeroes the correction bias
     std = model.config.initializer_range
     assert abs(layer.experts.w2_EDF.std().item() - std) < 0.3 * std
@@ -152,7 +151,7 @@ def test_meta_swap_to_empty_then_init_weights():
             t.fill_(float("nan"))
     model.init_weights()
     bank = handle.layers[0].experts
-    for w in (bank.w1_EFD, bank.w3_EFD, bank.w2_EDF, handle.layers[0].router.gate.weight):
+    for w in (bank.w13_E2FD, bank.w2_EDF, handle.layers[0].router.gate.weight):
         assert torch.isfinite(w).all()
     assert torch.isfinite(model(_ids()).logits).all()
 
@@ -182,18 +181,35 @@ def test_swap_declines_a_tensor_parallel_model():
         swap_hf_moe(model)
 
 
-def test_optimizer_before_swap_and_replaced_parameters():
-    model = _model("mixtral").train()
-    with pytest.warns(UserWarning, match="build optimizers after the swap"):
-        handle = swap_hf_moe(model)
-    replaced = dict(handle.replaced_parameters)
-    assert set(replaced) == {f"model.layers.{i}.mlp.experts.gate_up_proj" for i in range(2)}
-    assert replaced["model.layers.0.mlp.experts.gate_up_proj"] == [
-        "model.layers.0.mlp.moe.experts.w1_EFD", "model.layers.0.mlp.moe.experts.w3_EFD"]
-    # what an optimizer built before the swap still trains: the router, down_proj (the same Parameter objects)
-    layer = handle.layers[0]
+def test_optimizer_built_before_the_swap_keeps_training_the_experts():
+    """share=True: every moekit Parameter of a swapped block *is* the HF Parameter (fused gate/up bank = gate_up_proj),
+    so an optimizer built before the swap trains the swapped model, step for step like the unswapped model."""
+    hf = _model("qwen2_moe").train()
+    sw = copy.deepcopy(hf)
+    opt_hf = torch.optim.SGD(hf.parameters(), lr=0.1)
+    opt_sw = torch.optim.SGD(sw.parameters(), lr=0.1)  # built before the swap
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: no Parameter is replaced
+        handle = swap_hf_moe(sw)
+    assert handle.replaced_parameters == []
     orig = handle.swapped[0].original
-    assert layer.router.gate.weight is orig.gate.weight and layer.experts.w2_EDF is orig.experts.down_proj
+    assert handle.layers[0].experts.w13_E2FD is orig.experts.gate_up_proj
+    ids = _ids()
+    for _ in range(2):
+        for model, opt in ((hf, opt_hf), (sw, opt_sw)):
+            opt.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+    a = hf.model.layers[0].mlp.experts.gate_up_proj
+    torch.testing.assert_close(handle.layers[0].experts.w13_E2FD, a, atol=1e-6, rtol=0)
+    assert not torch.equal(a, _model("qwen2_moe").model.layers[0].mlp.experts.gate_up_proj)  # it did train
+
+
+def test_share_false_reports_the_copied_parameters():
+    model = _model("mixtral")
+    handle = swap_hf_moe(model, share=False)
+    names = [n for n, _ in handle.replaced_parameters]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and "model.layers.0.mlp.gate.weight" in names
 
 
 @torch.no_grad()

@@ -75,7 +75,7 @@ def test_gradients_match_dense_float64(arch, name):
     handle = upcycle_(model, cfg)
     (_logits(model, inputs) * c).sum().backward()
     bank = handle.moe_layers()[site.name].experts
-    g1_EFD = bank.w1_EFD.grad
+    g1_EFD = bank.w_in.grad[:, : bank.hidden_dim]  # the gate rows (GLU) or the whole input weight
     if name.startswith("copy"):  # copies weighted by renormalised gates: expert gradients add up to the dense one
         torch.testing.assert_close(g1_EFD.sum(0), dense_g1, rtol=0, atol=1e-10)
     else:  # slices: each expert's gradient is its slice of the dense gradient
@@ -93,8 +93,8 @@ def test_split_slices_are_the_dense_neurons():
     bank = handle.moe_layers()[site.name].experts
     F_ = dense.hidden_dim // E
     for e in range(E):
-        assert torch.equal(bank.w1_EFD[e], dense.w1_FD[e * F_ : (e + 1) * F_])
-        assert torch.equal(bank.w3_EFD[e], dense.w3_FD[e * F_ : (e + 1) * F_])
+        assert torch.equal(bank.gate_EFD[e], dense.w1_FD[e * F_ : (e + 1) * F_])
+        assert torch.equal(bank.up_EFD[e], dense.w3_FD[e * F_ : (e + 1) * F_])
         assert torch.equal(bank.w2_EDF[e], dense.w2_DF[:, e * F_ : (e + 1) * F_])
 
 
@@ -159,10 +159,10 @@ def test_copy_noise_makes_experts_differ_by_the_requested_scale():
     w1 = site.weights().w1_FD.clone()
     handle = upcycle_(model, UpcycleConfig(num_experts=E, noise=0.1, layers=[0], seed=5))
     bank = handle.moe_layers()[site.name].experts
-    delta = bank.w1_EFD.detach() - w1
+    delta = bank.gate_EFD.detach() - w1
     ratio = float(delta.std() / w1.std())
     assert 0.08 < ratio < 0.12
-    assert not torch.equal(bank.w1_EFD[0], bank.w1_EFD[1])
+    assert not torch.equal(bank.gate_EFD[0], bank.gate_EFD[1])
 
 
 def test_random_init_and_seed_reproducibility():

@@ -66,7 +66,9 @@ def per_expert_loop(layer: MoE, x_TD: Tensor) -> Tensor:
     w_TK = a.weight_N.view(K, -1).t()
     out = torch.zeros_like(x_TD)
     bank = layer.experts
-    for e, (w1, w3, w2) in enumerate(zip(bank.w1_EFD.unbind(0), bank.w3_EFD.unbind(0), bank.w2_EDF.unbind(0))):
+    Fh = bank.hidden_dim
+    for e, (w13, w2) in enumerate(zip(bank.w13_E2FD.unbind(0), bank.w2_EDF.unbind(0))):
+        w1, w3 = w13[:Fh], w13[Fh:]
         tok, slot = torch.where(idx_TK == e)
         if tok.numel() == 0:
             continue

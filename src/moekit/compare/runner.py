@@ -96,7 +96,7 @@ def _bank_flops_E(experts: nn.Module) -> Tensor:
     D, E = experts.dim, experts.num_experts
     if hasattr(experts, "w_down_ERD"):  # Autonomy-of-Experts: x W_down is the router; a_e W_up, x W3, h W2
         return torch.full((E,), 2.0 * (experts.rank * experts.hidden_dim + 2 * D * experts.hidden_dim), dtype=torch.float64)
-    glu = getattr(experts, "w3_EFD", None) is not None or getattr(experts, "w3_SD", None) is not None
+    glu = getattr(experts, "w13_E2FD", None) is not None or getattr(experts, "w3_SD", None) is not None
     hidden = getattr(experts, "hidden_dims", None)  # heterogeneous banks (HMoE)
     if hidden is None:
         hidden = [experts.hidden_dim] * E

@@ -22,13 +22,12 @@ The router's precision policy is copied too (``TopK.logits_dtype`` / ``score_dty
 take the softmax of input-dtype logits in float32, DeepSeek-V3 and SwitchTransformers compute the router in float32.
 
 Weights: by default (``share=False``) they are *copied* into moekit's layout: HF's stacked ``gate_up_proj`` (E, 2F, D)
-is split into ``w1_EFD`` (the first F rows, the gate) and ``w3_EFD`` (the last F rows, up), ``down_proj`` (E, D, F)
+is the bank's fused ``w13_E2FD`` (the first F rows the gate, the last F rows up), ``down_proj`` (E, D, F)
 becomes ``w2_EDF``; the router's ``weight`` (E, D) is the router's ``gate.weight``; a shared ``gate_proj`` /
 ``up_proj`` / ``down_proj`` MLP becomes ``w1_FD`` / ``w3_FD`` / ``w2_DF``. With ``share=True`` no memory is copied:
-the router and shared-expert parameters *are* the HF ``Parameter`` objects and the expert banks are new
-``Parameter`` s viewing the HF storage (``gate_up_proj[:, :F]`` ...), so an in-place update through either side is
-seen by both (gradients land on the moekit parameters). SwitchTransformers keeps one ``nn.Linear`` per expert, which a
-stacked bank cannot view: it is always copied.
+the router, shared-expert and expert-bank parameters *are* the HF ``Parameter`` objects (``w13_E2FD`` is
+``gate_up_proj``, ``w2_EDF`` is ``down_proj``), so an in-place update through either side is seen by both.
+SwitchTransformers keeps one ``nn.Linear`` per expert, which a stacked bank cannot view: it is always copied.
 
 Differences that remain (training mode only): Mixtral's ``router_jitter_noise`` multiplies the hidden states seen by
 the experts as well as by the router in HF; moekit's ``TopK(jitter=...)`` jitters the router input only.
@@ -95,11 +94,6 @@ def _put(dst: Tensor, src: Tensor, what: str) -> None:
         dst.copy_(src)
 
 
-def _view_param(t: Tensor) -> nn.Parameter:
-    """A new Parameter over ``t``'s storage (no copy)."""
-    return nn.Parameter(t.detach(), requires_grad=True)
-
-
 def _empty_layer(dim: int, num_experts: int, ref: Tensor, **kw: Any) -> MoE:
     """A layer with uninitialised storage of ``ref``'s dtype and device (every tensor is then written)."""
     with torch.device("meta"):
@@ -142,23 +136,18 @@ def _check_dispatch(layer: MoE, expected: Any, block_name: str) -> None:
 
 def _read_bank(layer: MoE, experts: nn.Module, share: bool) -> None:
     gate_up, down = experts.gate_up_proj, experts.down_proj
-    Fh = down.shape[-1]
     bank = layer.experts
-    if share:
-        bank.w1_EFD = _view_param(gate_up[:, :Fh])
-        bank.w3_EFD = _view_param(gate_up[:, Fh:])
-        bank.w2_EDF = down  # HF's (E, D, F) layout is moekit's: the very same Parameter (optimizers keep it)
+    if share:  # the same Parameter objects: HF's gate_up_proj layout is the bank's w13_E2FD
+        bank.w13_E2FD = gate_up
+        bank.w2_EDF = down
     else:
         with torch.no_grad():
-            bank.w1_EFD.copy_(gate_up[:, :Fh])
-            bank.w3_EFD.copy_(gate_up[:, Fh:])
+            bank.w13_E2FD.copy_(gate_up)
             bank.w2_EDF.copy_(down)
 
 
 def _write_bank(layer: MoE, experts: nn.Module) -> None:
-    Fh = experts.down_proj.shape[-1]
-    _put(experts.gate_up_proj[:, :Fh], layer.experts.w1_EFD, "experts gate (w1_EFD)")
-    _put(experts.gate_up_proj[:, Fh:], layer.experts.w3_EFD, "experts up (w3_EFD)")
+    _put(experts.gate_up_proj, layer.experts.w13_E2FD, "experts gate_up (w13_E2FD)")
     _put(experts.down_proj, layer.experts.w2_EDF, "experts down (w2_EDF)")
 
 

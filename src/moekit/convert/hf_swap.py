@@ -58,8 +58,7 @@ def _view_getattr(self: nn.Module, name: str) -> Any:
     refs = self.__dict__.get("_moekit_refs")
     if refs is not None and name in refs:
         owner, path = refs[name]
-        value = _resolve(owner, path) if path else owner
-        return value.get() if isinstance(value, _FusedGateUp) else value
+        return _resolve(owner, path)
     return nn.Module.__getattr__(self, name)
 
 
@@ -103,48 +102,14 @@ def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
         getattr(dst, attr).update({k: v for k, v in getattr(src, attr).items() if k not in getattr(dst, attr)})
 
 
-def _experts_refs(layer: MoE, original: nn.Module, share: bool) -> dict[str, tuple[Any, str]] | None:
+def _experts_refs(layer: MoE, original: nn.Module) -> dict[str, tuple[Any, str]] | None:
     """HF expert attribute -> moekit tensor of the same layout (what HF's ``_init_weights`` writes in place)."""
     bank, hf = layer.experts, getattr(original, "experts", None)
     if hf is None or not hasattr(hf, "gate_up_proj") or not hasattr(hf, "down_proj"):
         return None
-    if getattr(bank, "w13_E2FD", None) is not None:  # a fused bank: HF's layout exactly
-        return {"gate_up_proj": (bank, "w13_E2FD"), "down_proj": (bank, "w2_EDF")}
-    if getattr(bank, "w3_EFD", None) is None:
+    if getattr(bank, "w13_E2FD", None) is None:  # only a fused GLU bank has HF's gate_up_proj layout
         return None
-    return {"gate_up_proj": (_FusedGateUp(bank, hf if share else None), ""), "down_proj": (bank, "w2_EDF")}
-
-
-class _FusedGateUp:
-    """Resolves to one (E, 2F, D) tensor that the split bank's ``w1_EFD`` / ``w3_EFD`` view (gate rows, then up rows).
-
-    ``share=True``: HF's own ``gate_up_proj`` Parameter; otherwise a tensor kept on the bank. If the views were broken
-    (a dtype/device move, ``to_empty``), the current w1/w3 values are fused again and the two Parameters (same objects)
-    re-pointed at it, so an in-place init through the HF view always reaches the bank.
-    """
-
-    def __init__(self, bank: nn.Module, hf_experts: nn.Module | None) -> None:
-        self.bank, self.hf = bank, hf_experts
-
-    def get(self) -> Tensor:
-        bank, Fh = self.bank, self.bank.hidden_dim
-        gu = self.hf.gate_up_proj if self.hf is not None else bank.__dict__.get("_moekit_gate_up")
-        if gu is not None and _same_storage(bank.w1_EFD, gu[:, :Fh]) and _same_storage(bank.w3_EFD, gu[:, Fh:]):
-            return gu
-        with torch.no_grad():
-            fused = torch.cat([bank.w1_EFD.detach(), bank.w3_EFD.detach()], dim=1)
-        if self.hf is not None:
-            old = self.hf.gate_up_proj
-            if old.device == fused.device and old.dtype == fused.dtype:
-                old.data = fused  # same Parameter object
-            else:  # the original block stayed behind (e.g. on meta): it gets a new Parameter
-                self.hf.gate_up_proj = nn.Parameter(fused, requires_grad=old.requires_grad)
-            gu = self.hf.gate_up_proj
-        else:
-            gu = bank.__dict__["_moekit_gate_up"] = fused
-        bank.w1_EFD.data = gu.data[:, :Fh]
-        bank.w3_EFD.data = gu.data[:, Fh:]
-        return gu
+    return {"gate_up_proj": (bank, "w13_E2FD"), "down_proj": (bank, "w2_EDF")}
 
 
 # ------------------------------------------------------------------------------------------------ the adapter
@@ -433,7 +398,7 @@ def swap_hf_moe(model: nn.Module, *, share: bool = True) -> SwapHandle:
         router = getattr(block, arch.router_attr)
         index = next((i for cls, i in recorders if isinstance(router, cls)), None)
         tap = _hf_view(router, {hf: (layer, path) for hf, path in arch.router_fields}, index)
-        refs = _experts_refs(layer, block, share)
+        refs = _experts_refs(layer, block)
         experts_view = _hf_view(block.experts, refs) if refs is not None else None
         adapter = HFBlockAdapter(layer, type(block).__name__, tap, flat_logits=arch.flat_logits,
                                  experts_view=experts_view)

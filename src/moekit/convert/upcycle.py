@@ -336,10 +336,12 @@ def _build_moe(dw: DenseWeights, cfg: UpcycleConfig, gen: torch.Generator, site:
 
 
 def _dense_tensors(dw: DenseWeights) -> dict[str, Tensor | None]:
-    """Dense weights keyed by the expert bank's parameter names (bank layout without the E axis), float32."""
+    """Dense weights keyed by the expert bank's tensors (bank layout without the E axis), float32. The input
+    projections are named by the bank's views (``gate_EFD`` / ``up_EFD`` of the fused ``w13_E2FD``), written in
+    place."""
     f = lambda t: None if t is None else t.detach().to("cpu", torch.float32)
-    return {"w1_EFD": f(dw.w1_FD), "w3_EFD": f(dw.w3_FD), "w2_EDF": f(dw.w2_DF),
-            "b1_EF": f(dw.b1_F), "b3_EF": f(dw.b3_F), "b2_ED": f(dw.b2_D)}
+    return {"gate_EFD": f(dw.w1_FD), "up_EFD": f(dw.w3_FD), "w2_EDF": f(dw.w2_DF),
+            "gate_bias_EF": f(dw.b1_F), "up_bias_EF": f(dw.b3_F), "b2_ED": f(dw.b2_D)}
 
 
 @torch.no_grad()
@@ -379,7 +381,7 @@ def _init_random(bank: nn.Module, dw: DenseWeights, cfg: UpcycleConfig, gen: tor
         p = getattr(bank, name)
         if p is None:
             continue
-        if name.startswith("b") or dense is None:
+        if "bias" in name or name.startswith("b") or dense is None:
             p.zero_()
         else:
             p.copy_(torch.randn(p.shape, generator=gen) * float(dense.std()))

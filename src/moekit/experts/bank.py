@@ -1,4 +1,4 @@
-"""Experts as stacked weight banks: ``w1_EFD`` (gate / input), ``w3_EFD`` (GLU up), ``w2_EDF`` (down).
+"""Experts as stacked weight banks: ``w13_E2FD`` (GLU gate and up, fused; ``w1_EFD`` without GLU), ``w2_EDF`` (down).
 
 One grouped computation runs every expert on its contiguous slice of the dispatched tokens. Fine-grained experts
 (DeepSeekMoE) are a configuration: many experts with a small ``hidden_dim``.
@@ -24,7 +24,7 @@ class FFN(Spec):
     Args:
         hidden_dim: hidden units per expert (default 4 * dim).
         activation: a name from ``moekit.experts.ACTIVATIONS`` (silu, gelu, gelu_tanh, relu).
-        glu: gated linear unit (SwiGLU / GeGLU) with a third weight ``w3``.
+        glu: gated linear unit (SwiGLU / GeGLU) whose gate and up projections are fused in ``w13_E2FD``.
         bias: biases on every projection.
         impl: ``"auto"`` (grouped_mm where the dtype allows, else a split loop), ``"grouped_mm"`` or ``"loop"``.
     """
@@ -74,7 +74,20 @@ def _init_bank(w: Tensor, fan_in: int) -> None:
 
 
 class ExpertBank(nn.Module):
-    """``forward(x_ND, counts_E) -> y_ND`` with rows grouped by expert in order 0..E-1."""
+    """``forward(x_ND, counts_E) -> y_ND`` with rows grouped by expert in order 0..E-1.
+
+    Parameters (E experts, D dim, F hidden):
+
+    - GLU experts: ``w13_E2FD`` (E, 2F, D), rows ``[:F]`` the gate (``act`` input) and rows ``[F:]`` the up
+      projection, the layout Hugging Face stores as ``gate_up_proj`` (so a swap can share that Parameter); one
+      grouped matmul computes gate and up. Biases: ``b13_E2F`` (E, 2F), same split.
+    - non-GLU (MLP) experts: ``w1_EFD`` (E, F, D), bias ``b1_EF``.
+    - both: ``w2_EDF`` (E, D, F), bias ``b2_ED``.
+
+    ``gate_EFD`` / ``up_EFD`` / ``gate_bias_EF`` / ``up_bias_EF`` are views of the input projections for readers
+    that want them apart (``up_*`` is None without GLU). State dicts of the older two-weight layout
+    (``w1_EFD`` + ``w3_EFD``, ``b1_EF`` + ``b3_EF``) are converted on load.
+    """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, spec: FFN) -> None:
         super().__init__()
@@ -82,23 +95,69 @@ class ExpertBank(nn.Module):
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.act = ACTIVATIONS.get(spec.activation)
         E, D, Fh = num_experts, dim, hidden_dim
-        self.w1_EFD = nn.Parameter(torch.empty(E, Fh, D))
-        self.w3_EFD = nn.Parameter(torch.empty(E, Fh, D)) if spec.glu else None
+        if spec.glu:
+            self.w13_E2FD = nn.Parameter(torch.empty(E, 2 * Fh, D))
+            self.b13_E2F = nn.Parameter(torch.zeros(E, 2 * Fh)) if spec.bias else None
+        else:
+            self.w1_EFD = nn.Parameter(torch.empty(E, Fh, D))
+            self.b1_EF = nn.Parameter(torch.zeros(E, Fh)) if spec.bias else None
         self.w2_EDF = nn.Parameter(torch.empty(E, D, Fh))
-        self.b1_EF = nn.Parameter(torch.zeros(E, Fh)) if spec.bias else None
-        self.b3_EF = nn.Parameter(torch.zeros(E, Fh)) if spec.bias and spec.glu else None
         self.b2_ED = nn.Parameter(torch.zeros(E, D)) if spec.bias else None
         self.reset_parameters()
 
+    # ------------------------------------------------------------------------------------------- layout
+    @property
+    def w_in(self) -> Tensor:
+        """The input projection parameter: ``w13_E2FD`` (GLU) or ``w1_EFD``."""
+        return self.w13_E2FD if self.spec.glu else self.w1_EFD
+
+    @property
+    def b_in(self) -> Tensor | None:
+        """The input projection bias: ``b13_E2F`` (GLU) or ``b1_EF`` (None without biases)."""
+        return self.b13_E2F if self.spec.glu else self.b1_EF
+
+    @property
+    def gate_EFD(self) -> Tensor:
+        """(E, F, D) view: the activation's input projection (the GLU gate, or the MLP's only input weight)."""
+        return self.w13_E2FD[:, : self.hidden_dim] if self.spec.glu else self.w1_EFD
+
+    @property
+    def up_EFD(self) -> Tensor | None:
+        """(E, F, D) view of the GLU up projection; None without GLU."""
+        return self.w13_E2FD[:, self.hidden_dim :] if self.spec.glu else None
+
+    @property
+    def gate_bias_EF(self) -> Tensor | None:
+        b = self.b_in
+        return None if b is None else b[:, : self.hidden_dim]
+
+    @property
+    def up_bias_EF(self) -> Tensor | None:
+        b = self.b13_E2F if self.spec.glu else None
+        return None if b is None else b[:, self.hidden_dim :]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # The two-weight GLU layout (moekit <= 0.x: w1_EFD gate, w3_EFD up) loads into the fused w13_E2FD.
+        if self.spec.glu:
+            for old1, old3, new in (("w1_EFD", "w3_EFD", "w13_E2FD"), ("b1_EF", "b3_EF", "b13_E2F")):
+                k1, k3 = prefix + old1, prefix + old3
+                if k1 in state_dict and k3 in state_dict and prefix + new not in state_dict:
+                    state_dict[prefix + new] = torch.cat([state_dict.pop(k1), state_dict.pop(k3)], dim=1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def reset_parameters(self) -> None:
-        _init_bank(self.w1_EFD, self.dim)
-        if self.w3_EFD is not None:
-            _init_bank(self.w3_EFD, self.dim)
+        # Gate and up are drawn one after the other, as two (E, F, D) weights were.
+        _init_bank(self.gate_EFD, self.dim)
+        if self.up_EFD is not None:
+            _init_bank(self.up_EFD, self.dim)
         _init_bank(self.w2_EDF, self.hidden_dim)
-        for b in (self.b1_EF, self.b3_EF, self.b2_ED):
+        for b in (self.b_in, self.b2_ED):
             if b is not None:
                 nn.init.zeros_(b)
 
+    # ------------------------------------------------------------------------------------------- compute
     def forward(self, x_ND: Tensor, counts_E: Tensor, expert_N: Tensor | None = None) -> Tensor:
         impl = self.spec.impl
         if impl == "auto":  # decide once per call: every projection then takes the same path
@@ -106,24 +165,31 @@ class ExpertBank(nn.Module):
             impl = "grouped_mm" if dims_ok and x_ND.shape[0] > 0 else "loop"
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
         counts_list = counts_E.tolist() if impl == "loop" else None
-        if self.b1_EF is not None and expert_N is None:
+        b_in = self.b_in
+        if b_in is not None and expert_N is None:
             expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device), counts_E)
 
         def proj(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
             y = grouped_linear(x, w, counts_E, offsets_E, counts_list, impl)
             return y if b is None else y + b[expert_N]
 
-        h_NF = self.act(proj(x_ND, self.w1_EFD, self.b1_EF))
-        if self.w3_EFD is not None:
-            h_NF = h_NF * proj(x_ND, self.w3_EFD, self.b3_EF)
+        h = proj(x_ND, self.w_in, b_in)
+        if self.spec.glu:
+            g_NF, u_NF = h.split(self.hidden_dim, dim=-1)
+            h_NF = self.act(g_NF) * u_NF
+        else:
+            h_NF = self.act(h)
         return proj(h_NF, self.w2_EDF, self.b2_ED)
 
     def expert_forward(self, e: int, x_TD: Tensor) -> Tensor:
         """Run expert ``e`` alone on ``x_TD`` (reference and inspection; not the fast path)."""
-        h = x_TD @ self.w1_EFD[e].T + (0 if self.b1_EF is None else self.b1_EF[e])
-        h = self.act(h)
-        if self.w3_EFD is not None:
-            h = h * (x_TD @ self.w3_EFD[e].T + (0 if self.b3_EF is None else self.b3_EF[e]))
+        b_in = self.b_in
+        h = x_TD @ self.w_in[e].T + (0 if b_in is None else b_in[e])
+        if self.spec.glu:
+            g, u = h.split(self.hidden_dim, dim=-1)
+            h = self.act(g) * u
+        else:
+            h = self.act(h)
         return h @ self.w2_EDF[e].T + (0 if self.b2_ED is None else self.b2_ED[e])
 
     def extra_repr(self) -> str:
@@ -132,7 +198,11 @@ class ExpertBank(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    """One dense FFN with the same parametrisation as one expert (shared experts, the benchmark floor)."""
+    """One dense FFN with the same parametrisation as one expert (shared experts, the benchmark floor).
+
+    Gate and up stay two weights (``w1_FD``, ``w3_FD``) here: Hugging Face keeps a shared expert as separate
+    ``gate_proj`` / ``up_proj`` Linears, which a swap with ``share=True`` uses without a copy.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, spec: FFN) -> None:
         super().__init__()

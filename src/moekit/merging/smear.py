@@ -6,7 +6,7 @@ For each example b the router gives ``p_b = softmax(logits_b)`` over E experts; 
     W1_b = sum_e p_be W1_e,  b1_b = sum_e p_be b1_e,  W2_b = sum_e p_be W2_e, ...      y_b = A(x_b; W_b)
 
 It costs about one expert plus the merge, is fully differentiable and needs no auxiliary loss. The experts are an
-ordinary :class:`moekit.experts.ExpertBank` (``w1_EFD``, ``w3_EFD``, ``w2_EDF`` and biases). The baselines of the
+ordinary :class:`moekit.experts.ExpertBank` (``w13_E2FD`` or ``w1_EFD``, ``w2_EDF`` and biases). The baselines of the
 paper are options of the same module (``routing=``):
 
 - ``"tag"``: the expert is the example's task/domain id (metadata routing); ``task`` is required.
@@ -137,7 +137,7 @@ class SMEAR(nn.Module):
 
     def _bank(self) -> list[Tensor | None]:
         b = self.experts
-        return [b.w1_EFD, b.w3_EFD, b.w2_EDF, b.b1_EF, b.b3_EF, b.b2_ED]
+        return [b.w_in, b.w2_EDF, b.b_in, b.b2_ED]  # w_in: fused gate/up w13_E2FD (GLU) or w1_EFD
 
     def merged_weights(self, p_BE: Tensor) -> list[Tensor | None]:
         """Per-example parameters ``sum_e p_be theta_e`` for every tensor of the bank."""
@@ -149,14 +149,15 @@ class SMEAR(nn.Module):
 
     def apply_weights(self, x_BLD: Tensor, weights: list[Tensor | None]) -> Tensor:
         """Run one expert per example with per-example weights (B, ...) on all of that example's positions."""
-        w1, w3, w2, b1, b3, b2 = weights
-        h_BLF = torch.einsum("bld,bfd->blf", x_BLD, w1)
-        if b1 is not None:
-            h_BLF = h_BLF + b1.unsqueeze(1)
-        h_BLF = self.experts.act(h_BLF)
-        if w3 is not None:
-            g_BLF = torch.einsum("bld,bfd->blf", x_BLD, w3)
-            h_BLF = h_BLF * (g_BLF if b3 is None else g_BLF + b3.unsqueeze(1))
+        w_in, w2, b_in, b2 = weights
+        h_BLF = torch.einsum("bld,bfd->blf", x_BLD, w_in)  # (B, L, 2F) for GLU experts: gate then up
+        if b_in is not None:
+            h_BLF = h_BLF + b_in.unsqueeze(1)
+        if self.experts.spec.glu:
+            g_BLF, u_BLF = h_BLF.split(self.experts.hidden_dim, dim=-1)
+            h_BLF = self.experts.act(g_BLF) * u_BLF
+        else:
+            h_BLF = self.experts.act(h_BLF)
         y_BLD = torch.einsum("blf,bdf->bld", h_BLF, w2)
         return y_BLD if b2 is None else y_BLD + b2.unsqueeze(1)
 
@@ -262,7 +263,7 @@ class SMEAR(nn.Module):
     # ----------------------------------------------------------------------------------------------- accounting
     def expert_flops_per_token(self) -> int:
         """Multiply-adds x 2 of one expert on one position (matmuls only)."""
-        mats = 3 if self.experts.w3_EFD is not None else 2
+        mats = 3 if self.experts.spec.glu else 2
         return 2 * mats * self.dim * self.experts.hidden_dim
 
     def merge_flops_per_example(self) -> int:

@@ -23,7 +23,7 @@ from ..routers.task import MultiGateRouter, PathwayGate, TaskEmbedRouter, TaskEx
 from .evaluate import expert_usage, predict
 from .vit import MultiTaskViT
 
-_BANK_PARAMS = ("w1_EFD", "w3_EFD", "w2_EDF", "b1_EF", "b3_EF", "b2_ED")
+_BANK_PARAMS = ("w13_E2FD", "w1_EFD", "w2_EDF", "b13_E2F", "b1_EF", "b2_ED")  # GLU banks fuse gate/up in w13
 
 
 def _keep_by_usage(usage_E: Tensor, k: int, coverage: float, max_experts: int | None) -> list[int]:

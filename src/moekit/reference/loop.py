@@ -53,14 +53,14 @@ def _route_token(layer, x_D: Tensor) -> tuple[list[int], list[Tensor]]:
 
 def _expert(layer, e: int, x_D: Tensor) -> Tensor:
     bank = layer.experts
-    h = bank.w1_EFD[e] @ x_D
-    if bank.b1_EF is not None:
-        h = h + bank.b1_EF[e]
+    h = bank.gate_EFD[e] @ x_D
+    if bank.gate_bias_EF is not None:
+        h = h + bank.gate_bias_EF[e]
     h = bank.act(h)
-    if bank.w3_EFD is not None:
-        u = bank.w3_EFD[e] @ x_D
-        if bank.b3_EF is not None:
-            u = u + bank.b3_EF[e]
+    if bank.up_EFD is not None:
+        u = bank.up_EFD[e] @ x_D
+        if bank.up_bias_EF is not None:
+            u = u + bank.up_bias_EF[e]
         h = h * u
     y = bank.w2_EDF[e] @ h
     if bank.b2_ED is not None:
