@@ -8,11 +8,12 @@ The semantics of each architecture were read from the transformers 5.23 source:
 block class                   moekit layer
 ============================  =================================================================================
 MixtralSparseMoeBlock         TopK(k, softmax, normalize=True) + SwiGLU experts
-Qwen2MoeSparseMoeBlock        TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU + shared SwiGLU, shared_gate=True
+Qwen2MoeSparseMoeBlock,       TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU + shared SwiGLU, shared_gate=True
+Qwen3NextSparseMoeBlock
 Qwen3MoeSparseMoeBlock        TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
 OlmoeSparseMoeBlock           TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
-DeepseekV3MoE                 TopK(k, sigmoid, normalize=norm_topk_prob, scale=routed_scaling_factor, n_group,
-                              topk_group, group_score="top2sum", correction_bias=True) + SwiGLU + shared SwiGLU
+DeepseekV3MoE, Glm4MoeMoE,    TopK(k, sigmoid, normalize=norm_topk_prob, scale=routed_scaling_factor, n_group,
+Dots1MoE                      topk_group, group_score="top2sum", correction_bias=True) + SwiGLU + shared SwiGLU
 SwitchTransformersSparseMLP   TopK(k=1, softmax, normalize=False, router_bias) + MLP(relu, no bias) experts,
                               Capacity(capacity=expert_capacity, per_sequence=True): a dropped token's MoE output
                               is zero (transformers 5.x; 4.x passed dropped tokens through scaled by their score)
@@ -251,7 +252,7 @@ def _read_qwen2(block: nn.Module, share: bool) -> MoE:
 
 
 def _write_qwen2(layer: MoE, block: nn.Module) -> None:
-    _write_gated_family(layer, block, _qwen_router(block), "Qwen2MoeSparseMoeBlock", block.shared_expert,
+    _write_gated_family(layer, block, _qwen_router(block), type(block).__name__, block.shared_expert,
                         block.shared_expert_gate)
 
 
@@ -262,7 +263,8 @@ def _read_deepseek(block: nn.Module, share: bool) -> MoE:
 
 
 def _write_deepseek(layer: MoE, block: nn.Module) -> None:
-    _write_gated_family(layer, block, _deepseek_router(block), "DeepseekV3MoE", block.shared_experts, None)
+    name = type(block).__name__
+    _write_gated_family(layer, block, _deepseek_router(block), name, block.shared_experts, None)
     _put(block.gate.e_score_correction_bias, layer.router.bias_E, "e_score_correction_bias (bias_E)")
 
 
@@ -345,16 +347,20 @@ class _Arch:
 _ARCHS = (
     _Arch("MixtralSparseMoeBlock", "mixtral", "mixtral", _read_plain(_mixtral_router),
           _write_plain(_mixtral_router, "MixtralSparseMoeBlock")),
-    _Arch("Qwen2MoeSparseMoeBlock", "qwen2_moe", "qwen2_moe", _read_qwen2, _write_qwen2,
-          parts=(("gate", "router"), ("experts", "experts"), ("shared_expert", "shared"),
-                 ("shared_expert_gate", "shared_gate"))),
+    # Qwen2-MoE's block (sigmoid-gated shared expert), verbatim in Qwen3-Next (transformers 5.24)
+    *(_Arch(block, package, package, _read_qwen2, _write_qwen2,
+            parts=(("gate", "router"), ("experts", "experts"), ("shared_expert", "shared"),
+                   ("shared_expert_gate", "shared_gate")))
+      for block, package in (("Qwen2MoeSparseMoeBlock", "qwen2_moe"), ("Qwen3NextSparseMoeBlock", "qwen3_next"))),
     _Arch("Qwen3MoeSparseMoeBlock", "qwen3_moe", "qwen3_moe", _read_plain(_qwen_router),
           _write_plain(_qwen_router, "Qwen3MoeSparseMoeBlock")),
     _Arch("OlmoeSparseMoeBlock", "olmoe", "olmoe", _read_plain(_qwen_router),
           _write_plain(_qwen_router, "OlmoeSparseMoeBlock")),
-    _Arch("DeepseekV3MoE", "deepseek_v3", "deepseek_v3", _read_deepseek, _write_deepseek,
-          router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
-          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
+    # DeepSeek-V3's block, router and experts, verbatim in GLM-4-MoE and dots1 (transformers 5.24)
+    *(_Arch(block, package, package, _read_deepseek, _write_deepseek,
+            router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
+            parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared")))
+      for block, package in (("DeepseekV3MoE", "deepseek_v3"), ("Glm4MoeMoE", "glm4_moe"), ("Dots1MoE", "dots1"))),
     _Arch("SwitchTransformersSparseMLP", "switch_transformers", "switch_transformers", _read_switch, _write_switch,
           flat_logits=False, router_attr="router", router_fields=(("classifier", "router.gate"),),
           parts=(("router", "router"), ("experts", "experts"))),
