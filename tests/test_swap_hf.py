@@ -67,6 +67,18 @@ def _model(name: str):
                                 layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
                                 linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
         cls = t.Qwen3NextForCausalLM
+    elif name == "minimax":  # Mixtral's block verbatim; one lightning-attention layer
+        cfg = t.MiniMaxConfig(**COMMON, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                              layer_types=["linear_attention", "full_attention"], block_size=4)
+        cls = t.MiniMaxForCausalLM
+    elif name == "flex_olmo":  # OLMoE's block verbatim
+        cfg = t.FlexOlmoConfig(**COMMON, intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        cls = t.FlexOlmoForCausalLM
+    elif name == "jamba":  # unnormalised top-k softmax, router under block.router; one Mamba layer
+        cfg = t.JambaConfig(**COMMON, intermediate_size=32, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+                            attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0, mamba_d_state=8,
+                            mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False)
+        cls = t.JambaForCausalLM
     else:
         raise AssertionError(name)
     torch.manual_seed(0)
@@ -78,9 +90,10 @@ def _model(name: str):
     return model
 
 
-MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "dots1", "qwen3_next"]
+MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "dots1", "qwen3_next", "minimax",
+          "flex_olmo", "jamba"]
 EXPECTED_SWAPS = {"mixtral": 2, "qwen2_moe": 1, "qwen3_moe": 2, "olmoe": 2, "deepseek_v3": 2, "glm4_moe": 1, "dots1": 1,
-                  "qwen3_next": 2}
+                  "qwen3_next": 2, "minimax": 2, "flex_olmo": 2, "jamba": 2}
 
 
 def _ids(B=2, S=10, seed=3):

@@ -7,11 +7,14 @@ The semantics of each architecture were read from the transformers 5.23 source:
 ============================  =================================================================================
 block class                   moekit layer
 ============================  =================================================================================
-MixtralSparseMoeBlock         TopK(k, softmax, normalize=True) + SwiGLU experts
+MixtralSparseMoeBlock,        TopK(k, softmax, normalize=True) + SwiGLU experts
+MiniMaxSparseMoeBlock
 Qwen2MoeSparseMoeBlock,       TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU + shared SwiGLU, shared_gate=True
 Qwen3NextSparseMoeBlock
 Qwen3MoeSparseMoeBlock        TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
-OlmoeSparseMoeBlock           TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
+OlmoeSparseMoeBlock,          TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
+FlexOlmoSparseMoeBlock
+JambaSparseMoeBlock           TopK(k, softmax, normalize=False) + SwiGLU experts (router is ``block.router``)
 DeepseekV3MoE, Glm4MoeMoE,    TopK(k, sigmoid, normalize=norm_topk_prob, scale=routed_scaling_factor, n_group,
 Dots1MoE                      topk_group, group_score="top2sum", correction_bias=True) + SwiGLU + shared SwiGLU
 SwitchTransformersSparseMLP   TopK(k=1, softmax, normalize=False, router_bias) + MLP(relu, no bias) experts,
@@ -178,6 +181,11 @@ def _softmax_router(gate: nn.Module, normalize: bool, jitter: float = 0.0) -> To
     return TopK(k=gate.top_k, score="softmax", normalize=normalize, jitter=jitter, fp32=False, score_dtype="float32")
 
 
+def _router_of(block: nn.Module) -> nn.Module:
+    """The block's router module: ``gate`` in most blocks, ``router`` in Jamba's."""
+    return block.gate if hasattr(block, "gate") else block.router
+
+
 def _gated_family(block: nn.Module, share: bool, router: TopK, shared: nn.Module | None,
                   shared_gate: nn.Module | None) -> MoE:
     experts = block.experts
@@ -187,7 +195,7 @@ def _gated_family(block: nn.Module, share: bool, router: TopK, shared: nn.Module
         kw["shared_experts"] = SwiGLU(hidden_dim=shared.gate_proj.out_features, activation=_activation(shared.act_fn))
         kw["shared_gate"] = shared_gate is not None
     layer = _empty_layer(D, E, experts.down_proj, **kw)
-    _read_linear(layer.router.gate, "weight", block.gate.weight, share)
+    _read_linear(layer.router.gate, "weight", _router_of(block).weight, share)
     _read_bank(layer, experts, share)
     if shared is not None:
         _read_shared(layer, shared, share)
@@ -210,7 +218,7 @@ def _write_gated_family(layer: MoE, block: nn.Module, expected: TopK, name: str,
         raise ValueError(f"to_hf: a {name} has shared experts: {shared is not None}, shared gate: "
                          f"{shared_gate is not None}; the layer: {layer.shared is not None}, "
                          f"{layer.shared_gate is not None}")
-    _put(block.gate.weight, layer.router.gate.weight, "router weight")
+    _put(_router_of(block).weight, layer.router.gate.weight, "router weight")
     _write_bank(layer, experts)
     if shared is not None:
         _write_shared(layer, shared)
@@ -226,6 +234,11 @@ def _mixtral_router(block: nn.Module) -> TopK:
 
 def _qwen_router(block: nn.Module) -> TopK:
     return _softmax_router(block.gate, normalize=bool(block.gate.norm_topk_prob))
+
+
+def _jamba_router(block: nn.Module) -> TopK:
+    # top-k of the float32 softmax, weights left unnormalised
+    return _softmax_router(block.router, normalize=False)
 
 
 def _deepseek_router(block: nn.Module) -> TopK:
@@ -352,10 +365,17 @@ _ARCHS = (
             parts=(("gate", "router"), ("experts", "experts"), ("shared_expert", "shared"),
                    ("shared_expert_gate", "shared_gate")))
       for block, package in (("Qwen2MoeSparseMoeBlock", "qwen2_moe"), ("Qwen3NextSparseMoeBlock", "qwen3_next"))),
+    _Arch("MiniMaxSparseMoeBlock", "minimax", "minimax", _read_plain(_mixtral_router),  # Mixtral's block verbatim
+          _write_plain(_mixtral_router, "MiniMaxSparseMoeBlock")),
     _Arch("Qwen3MoeSparseMoeBlock", "qwen3_moe", "qwen3_moe", _read_plain(_qwen_router),
           _write_plain(_qwen_router, "Qwen3MoeSparseMoeBlock")),
     _Arch("OlmoeSparseMoeBlock", "olmoe", "olmoe", _read_plain(_qwen_router),
           _write_plain(_qwen_router, "OlmoeSparseMoeBlock")),
+    _Arch("FlexOlmoSparseMoeBlock", "flex_olmo", "flex_olmo", _read_plain(_qwen_router),  # OLMoE's block verbatim
+          _write_plain(_qwen_router, "FlexOlmoSparseMoeBlock")),
+    _Arch("JambaSparseMoeBlock", "jamba", "jamba", _read_plain(_jamba_router),
+          _write_plain(_jamba_router, "JambaSparseMoeBlock"), router_attr="router",
+          parts=(("router", "router"), ("experts", "experts"))),
     # DeepSeek-V3's block, router and experts, verbatim in GLM-4-MoE and dots1 (transformers 5.24)
     *(_Arch(block, package, package, _read_deepseek, _write_deepseek,
             router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
