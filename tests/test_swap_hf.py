@@ -79,6 +79,11 @@ def _model(name: str):
                             attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0, mamba_d_state=8,
                             mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False)
         cls = t.JambaForCausalLM
+    elif name in ("granitemoe", "granitemoeshared"):  # softmax over the top-k logits; -shared: MLP beside the block
+        shared = dict(shared_intermediate_size=24) if name == "granitemoeshared" else {}
+        cfg = (t.GraniteMoeConfig if name == "granitemoe" else t.GraniteMoeSharedConfig)(
+            **COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **shared)
+        cls = t.GraniteMoeForCausalLM if name == "granitemoe" else t.GraniteMoeSharedForCausalLM
     else:
         raise AssertionError(name)
     torch.manual_seed(0)
@@ -91,9 +96,10 @@ def _model(name: str):
 
 
 MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "dots1", "qwen3_next", "minimax",
-          "flex_olmo", "jamba"]
+          "flex_olmo", "jamba", "granitemoe", "granitemoeshared"]
 EXPECTED_SWAPS = {"mixtral": 2, "qwen2_moe": 1, "qwen3_moe": 2, "olmoe": 2, "deepseek_v3": 2, "glm4_moe": 1, "dots1": 1,
-                  "qwen3_next": 2, "minimax": 2, "flex_olmo": 2, "jamba": 2}
+                  "qwen3_next": 2, "minimax": 2, "flex_olmo": 2, "jamba": 2, "granitemoe": 2,
+                  "granitemoeshared": 2}
 
 
 def _ids(B=2, S=10, seed=3):

@@ -14,6 +14,8 @@ Qwen3NextSparseMoeBlock
 Qwen3MoeSparseMoeBlock        TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
 OlmoeSparseMoeBlock,          TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
 FlexOlmoSparseMoeBlock
+GraniteMoeMoE,                TopK(k, softmax, normalize=True) + SwiGLU experts (router is ``block.router``)
+GraniteMoeSharedMoE
 JambaSparseMoeBlock           TopK(k, softmax, normalize=False) + SwiGLU experts (router is ``block.router``)
 DeepseekV3MoE, Glm4MoeMoE,    TopK(k, sigmoid, normalize=norm_topk_prob, scale=routed_scaling_factor, n_group,
 Dots1MoE                      topk_group, group_score="top2sum", correction_bias=True) + SwiGLU + shared SwiGLU
@@ -236,6 +238,11 @@ def _qwen_router(block: nn.Module) -> TopK:
     return _softmax_router(block.gate, normalize=bool(block.gate.norm_topk_prob))
 
 
+def _granite_router(block: nn.Module) -> TopK:
+    # softmax over the k selected float32 logits == the float32 softmax over all experts, renormalised over the k
+    return _softmax_router(block.router, normalize=True)
+
+
 def _jamba_router(block: nn.Module) -> TopK:
     # top-k of the float32 softmax, weights left unnormalised
     return _softmax_router(block.router, normalize=False)
@@ -373,6 +380,10 @@ _ARCHS = (
           _write_plain(_qwen_router, "OlmoeSparseMoeBlock")),
     _Arch("FlexOlmoSparseMoeBlock", "flex_olmo", "flex_olmo", _read_plain(_qwen_router),  # OLMoE's block verbatim
           _write_plain(_qwen_router, "FlexOlmoSparseMoeBlock")),
+    # Granite MoE (and Granite MoE-shared, whose shared MLP sits outside the block, in the decoder layer)
+    *(_Arch(block, package, package, _read_plain(_granite_router), _write_plain(_granite_router, block),
+            router_attr="router", parts=(("router", "router"), ("experts", "experts")))
+      for block, package in (("GraniteMoeMoE", "granitemoe"), ("GraniteMoeSharedMoE", "granitemoeshared"))),
     _Arch("JambaSparseMoeBlock", "jamba", "jamba", _read_plain(_jamba_router),
           _write_plain(_jamba_router, "JambaSparseMoeBlock"), router_attr="router",
           parts=(("router", "router"), ("experts", "experts"))),
