@@ -84,6 +84,14 @@ def _model(name: str):
         cfg = (t.GraniteMoeConfig if name == "granitemoe" else t.GraniteMoeSharedConfig)(
             **COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **shared)
         cls = t.GraniteMoeForCausalLM if name == "granitemoe" else t.GraniteMoeSharedForCausalLM
+    elif name.startswith("deepseek_v2"):  # softmax router, group-limited by the group max; layer 0 dense
+        greedy = name == "deepseek_v2_greedy"
+        cfg = t.DeepseekV2Config(**COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                 n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                                 routed_scaling_factor=1.5, topk_method="greedy" if greedy else "group_limited_greedy",
+                                 n_group=4, topk_group=2, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                 qk_nope_head_dim=8, v_head_dim=16)
+        cls = t.DeepseekV2ForCausalLM
     else:
         raise AssertionError(name)
     torch.manual_seed(0)
@@ -96,10 +104,10 @@ def _model(name: str):
 
 
 MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "dots1", "qwen3_next", "minimax",
-          "flex_olmo", "jamba", "granitemoe", "granitemoeshared"]
+          "flex_olmo", "jamba", "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v2_greedy"]
 EXPECTED_SWAPS = {"mixtral": 2, "qwen2_moe": 1, "qwen3_moe": 2, "olmoe": 2, "deepseek_v3": 2, "glm4_moe": 1, "dots1": 1,
                   "qwen3_next": 2, "minimax": 2, "flex_olmo": 2, "jamba": 2, "granitemoe": 2,
-                  "granitemoeshared": 2}
+                  "granitemoeshared": 2, "deepseek_v2": 1, "deepseek_v2_greedy": 1}
 
 
 def _ids(B=2, S=10, seed=3):

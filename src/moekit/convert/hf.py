@@ -17,6 +17,8 @@ FlexOlmoSparseMoeBlock
 GraniteMoeMoE,                TopK(k, softmax, normalize=True) + SwiGLU experts (router is ``block.router``)
 GraniteMoeSharedMoE
 JambaSparseMoeBlock           TopK(k, softmax, normalize=False) + SwiGLU experts (router is ``block.router``)
+DeepseekV2Moe                 TopK(k, softmax, normalize=False, scale=routed_scaling_factor[, n_group, topk_group,
+                              group_score="max"], logits_dtype="float32") + SwiGLU + shared SwiGLU
 DeepseekV3MoE, Glm4MoeMoE,    TopK(k, sigmoid, normalize=norm_topk_prob, scale=routed_scaling_factor, n_group,
 Dots1MoE                      topk_group, group_score="top2sum", correction_bias=True) + SwiGLU + shared SwiGLU
 SwitchTransformersSparseMLP   TopK(k=1, softmax, normalize=False, router_bias) + MLP(relu, no bias) experts,
@@ -276,6 +278,32 @@ def _write_qwen2(layer: MoE, block: nn.Module) -> None:
                         block.shared_expert_gate)
 
 
+def _deepseek_v2_router(block: nn.Module) -> TopK:
+    g = block.gate
+    E = g.num_experts
+    kw: dict[str, Any] = {}
+    if g.topk_method == "group_limited_greedy":
+        if g.top_k > g.topk_group * (E // g.num_group):
+            raise ValueError(f"from_hf: DeepseekV2Moe with top_k={g.top_k} > topk_group={g.topk_group} groups of "
+                             f"{E // g.num_group} experts gives the masked experts weight 0, which moekit's TopK does "
+                             "not reproduce; use top_k <= topk_group * n_routed_experts / n_group")
+        kw = dict(n_group=g.num_group, topk_group=g.topk_group, group_score="max")
+    elif g.topk_method != "greedy":
+        raise ValueError(f"from_hf: DeepseekV2Moe topk_method={g.topk_method!r} is not supported; supported: "
+                         "'greedy', 'group_limited_greedy'")
+    # float32 router, softmax, no renormalisation, routed_scaling_factor on the weights
+    return TopK(k=g.top_k, score="softmax", normalize=False, scale=float(g.routed_scaling_factor),
+                logits_dtype="float32", **kw)
+
+
+def _read_deepseek_v2(block: nn.Module, share: bool) -> MoE:
+    return _gated_family(block, share, _deepseek_v2_router(block), block.shared_experts, None)
+
+
+def _write_deepseek_v2(layer: MoE, block: nn.Module) -> None:
+    _write_gated_family(layer, block, _deepseek_v2_router(block), "DeepseekV2Moe", block.shared_experts, None)
+
+
 def _read_deepseek(block: nn.Module, share: bool) -> MoE:
     layer = _gated_family(block, share, _deepseek_router(block), block.shared_experts, None)
     _read_buffer(layer.router, "bias_E", block.gate.e_score_correction_bias, share)
@@ -387,6 +415,8 @@ _ARCHS = (
     _Arch("JambaSparseMoeBlock", "jamba", "jamba", _read_plain(_jamba_router),
           _write_plain(_jamba_router, "JambaSparseMoeBlock"), router_attr="router",
           parts=(("router", "router"), ("experts", "experts"))),
+    _Arch("DeepseekV2Moe", "deepseek_v2", "deepseek_v2", _read_deepseek_v2, _write_deepseek_v2,
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
     # DeepSeek-V3's block, router and experts, verbatim in GLM-4-MoE and dots1 (transformers 5.24)
     *(_Arch(block, package, package, _read_deepseek, _write_deepseek,
             router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
