@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import MoE
-from .hf import SUPPORTED_BLOCKS, _Arch, _arch_of, _same_storage, from_hf, to_hf
+from .hf import SUPPORTED_BLOCKS, _Arch, _arch_of, from_hf, to_hf
 
 # ---------------------------------------------------------------------------------------------- HF-class views
 
@@ -201,7 +201,7 @@ class SwapHandle:
     @property
     def replaced_parameters(self) -> list[tuple[str, list[str]]]:
         """HF parameters that the swapped model trains through *other* Parameter objects (``share=True``: views of the
-        same storage, e.g. ``gate_up_proj`` split into ``w1_EFD``/``w3_EFD``; ``share=False``: copies), as (HF
+        same storage; ``share=False``: copies, i.e. every parameter), as (HF
         qualified name, moekit qualified names). An optimizer built before the swap must be rebuilt for these."""
         out = []
         for s in self.swapped:
@@ -285,8 +285,7 @@ def _pattern(entry: str) -> re.Pattern:
 
 def _rewrite_rules(handle: SwapHandle, sub: nn.Module, before: set[str]) -> None:
     """Drop plan / fp32 entries of ``sub`` that matched only swapped internals; rename HF names moekit renamed."""
-    after = {n for n, _ in sub.named_parameters()} | {n for n, _ in sub.named_buffers()} | \
-        {n for n, _ in sub.named_modules()}
+    after = _names(sub)
     for attr in ("_tp_plan", "_ep_plan"):
         plan = sub.__dict__.get(attr)
         if not plan:
@@ -390,7 +389,8 @@ def swap_hf_moe(model: nn.Module, *, share: bool = True) -> SwapHandle:
     if share and any(a.block_class == "SwitchTransformersSparseMLP" for *_, a in found):
         raise ValueError("swap_hf_moe: SwitchTransformers keeps one nn.Linear per expert, which moekit's stacked bank "
                          "cannot share; pass share=False to copy the weights")
-    before = {id(m): _names(m) for m in model.modules() if hasattr(m, "_tp_plan") or hasattr(m, "_keep_in_fp32_modules")}
+    before = {id(m): _names(m) for m in model.modules()
+              if hasattr(m, "_tp_plan") or hasattr(m, "_keep_in_fp32_modules")}
     recorders = _router_recorders(model)
     swapped = []
     for parent, name, qualname, block, arch in found:
