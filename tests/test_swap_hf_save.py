@@ -104,7 +104,11 @@ def test_save_pretrained_round_trips(name, share, tmp_path):
 @torch.no_grad()
 def test_base_model_save_and_reload(tmp_path):
     model = _model("qwen2_moe")
-    swap_hf_moe(model)
+    hf_keys = set(model.state_dict())
+    handle = swap_hf_moe(model)
+    with handle.hf_modules():  # an HF-named state dict of the swapped model
+        assert set(model.state_dict()) == hf_keys
+    assert isinstance(model.model.layers[0].mlp, HFBlockAdapter) and set(model.state_dict()) != hf_keys
     ids = _ids()
     want = model.model(ids).last_hidden_state
     model.base_model.save_pretrained(tmp_path)

@@ -11,7 +11,11 @@ def outcomes(path: str) -> dict[str, str]:
     for line in open(path, errors="replace"):
         m = re.match(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)(?: - (.*))?", line)
         if m and "::" in m.group(2):
-            out.setdefault(m.group(2), m.group(1) + (f" - {m.group(3)[:160]}" if m.group(3) else ""))
+            if not out.get(m.group(2), "").startswith("SUBFAILED"):
+                out.setdefault(m.group(2), m.group(1) + (f" - {m.group(3)[:160]}" if m.group(3) else ""))
+        sub = re.match(r"^SUBFAILED(\[[^\]]*\])? (\S+)", line)  # a failed subTest fails its test
+        if sub and "::" in sub.group(2):
+            out[sub.group(2)] = f"SUBFAILED{sub.group(1) or ''}"
     return out
 
 
