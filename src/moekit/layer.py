@@ -146,6 +146,18 @@ class MoE(nn.Module):
         kw = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
         return cls(**kw)
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every parameter and buffer in place as construction does (e.g. after ``to_empty`` from the
+        meta device): a fresh layer of the same config is built on the same device and copied in."""
+        device = next(self.parameters()).device
+        with torch.device(device):
+            fresh = MoE.from_config(self.config)
+        new = dict(fresh.named_parameters()) | dict(fresh.named_buffers())
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if name in new and t is not None:
+                t.copy_(new[name])
+
     def _check(self, x: Tensor) -> None:
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE: expected input of shape (..., {self.dim}), got {tuple(x.shape)}")

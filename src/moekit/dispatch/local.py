@@ -18,6 +18,15 @@ from ..spec import Spec, register_spec
 _DROP_POLICIES = ("position", "score")
 
 
+def expert_counts(expert_N: Tensor, num_experts: int) -> Tensor:
+    """Pairs per expert (long, (E,)). ``bincount`` in eager; a scatter-add under compile / export / meta, where
+    ``bincount`` has no meta kernel (its output size depends on the data)."""
+    if torch.compiler.is_compiling() or expert_N.device.type == "meta":
+        ones = torch.ones_like(expert_N)
+        return torch.zeros(num_experts, dtype=expert_N.dtype, device=expert_N.device).scatter_add(0, expert_N, ones)
+    return torch.bincount(expert_N, minlength=num_experts)
+
+
 @dataclass(frozen=True)
 class DispatchPlan:
     """Kept pairs sorted by expert; what ``dispatch`` gathers and ``combine`` scatters."""
@@ -51,12 +60,12 @@ class LocalDispatcher(nn.Module):
         return None  # dropless: keep every pair
 
     def plan(self, a: Assignment, group_size: int | None = None) -> DispatchPlan:
-        routed_E = a.counts_E()
+        routed_E = expert_counts(a.expert_N, a.num_experts)
         keep = self.keep_mask(a, group_size)
         token_N, expert_N, weight_N = a.token_N, a.expert_N, a.weight_N
         if keep is not None:
             token_N, expert_N, weight_N = token_N[keep], expert_N[keep], weight_N[keep]
-            counts_E = torch.bincount(expert_N, minlength=a.num_experts)
+            counts_E = expert_counts(expert_N, a.num_experts)
         else:
             counts_E = routed_E
         order = torch.argsort(expert_N, stable=True)
@@ -81,7 +90,8 @@ class LocalDispatcher(nn.Module):
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         if plan.inv_order_N is not None:
             # weight_N is in grid order here: (K, T) after the pairs are put back in grid order
-            y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, -1)
+            D = y_ND.shape[-1]  # explicit, so that an empty batch (T = 0) reshapes too
+            y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, D)
             w_KT1 = plan.weight_N.to(acc).view(plan.num_slots, plan.num_tokens, 1)
             return (y_KTD.to(acc) * w_KT1).sum(0).to(dtype)
         y_ND = y_ND.to(acc) * plan.weight_N.unsqueeze(-1).to(acc)

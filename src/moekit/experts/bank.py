@@ -68,6 +68,9 @@ class MLP(FFN):
     bias: bool = True
 
 
+DECODE_MAX_ROWS = 16  # at most this many (token, expert) rows without autograd: the per-touched-expert decode path
+
+
 def _init_bank(w: Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)
     nn.init.uniform_(w, -bound, bound)
@@ -159,12 +162,17 @@ class ExpertBank(nn.Module):
 
     # ------------------------------------------------------------------------------------------- compute
     def forward(self, x_ND: Tensor, counts_E: Tensor, expert_N: Tensor | None = None) -> Tensor:
+        if (expert_N is not None and 0 < x_ND.shape[0] <= DECODE_MAX_ROWS and self.spec.impl == "auto"
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x_ND.device.type == "cpu"):
+            return self._decode(x_ND, expert_N)
         impl = self.spec.impl
-        if impl == "auto":  # decide once per call: every projection then takes the same path
-            dims_ok = grouped_mm_available(x_ND.dtype, self.dim, self.hidden_dim)
-            impl = "grouped_mm" if dims_ok and x_ND.shape[0] > 0 else "loop"
-        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
-        counts_list = counts_E.tolist() if impl == "loop" else None
+        offsets_E = counts_list = None
+        if not (torch.compiler.is_compiling() or x_ND.device.type == "meta"):  # else: grouped_linear's custom op
+            if impl == "auto":  # decide once per call: every projection then takes the same path
+                dims_ok = grouped_mm_available(x_ND.dtype, self.dim, self.hidden_dim)
+                impl = "grouped_mm" if dims_ok and x_ND.shape[0] > 0 else "loop"
+            offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
+            counts_list = counts_E.tolist() if impl == "loop" else None
         b_in = self.b_in
         if b_in is not None and expert_N is None:
             expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device), counts_E)
@@ -180,6 +188,27 @@ class ExpertBank(nn.Module):
         else:
             h_NF = self.act(h)
         return proj(h_NF, self.w2_EDF, self.b2_ED)
+
+    def _decode(self, x_ND: Tensor, expert_N: Tensor) -> Tensor:
+        """Few rows, no autograd (serving): one ``linear`` pair per *touched* expert on its contiguous weights. The
+        row-to-expert map is read on the host (a CPU tensor: no device synchronisation); no grouped-kernel setup,
+        no call for the untouched experts, and each touched expert's weights are read once."""
+        rows: dict[int, list[int]] = {}
+        for n, e in enumerate(expert_N.tolist()):
+            rows.setdefault(e, []).append(n)
+        out = x_ND.new_empty(x_ND.shape[0], self.dim)
+        b_in, b2, Fh = self.b_in, self.b2_ED, self.hidden_dim
+        lin = torch.nn.functional.linear
+        for e, idx in rows.items():
+            contiguous = idx[-1] - idx[0] + 1 == len(idx)  # sorted dispatch: the expert's rows are one slice
+            sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=x_ND.device)
+            h = lin(x_ND[sel], self.w_in[e], None if b_in is None else b_in[e])
+            if self.spec.glu:
+                h = self.act(h[:, :Fh]) * h[:, Fh:]
+            else:
+                h = self.act(h)
+            out[sel] = lin(h, self.w2_EDF[e], None if b2 is None else b2[e])
+        return out
 
     def expert_forward(self, e: int, x_TD: Tensor) -> Tensor:
         """Run expert ``e`` alone on ``x_TD`` (reference and inspection; not the fast path)."""
@@ -215,10 +244,16 @@ class DenseFFN(nn.Module):
         self.b1_F = nn.Parameter(torch.zeros(hidden_dim)) if spec.bias else None
         self.b3_F = nn.Parameter(torch.zeros(hidden_dim)) if spec.bias and spec.glu else None
         self.b2_D = nn.Parameter(torch.zeros(dim)) if spec.bias else None
-        _init_bank(self.w1_FD, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_bank(self.w1_FD, self.dim)
         if self.w3_FD is not None:
-            _init_bank(self.w3_FD, dim)
-        _init_bank(self.w2_DF, hidden_dim)
+            _init_bank(self.w3_FD, self.dim)
+        _init_bank(self.w2_DF, self.hidden_dim)
+        for b in (self.b1_F, self.b3_F, self.b2_D):
+            if b is not None:
+                nn.init.zeros_(b)
 
     def forward(self, x: Tensor) -> Tensor:
         F_ = torch.nn.functional

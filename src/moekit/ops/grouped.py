@@ -4,6 +4,10 @@ Two implementations with one contract:
 - ``torch.nn.functional.grouped_mm`` (one kernel, float32/bfloat16/float16);
 - a split loop over ``w.unbind(0)`` (any dtype, float64 for tests). Slicing ``w[e]`` in a loop would make autograd
   allocate a full-size zero gradient per expert; ``unbind`` does not.
+
+Under ``torch.compile`` / ``torch.export`` and on the meta device both are hidden behind one custom op,
+``moekit::grouped_linear`` (with its own backward ops), whose fake kernel only states the output shape: grouped_mm's
+own fake kernel accepts only bfloat16 on CPU, and the loop needs ``counts_E.tolist()``, which breaks ``fullgraph``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,76 @@ def _contiguous_grad(t: Tensor) -> Tensor:
     return t
 
 
+def _eager_grouped_linear(x_ND: Tensor, w_EOI: Tensor, counts_E: Tensor, impl: str) -> Tensor:
+    """No autograd: the value of the grouped linear with the chosen implementation (inside the custom ops)."""
+    if impl == "auto":
+        impl = "grouped_mm" if grouped_mm_available(x_ND.dtype, *w_EOI.shape[1:]) and x_ND.shape[0] > 0 else "loop"
+    if impl == "grouped_mm":
+        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return F.grouped_mm(x_ND.contiguous(), w_EOI.transpose(-2, -1), offs=offsets_E)
+    out = x_ND.new_empty(x_ND.shape[0], w_EOI.shape[1])
+    start = 0
+    for n, w_OI in zip(counts_E.tolist(), w_EOI.unbind(0)):
+        if n:
+            torch.mm(x_ND[start:start + n], w_OI.T, out=out[start:start + n])
+        start += n
+    return out
+
+
+@torch.library.custom_op("moekit::grouped_linear", mutates_args=())
+def _grouped_linear_op(x_ND: Tensor, w_EOI: Tensor, counts_E: Tensor, impl: str) -> Tensor:
+    return _eager_grouped_linear(x_ND, w_EOI, counts_E, impl)
+
+
+@_grouped_linear_op.register_fake
+def _(x_ND, w_EOI, counts_E, impl):
+    return x_ND.new_empty(x_ND.shape[0], w_EOI.shape[1])
+
+
+@torch.library.custom_op("moekit::grouped_weight_grad", mutates_args=())
+def _grouped_weight_grad_op(g_NO: Tensor, x_NI: Tensor, counts_E: Tensor, impl: str) -> Tensor:
+    """``dw[e] = g[rows of e].T @ x[rows of e]``: (E, O, I)."""
+    E, O, I = counts_E.shape[0], g_NO.shape[1], x_NI.shape[1]
+    if impl == "auto":
+        impl = "grouped_mm" if grouped_mm_available(x_NI.dtype, O, I) and x_NI.shape[0] > 0 else "loop"
+    if impl == "grouped_mm":
+        offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return F.grouped_mm(g_NO.t(), x_NI.contiguous(), offs=offsets_E)  # g.t(): a column-major view, aligned strides
+    out = g_NO.new_zeros(E, O, I)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            torch.mm(g_NO[start:start + n].T, x_NI[start:start + n], out=out[e])
+        start += n
+    return out
+
+
+@_grouped_weight_grad_op.register_fake
+def _(g_NO, x_NI, counts_E, impl):
+    return g_NO.new_empty(counts_E.shape[0], g_NO.shape[1], x_NI.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_ND, w_EOI, counts_E, impl = inputs
+    ctx.save_for_backward(x_ND, w_EOI, counts_E)
+    ctx.impl = impl
+
+
+def _backward(ctx, g_NO: Tensor):
+    x_ND, w_EOI, counts_E = ctx.saved_tensors
+    g_NO = g_NO.contiguous()
+    gx = _grouped_linear_op(g_NO, w_EOI.transpose(-2, -1), counts_E, ctx.impl) if ctx.needs_input_grad[0] else None
+    gw = _grouped_weight_grad_op(g_NO, x_ND, counts_E, ctx.impl) if ctx.needs_input_grad[1] else None
+    return gx, gw, None, None
+
+
+_grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _tracing(x: Tensor) -> bool:
+    return torch.compiler.is_compiling() or x.device.type == "meta"
+
+
 def grouped_linear(
     x_ND: Tensor,
     w_EOI: Tensor,
@@ -42,6 +116,10 @@ def grouped_linear(
     impl: str = "auto",
 ) -> Tensor:
     """``y[rows of e] = x[rows of e] @ w[e].T`` for weights stored like ``nn.Linear`` (E, out, in)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown grouped_linear impl {impl!r}; valid choices: {', '.join(IMPLS)}")
+    if _tracing(x_ND):  # compile / export / meta: one opaque op with a shape-only fake kernel
+        return _grouped_linear_op(x_ND, w_EOI, counts_E, impl)
     if impl == "auto":
         usable = grouped_mm_available(x_ND.dtype, *w_EOI.shape[1:]) and x_ND.shape[0] > 0
         impl = "grouped_mm" if usable else "loop"

@@ -17,7 +17,7 @@ class _GatherReplicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, token_N: Tensor, inv_order_N: Tensor, num_slots: int) -> Tensor:
         ctx.save_for_backward(inv_order_N)
-        ctx.num_slots = num_slots
+        ctx.num_slots, ctx.num_tokens = num_slots, x_TD.shape[0]
         return x_TD.index_select(0, token_N)
 
     @staticmethod
@@ -25,7 +25,7 @@ class _GatherReplicated(torch.autograd.Function):
         (inv_order_N,) = ctx.saved_tensors
         K = ctx.num_slots
         grad = grad_ND.index_select(0, inv_order_N)
-        return grad.view(K, -1, grad.shape[-1]).sum(0), None, None, None
+        return grad.view(K, ctx.num_tokens, grad.shape[-1]).sum(0), None, None, None  # explicit T: T=0 works
 
 
 class _Permute(torch.autograd.Function):

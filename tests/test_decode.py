@@ -1,0 +1,49 @@
+"""The decode path (few rows, no autograd): per touched expert, equal to the grouped path and the reference loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit.experts.bank as bank_mod
+from moekit import MoE
+from moekit.experts import MLP, SwiGLU
+from moekit.reference.loop import moe_reference
+from moekit.routers import TopK
+
+D, E = 8, 6
+
+
+@pytest.mark.parametrize("experts", [SwiGLU(hidden_dim=16), SwiGLU(hidden_dim=16, bias=True), MLP(hidden_dim=16)],
+                         ids=["swiglu", "swiglu-bias", "mlp"])
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_decode_path_equals_grouped_path_and_reference(experts, T, dtype, tol):
+    torch.manual_seed(T)
+    layer = MoE(D, E, router=TopK(k=2), experts=experts).to(dtype).eval()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(T, D, dtype=dtype)
+    with torch.no_grad():
+        y_decode = layer(x)
+    y_grouped = layer(x)  # autograd on: the grouped path
+    torch.testing.assert_close(y_decode, y_grouped.detach(), atol=tol, rtol=0)
+    torch.testing.assert_close(y_decode, moe_reference(layer, x).detach(), atol=tol, rtol=0)
+
+
+def test_decode_path_is_taken_and_reads_only_touched_experts(monkeypatch):
+    """Under no_grad with <= DECODE_MAX_ROWS rows the grouped kernel is not called; unsorted rows work too."""
+    layer = MoE(D, E, router=TopK(k=2), experts=SwiGLU(hidden_dim=16)).eval()
+    monkeypatch.setattr(bank_mod, "grouped_linear", lambda *a, **k: (_ for _ in ()).throw(AssertionError("grouped")))
+    x = torch.randn(4, D)
+    expert_N = torch.tensor([3, 0, 3, 5, 0, 1])  # unsorted, repeated experts
+    x_ND = torch.randn(6, D)
+    with torch.no_grad():
+        y = layer.experts(x_ND, torch.bincount(expert_N, minlength=E), expert_N)
+        layer(x)
+    want = torch.stack([layer.experts.expert_forward(int(e), x_ND[n : n + 1])[0] for n, e in enumerate(expert_N)])
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=0)
+    with pytest.raises(AssertionError, match="grouped"):  # more rows than the decode path takes
+        with torch.no_grad():
+            layer(torch.randn(bank_mod.DECODE_MAX_ROWS, D))
