@@ -155,6 +155,7 @@ def worker_ep2(rank: int, world: int) -> None:
     else:
         raise AssertionError("expected a ValueError for a router that reads the expert weights")
     check_aux_free_bias(groups)
+    checks_fsdp_2(groups)
     # an EP model (dispatcher and global-batch loss hold process groups) can be deep-copied, e.g. for an EMA
     torch.manual_seed(0)
     ep = apply_expert_parallel(make_layer(dict(balance=(SwitchLoss(coef=0.1),))), groups, global_balance=True)
@@ -188,14 +189,17 @@ def check_aux_free_bias(groups) -> None:
 
 
 class Toy(nn.Module):
-    def __init__(self, dispatch=None) -> None:
+    def __init__(self, dispatch=None, skew: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(D, D)
         self.moe = MoE(
-            D, 8, router=TopK(k=2), experts=SwiGLU(hidden_dim=8), shared_experts=SwiGLU(hidden_dim=8),
+            D, 8, router=TopK(k=2, router_bias=skew), experts=SwiGLU(hidden_dim=8), shared_experts=SwiGLU(hidden_dim=8),
             dispatch=dispatch or Dropless(), balance=(SwitchLoss(coef=0.1), AuxFree(rate=0.01)),
         )
         self.out = nn.Linear(D, 1)
+        if skew:  # every token picks experts 0 and 1: the EP ranks holding experts 4..7 receive no rows at all
+            with torch.no_grad():
+                self.moe.router.gate.bias[:2] = 50.0
 
     def forward(self, x):
         h = self.inp(x)
@@ -262,7 +266,7 @@ def check_training(groups, *, dtype, opt_name, use_ddp, steps=4, B=2, S=4, save_
 def check_broadcast(groups) -> None:
     """broadcast_parameters makes dense weights equal to global rank 0's and shards equal to their DP rank 0's."""
     torch.manual_seed(100 + groups.rank)  # different weights on every rank
-    model = apply_expert_parallel(Toy(), groups)
+    model = apply_expert_parallel(Toy(), groups, check_values=False)  # the weights are made equal below
     broadcast_parameters(model, groups)
     for _, p in list(dense_parameters(model)) + list(expert_parameters(model)):
         group = groups.world if any(p is q for _, q in dense_parameters(model)) else groups.dp
@@ -335,7 +339,7 @@ def check_checkpoint_reshard(groups4, path) -> None:
     assert_close(y2, y4, 1e-12, "EP=2 output after loading the EP=4 checkpoint")
 
 
-def worker_4(rank: int, world: int, ckpt_path: str) -> None:
+def worker_4(rank: int, world: int, ckpt_path: str, dcp_root: str, hf_root: str) -> None:
     g4 = build_groups(ep_size=4)
     for case in (dict(dtype=torch.float32, k=2, shared=True),
                  dict(dtype=torch.float64, k=2, experts="mlp", dispatch=Capacity(factor=0.5, per_sequence=True))):
@@ -353,6 +357,7 @@ def worker_4(rank: int, world: int, ckpt_path: str) -> None:
     check_training(g22, dtype=torch.float64, opt_name="adamw", use_ddp=False)
     check_training(g22, dtype=torch.float32, opt_name="sgd", use_ddp=True, save_to=ckpt_path + "_ep2dp2")
     check_broadcast(g22)
+    checks_fsdp_4(g22, dcp_root, hf_root)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,3 +395,249 @@ def fault_worker(rank: int, world: int, port: int, mode: str, timeout_s: float, 
     queue.close()
     queue.join_thread()  # flush the report before the hard exit
     os._exit(0)  # no process-group teardown: the peer is gone
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EP x FSDP2: training equals one process; distributed checkpoints reshard across meshes; consistency checks
+
+
+def full(p):
+    """A parameter's global value (an FSDP2 DTensor is gathered)."""
+    p = p.detach()
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def make_opt(name, params):
+    return {
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01),
+        "sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    }[name]()
+
+
+def fsdp_model(groups, dense, experts, dtype, seed=7, skew=False):
+    """Toy built with ``seed``, expert-parallel over ``groups.ep``, then FSDP2 (``dense``, ``experts`` modes)."""
+    from moekit.parallel import apply_fsdp
+
+    torch.manual_seed(seed)
+    model = apply_expert_parallel(Toy(skew=skew).to(dtype).train(), groups, global_balance=True)
+    plan = apply_fsdp(model, groups, dense=dense, experts=experts)
+    return model, plan
+
+
+def train_steps(model, plan, opt, groups, data, B):
+    """Train on ``data`` (global batches); returns the mean-over-ranks loss of each step."""
+    losses = []
+    sl = slice(groups.rank * B, (groups.rank + 1) * B)
+    for x, y in data:
+        loss = _step(model, opt, x[sl], y[sl])
+        plan.reduce_gradients()
+        opt.step()
+        update_balance_bias_distributed(model, groups.world)
+        t = loss.detach().clone()
+        dist.all_reduce(t)
+        losses.append(t / groups.world_size)
+    return losses
+
+
+def reference_run(dtype, opt_name, data, skew=False):
+    """Single-process training of the same Toy on the global batches; (model, per-step losses)."""
+    torch.manual_seed(7)
+    ref = Toy(skew=skew).to(dtype).train()
+    opt = make_opt(opt_name, ref.parameters())
+    losses = []
+    for x, y in data:
+        losses.append(_step(ref, opt, x, y).detach())
+        opt.step()
+        update_balance_bias(ref)
+    return ref, losses
+
+
+def check_fsdp_training(groups, *, dense, experts, dtype, opt_name, steps=3, B=2, save_to=None, skew=False):
+    tol = TOL[dtype]
+    data = _train_data(steps + 1, groups.world_size, B, 4, dtype)
+    ref, ref_losses = reference_run(dtype, opt_name, data[:steps], skew=skew)
+    model, plan = fsdp_model(groups, dense, experts, dtype, skew=skew)
+    opt = make_opt(opt_name, model.parameters())
+    losses = train_steps(model, plan, opt, groups, data[:steps], B)
+    what = (f"EP{groups.ep_size} x DP{groups.dp_size} dense={dense} experts={plan.experts} {dtype} {opt_name}"
+            + (" skewed" if skew else ""))
+    for i, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert_close(a, b, tol, f"{what}: loss of step {i + 1}")
+    ref_params = dict(ref.named_parameters())
+    s = expert_shard(model.moe)
+    for name, p in expert_parameters(model):
+        assert_close(full(p), ref_params[name].detach()[s.start:s.stop], tol, f"{what}: trained {name}")
+    for name, p in dense_parameters(model):
+        assert_close(full(p), ref_params[name].detach(), tol, f"{what}: trained {name}")
+    assert_close(model.moe.router.bias_E, ref.moe.router.bias_E, tol, f"{what}: aux-free bias")
+    if save_to is not None:
+        from moekit.parallel import save_dcp
+
+        save_dcp(model, opt, save_to, groups, step=steps, extra={"note": what})
+        # saving leaves the model and its optimizer as they were: the next step is the single-process one
+        next_loss = train_steps(model, plan, opt, groups, data[steps:], B)[0]
+        assert_close(next_loss, reference_run(dtype, opt_name, data)[1][steps], tol, f"{what}: step after saving")
+    return model, opt
+
+
+def check_resume(groups, root, *, dense, experts, saved_steps=3, more=2, B=2):
+    """Load the EP2 x FSDP2 checkpoint at this mesh (fresh, differently seeded model) and train ``more`` steps:
+    the losses equal the single-process run's (the second one depends on the restored optimizer state)."""
+    from moekit.parallel import load_dcp
+
+    dtype = torch.float64
+    data = _train_data(saved_steps + more, groups.world_size, B, 4, dtype)
+    _, ref_losses = reference_run(dtype, "adamw", data)
+    model, plan = fsdp_model(groups, dense, experts, dtype, seed=1234)
+    opt = make_opt("adamw", model.parameters())
+    manifest = load_dcp(model, opt, root, groups)
+    assert manifest["step"] == saved_steps and manifest["mesh"] == {"world": 4, "ep": 2, "dp": 2}, manifest
+    losses = train_steps(model, plan, opt, groups, data[saved_steps:], B)
+    for i, (a, b) in enumerate(zip(losses, ref_losses[saved_steps:])):
+        assert_close(a, b, 1e-10, f"resumed at EP{groups.ep_size} x DP{groups.dp_size} dense={dense}: "
+                                  f"loss of step {saved_steps + i + 1}")
+
+
+class HFToy(nn.Module):
+    """A Mixtral-compatible MoE (softmax top-2 with renormalisation, SwiGLU, dropless): exportable with to_hf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moe = MoE(D, 4, router=TopK(k=2, normalize=True, fp32=False, score_dtype="float32"),
+                       experts=SwiGLU(hidden_dim=8))
+
+    def forward(self, x):
+        return self.moe(x)
+
+
+def checks_fsdp_2(g) -> None:
+    """2 ranks: EP2 x FSDP (dp=1) training; every consistency mismatch kind."""
+    check_fsdp_training(g, dense="fsdp", experts="fsdp", dtype=torch.float64, opt_name="adamw")
+    check_fsdp_training(g, dense="fsdp", experts="fsdp", dtype=torch.float32, opt_name="sgd")
+    check_mismatches(g)
+
+
+def check_mismatches(groups) -> None:
+    """Rank 1 builds a different model: every rank raises ConsistencyError naming the field and the ranks, at once
+    (well within the timeout) instead of training silently or dying in a transport error."""
+    import time
+
+    from moekit.parallel import ConsistencyError
+
+    base = dict(E=4, k=2, hidden=8, dim=D, dispatch=Dropless(), seed=0)
+    kinds = {
+        "k": (dict(k=1), "moe.router.k: 2 on rank [0]; 1 on rank [1]"),
+        "expert size": (dict(hidden=12), "moe.experts.hidden_dim: 8 on rank [0]; 12 on rank [1]"),
+        "seed": (dict(seed=1), "moe.router.gate.weight (values): "),
+        "dispatch": (dict(dispatch=Capacity(factor=1.0)), "moe.dispatch.type: 'dropless' on rank [0]; 'capacity' on rank [1]"),
+        "E": (dict(E=8), "moe.num_experts: 4 on rank [0]; 8 on rank [1]"),
+        "dim": (dict(dim=D + 4), f"moe.dim: {D} on rank [0]; {D + 4} on rank [1]"),
+    }
+    for kind, (change, expected) in kinds.items():
+        cfg = dict(base, **(change if groups.rank == 1 else {}))
+        torch.manual_seed(cfg["seed"])
+        model = nn.Sequential()
+        model.add_module("moe", MoE(cfg["dim"], cfg["E"], router=TopK(k=cfg["k"]),
+                                    experts=SwiGLU(hidden_dim=cfg["hidden"]), dispatch=cfg["dispatch"]))
+        t0 = time.monotonic()
+        try:
+            apply_expert_parallel(model, groups)
+        except ConsistencyError as e:
+            assert expected in str(e), f"{kind}: {e}"
+            assert f"rank {groups.rank} reporting" in str(e), str(e)
+            if kind == "seed":
+                assert "same torch.manual_seed" in str(e), str(e)
+        else:
+            raise AssertionError(f"rank {groups.rank}: no ConsistencyError for a different {kind}")
+        assert time.monotonic() - t0 < 10.0, f"{kind}: the check took {time.monotonic() - t0:.1f} s"
+    # the same seed given explicitly: seeds that differ are named even with the value check off
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("moe", MoE(D, 4, router=TopK(k=2)))
+    try:
+        apply_expert_parallel(model, groups, seed=groups.rank, check_values=False)
+    except ConsistencyError as e:
+        assert "seed: 0 on rank [0]; 1 on rank [1]" in str(e), str(e)
+    else:
+        raise AssertionError("no ConsistencyError for different seeds")
+    # equal models pass, and the layer still works afterwards
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("moe", MoE(D, 4, router=TopK(k=2)))
+    apply_expert_parallel(model, groups, seed=0)
+    model(torch.randn(2, 3, D))
+
+
+def checks_fsdp_4(g22, root: str, hf_root: str) -> None:
+    """4 ranks: EP2 x FSDP2 (dp=2) training saved with DCP; resumed at EP4 (FSDP over the world), EP1 x FSDP4
+    (experts FSDP-sharded over 4) and EP2 x DP2 HSDP with replicated experts; a Mixtral-like model for the export."""
+    from moekit.parallel import apply_fsdp, memory_per_rank, save_dcp
+
+    model, opt = check_fsdp_training(g22, dense="fsdp", experts="fsdp", dtype=torch.float64, opt_name="adamw",
+                                     save_to=root)
+    # memory per rank: FSDP2 holds a quarter of the dense and half of the (EP-halved) expert bytes of plain DP
+    mem = memory_per_rank(model, opt)
+    torch.manual_seed(7)
+    plain = apply_expert_parallel(Toy().to(torch.float64), g22)
+    popt = torch.optim.AdamW(plain.parameters())
+    _step(plain, popt, *_train_data(1, 4, 2, 4, torch.float64)[0])  # creates the optimizer state
+    reduce_gradients(plain, g22)
+    popt.step()
+    base = memory_per_rank(plain, popt)
+    assert mem["param_bytes"] < base["param_bytes"] and mem["optim_bytes"] < base["optim_bytes"], (mem, base)
+    dense_total = sum(p.numel() for _, p in dense_parameters(plain)) * 8
+    expert_local = sum(p.numel() for _, p in expert_parameters(plain)) * 8
+    assert base["param_bytes"] == dense_total + expert_local, base
+    assert abs(mem["param_bytes"] - (dense_total / 4 + expert_local / 2)) <= 8 * 16, (mem, dense_total, expert_local)
+    # a skewed router starves EP rank 1: its FSDP expert units see no rows, and still reduce-scatter in step
+    check_fsdp_training(g22, dense="hsdp", experts="fsdp", dtype=torch.float32, opt_name="sgd", steps=2, skew=True)
+    check_resume(build_groups(ep_size=4), root, dense="fsdp", experts="fsdp")
+    check_resume(build_groups(ep_size=1), root, dense="fsdp", experts="fsdp")
+    check_resume(g22, root, dense="hsdp", experts="replicate")
+    # the Mixtral-like model, sharded EP2 x FSDP2, saved without optimizer
+    torch.manual_seed(5)
+    hf = apply_expert_parallel(HFToy().to(torch.float64), g22)
+    apply_fsdp(hf, g22)
+    save_dcp(hf, None, hf_root, g22, step=0)
+
+
+def check_single_process_resume(root) -> None:
+    """In the test process (no process group): the EP2 x FSDP2 checkpoint resumes with the single-process losses."""
+    from moekit.parallel import load_dcp, read_latest
+
+    manifest = read_latest(root)
+    assert manifest["step"] == 3 and manifest["optimizer"] is True, manifest
+    data = _train_data(5, 4, 2, 4, torch.float64)
+    _, ref_losses = reference_run(torch.float64, "adamw", data)
+    torch.manual_seed(1234)
+    model = Toy().to(torch.float64).train()
+    opt = make_opt("adamw", model.parameters())
+    load_dcp(model, opt, root)
+    for i, (x, y) in enumerate(data[3:]):
+        loss = _step(model, opt, x, y).detach()
+        opt.step()
+        update_balance_bias(model)
+        assert abs(float(loss - ref_losses[3 + i])) <= 1e-10, (i, float(loss), float(ref_losses[3 + i]))
+
+
+def check_hf_export(hf_root) -> None:
+    """Consolidate the EP2 x FSDP2 checkpoint of the Mixtral-like model in one process and export it with
+    moekit.convert.to_hf: bitwise the same weights, and the HF block computes what the layer computes."""
+    import transformers
+
+    from moekit.convert import to_hf
+    from moekit.parallel import consolidate
+
+    torch.manual_seed(5)
+    ref = HFToy().to(torch.float64)
+    torch.manual_seed(99)
+    plain = consolidate(hf_root, HFToy().to(torch.float64))
+    for (n, a), (_, b) in zip(ref.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), n
+    cfg = transformers.MixtralConfig(hidden_size=D, intermediate_size=8, num_local_experts=4, num_experts_per_tok=2)
+    block = to_hf(plain.moe, cfg)
+    x = torch.randn(2, 3, D, dtype=torch.float64)
+    with torch.no_grad():
+        out = block(x)
+        out = out[0] if isinstance(out, tuple) else out
+        assert (out - ref(x)).abs().max() <= 1e-12

@@ -17,19 +17,31 @@ import _parallel_workers as W
 def test_ep2_layer_equals_single_process_all_modes():
     """EP=2: dropless, capacity (per-sequence, by position and by score; per-rank), shared experts with gate,
     SwiGLU and biased MLP experts, k=1..3, sigmoid scores, a skewed router that starves a rank, float64 and
-    float32; E not divisible by the EP size; aux-free bias identical across ranks."""
+    float32; E not divisible by the EP size; aux-free bias identical across ranks. EP2 x FSDP2 training (float64
+    AdamW <= 1e-10, float32 SGD <= 1e-5) equals one process; ranks that differ in k, expert size, seed, dispatch,
+    E or dim raise a ConsistencyError naming the field and the ranks, on every rank."""
     spawn_local(W.worker_ep2, 2, timeout_s=60)
 
 
 def test_ep4_layer_training_global_balance_and_checkpoint(tmp_path):
     """EP=4 equivalence; checkpoint saved at EP=4 loads at EP=2 and EP=1; EP=2 x DP=2: layer equivalence,
-    global-batch balance loss, and 4 training steps (manual reduction and DDP) equal single-process training."""
-    spawn_local(W.worker_4, 4, str(tmp_path / "ckpt"), timeout_s=60)
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+    global-batch balance loss, and 4 training steps (manual reduction and DDP) equal single-process training.
+    EP2 x FSDP2 (dp=2) training equals one process and is saved with DCP (model + AdamW state); it resumes at EP4,
+    EP1 x FSDP4 and EP2 x HSDP2 (in the workers) and in this process with the single-process losses of the next
+    two steps (float64, <= 1e-10); parameter + optimizer bytes per rank drop under FSDP2 as computed; a sharded
+    Mixtral-like model consolidates here and exports to HF with to_hf."""
+    dcp_root, hf_root = tmp_path / "dcp", tmp_path / "hf"
+    spawn_local(W.worker_4, 4, str(tmp_path / "ckpt"), str(dcp_root), str(hf_root), timeout_s=90)
+    W.check_single_process_resume(dcp_root)
+    W.check_hf_export(hf_root)
+    from moekit.io import read_checkpoint
+
+    ck = read_checkpoint(tmp_path / "ckpt")  # one committed save, every file's checksum verified
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["manifest.json", f"save-{ck.save_id}"]
+    assert sorted(ck.files) == [
         "dense.safetensors",
         "experts-00000-of-00004.safetensors", "experts-00001-of-00004.safetensors",
         "experts-00002-of-00004.safetensors", "experts-00003-of-00004.safetensors",
-        "meta.json",
     ]
 
 

@@ -118,7 +118,8 @@ def test_smear_mask_pools_only_real_positions():
         xb = x[b, mask[b]]
         r = layer.router
         u = _ln(xb.mean(0), r.input_norm.weight, r.input_norm.bias)
-        p = (u @ r.weight()).softmax(-1)
+        cols = [_ln(r.weight_DE[:, e], r.column_norm.weight, r.column_norm.bias) for e in range(E)]
+        p = torch.stack([u @ c for c in cols]).softmax(-1)  # from the raw parameters, not r.weight()
         assert torch.allclose(y[b], _ref_expert(layer, _merged_theta(layer, p), x[b]), atol=TOL, rtol=0)
 
 

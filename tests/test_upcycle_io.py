@@ -14,10 +14,12 @@ from upcycle_models import tiny
 
 from moekit import TopK
 from moekit.convert.unit_gate import UnitGate
+from moekit.io import CheckpointError, read_checkpoint
 from moekit.convert.upcycle import UpcycleConfig, get_upcycle, revert, upcycle_
 from moekit.convert.upcycle_io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    LegacyCheckpointWarning,
     UpcycleCheckpointError,
     load_upcycled,
     read_upcycle_meta,
@@ -44,7 +46,9 @@ def test_save_and_reload_identical_outputs(tmp_path, arch):
     with torch.no_grad():
         ref = model(**inputs).logits
     save_upcycled(model, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [WEIGHTS_NAME, CONFIG_NAME]  # no temporary files left behind
+    ck = read_checkpoint(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", f"save-{ck.save_id}"]  # nothing else left behind
+    assert sorted(ck.files) == [WEIGHTS_NAME, CONFIG_NAME]
     meta = read_upcycle_meta(tmp_path)
     assert meta["upcycle"]["layers"] == get_upcycle(model).sites and meta["model_class"] == type(model).__name__
 
@@ -85,7 +89,7 @@ def test_save_overwrites_and_needs_an_upcycled_model(tmp_path):
     upcycle_(model, CFG)
     first = read_upcycle_meta(save_upcycled(model, tmp_path))["save_id"]
     second = read_upcycle_meta(save_upcycled(model, tmp_path))["save_id"]
-    assert first != second and sorted(os.listdir(tmp_path)) == [WEIGHTS_NAME, CONFIG_NAME]
+    assert first != second and sorted(os.listdir(tmp_path)) == ["manifest.json", f"save-{read_checkpoint(tmp_path).save_id}"]
 
 
 def test_filter_function_is_saved_as_module_names(tmp_path):
@@ -131,17 +135,33 @@ def test_mismatched_checkpoints_are_refused(tmp_path):
     assert get_upcycle(fewer_labels) is None
 
 
+def _cur(folder, name):
+    return read_checkpoint(folder, verify=False).path(name)
+
+
 def test_files_from_different_saves_or_versions_are_refused(tmp_path):
     model, _ = _trained("bert")
     save_upcycled(model, tmp_path / "a")
     save_upcycled(model, tmp_path / "b")
-    os.replace(tmp_path / "b" / CONFIG_NAME, tmp_path / "a" / CONFIG_NAME)
-    with pytest.raises(UpcycleCheckpointError, match="different saves"):
+    os.replace(_cur(tmp_path / "b", CONFIG_NAME), _cur(tmp_path / "a", CONFIG_NAME))
+    with pytest.raises(CheckpointError, match="upcycle.json does not match its sha256 checksum"):
         load_upcycled(tmp_path / "a")
-    meta = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
-    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(dict(meta, version=99)))
-    with pytest.raises(UpcycleCheckpointError, match="version 99 is not supported"):
-        load_upcycled(tmp_path / "a")
+    with pytest.raises(UpcycleCheckpointError, match="different saves"):  # without checksums: the save ids
+        load_upcycled(tmp_path / "a", verify=False)
+
+    # the legacy layout (no manifest): loads with a warning, still checks save ids and versions
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    save_upcycled(model, tmp_path / "c")
+    ck = read_checkpoint(tmp_path / "c")
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        os.replace(ck.path(name), legacy / name)
+    with pytest.warns(LegacyCheckpointWarning):
+        load_upcycled(legacy)
+    meta = json.loads((legacy / CONFIG_NAME).read_text())
+    (legacy / CONFIG_NAME).write_text(json.dumps(dict(meta, version=99)))
+    with pytest.warns(LegacyCheckpointWarning), pytest.raises(UpcycleCheckpointError, match="version 99 is not supported"):
+        load_upcycled(legacy)
     with pytest.raises(FileNotFoundError, match="not an upcycled checkpoint"):
         load_upcycled(tmp_path / "missing")
     revert(model)

@@ -99,7 +99,8 @@ def test_eda_operations():
     inserted = random_insertion(words, 2, rng)
     assert len(inserted) == len(words) + 2 and set(inserted) == set(words)
     assert random_deletion(["one"], 0.9, rng) == ["one"]
-    assert eda("a b c d e", random.Random(3)) == eda("a b c d e", random.Random(3))  # seeded
+    assert eda("a b c d e", random.Random(3)) == eda("a b c d e", random.Random(3))  # seeded: same seed, same text
+    assert len({eda("a b c d e f g h", random.Random(s)) for s in range(6)}) > 1  # and the seed is used
     with pytest.raises(ValueError, match="unknown operations"):
         eda("a b", rng, ops=("synonym",))
 

@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("safetensors")
 
 from moekit.models import MultiTaskViT, TaskHead, ViTConfig  # noqa: E402
-from moekit.models.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
+from moekit.io import read_checkpoint  # noqa: E402
+from moekit.models.checkpoint import CheckpointError, LegacyCheckpointWarning, load_model, read_config, save_model  # noqa: E402,E501
 from moekit.models.extract import extract_task  # noqa: E402
 from moekit.models.train import MultiTaskTrainer, TrainConfig  # noqa: E402
 
@@ -56,8 +57,10 @@ def test_checkpoint_roundtrip_identical_outputs(tmp_path, router):
     x = torch.rand(5, 1, 4, 8)
     for task in ("cls", "seg"):
         assert torch.equal(again(x, task), model(x, task))
-    assert json.loads((tmp_path / "ck" / "config.json").read_text())["step"] == 7
-    assert not [f for f in os.listdir(tmp_path / "ck") if f.endswith(".tmp")]  # no temporary files left
+    assert read_config(tmp_path / "ck")[1] == 7
+    ck = read_checkpoint(tmp_path / "ck")
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(["manifest.json", f"save-{ck.save_id}"])  # nothing else left
+    assert sorted(ck.files) == ["config.json", "model.safetensors"]
 
 
 def test_pathway_checkpoint_roundtrip(tmp_path):
@@ -101,57 +104,118 @@ def test_training_reduces_loss_and_accumulates_over_tasks():
     assert set(first) >= {"loss/cls", "loss/seg", "aux", "lr", "grad_norm"}
 
 
+def cur(folder, name):
+    """Where the current save of ``folder`` keeps ``name``."""
+    return read_checkpoint(folder, verify=False).path(name)
+
+
 def test_missing_and_corrupt_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
         load_model(tmp_path / "nope")
     model = MultiTaskViT(cfg())
-    save_model(tmp_path / "ck", model, step=3)
+    ck = tmp_path / "ck"
+    save_model(ck, model, step=3)
 
-    (tmp_path / "ck" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match="corrupt checkpoint file"):
-        load_model(tmp_path / "ck")
+    cur(ck, "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="has 80 bytes, the manifest says"):
+        load_model(ck)
+    with pytest.raises(CheckpointError, match="has 80 bytes"):  # sizes are checked even without checksums
+        load_model(ck, verify=False)
 
-    save_model(tmp_path / "ck", model, step=3)
-    data = (tmp_path / "ck" / "model.safetensors").read_bytes()
-    (tmp_path / "ck" / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
-    with pytest.raises(CheckpointError, match="corrupt checkpoint file"):
-        load_model(tmp_path / "ck")
+    save_model(ck, model, step=3)
+    data = cur(ck, "model.safetensors").read_bytes()
+    cur(ck, "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(ck)
 
-    save_model(tmp_path / "ck", model, step=3)
-    (tmp_path / "ck" / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="corrupt checkpoint config"):
-        load_model(tmp_path / "ck")
+    save_model(ck, model, step=3)
+    p = cur(ck, "model.safetensors")
+    data = bytearray(p.read_bytes())
+    data[-3] ^= 0x10  # one flipped bit in the tensor data: same size, still parses
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its sha256 checksum"):
+        load_model(ck)
+    assert load_model(ck, verify=False) is not None  # the opt-out really skips the hashing
 
-    save_model(tmp_path / "ck", model, step=3)
-    os.unlink(tmp_path / "ck" / "config.json")
-    with pytest.raises(CheckpointError, match="checkpoint config not found"):
-        load_model(tmp_path / "ck")
+    save_model(ck, model, step=3)
+    cur(ck, "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="truncated or overwritten|checksum"):
+        load_model(ck)
 
-    save_model(tmp_path / "ck", model, step=3)
-    os.unlink(tmp_path / "ck" / "model.safetensors")
-    with pytest.raises(CheckpointError, match="checkpoint file not found"):
-        load_model(tmp_path / "ck")
+    save_model(ck, model, step=3)
+    os.unlink(cur(ck, "config.json"))
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_model(ck)
 
-    # files from different saves
-    save_model(tmp_path / "ck", model, step=3)
-    cfg_text = (tmp_path / "ck" / "config.json").read_text()
-    save_model(tmp_path / "ck", model, step=4)
-    (tmp_path / "ck" / "config.json").write_text(cfg_text)
-    with pytest.raises(CheckpointError, match="interrupted save"):
-        load_model(tmp_path / "ck")
+    save_model(ck, model, step=3)
+    (ck / "manifest.json").write_text((ck / "manifest.json").read_text().replace('"step": 3', '"step": 4'))
+    with pytest.raises(CheckpointError, match="corrupt checkpoint manifest"):
+        load_model(ck)
 
-    # a weights file that does not fit the config
-    save_model(tmp_path / "ck", model, step=3)
-    other = MultiTaskViT(cfg().replace(dim=4))
+    # a config.json edited in place, with the manifest "fixed" too: the weights' header still disagrees
+    other = MultiTaskViT(cfg().replace(k=1))  # same shapes, different computation
     save_model(tmp_path / "other", other, step=3)
-    os.replace(tmp_path / "other" / "model.safetensors", tmp_path / "ck" / "model.safetensors")
-    with pytest.raises(CheckpointError):
-        load_model(tmp_path / "ck")
+    save_model(ck, model, step=3)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    os.replace(cur(ck, "model.safetensors"), legacy / "model.safetensors")
+    os.replace(cur(tmp_path / "other", "config.json"), legacy / "config.json")
+    with pytest.warns(LegacyCheckpointWarning), pytest.raises(CheckpointError, match="does not match the config"):
+        load_model(legacy)
 
     # resuming needs the trainer state
     save_model(tmp_path / "weights_only", model)
-    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+    with pytest.raises(CheckpointError, match="has no trainer state"):
         MultiTaskTrainer.resume(tmp_path / "weights_only", toy_data(), progress=False)
+
+
+def test_legacy_checkpoint_loads_with_a_warning_and_converts(tmp_path):
+    """A folder in the layout of moekit before manifests (files directly in the folder) still loads; saving into
+    it converts it and removes the old files."""
+    import safetensors.torch as st
+
+    model = MultiTaskViT(cfg()).eval()
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    meta = {"format": "moekit.vit/1", "step": "5", "config": json.dumps(model.config.to_dict())}
+    st.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, legacy / "model.safetensors", metadata=meta)
+    (legacy / "config.json").write_text(json.dumps({"format": "moekit.vit/1", "step": 5,
+                                                     "config": model.config.to_dict()}))
+    with pytest.warns(LegacyCheckpointWarning, match="no manifest.json"):
+        again = load_model(legacy).eval()
+    x = torch.rand(2, 1, 4, 8)
+    assert torch.equal(again(x, "cls"), model(x, "cls"))
+    save_model(legacy, again, step=6)
+    assert not (legacy / "model.safetensors").exists() and read_config(legacy)[1] == 6
+
+
+def test_trainer_state_from_another_run_or_config_is_refused(tmp_path):
+    data = toy_data()
+    tc = TrainConfig(steps=2, batch_size=16, warmup_steps=1)
+    torch.manual_seed(0)
+    a = MultiTaskTrainer(MultiTaskViT(cfg()), data, tc, progress=False)
+    a.fit(checkpoint_dir=tmp_path / "a")
+    b = MultiTaskTrainer(MultiTaskViT(cfg()), data, tc, progress=False)
+    b.fit(checkpoint_dir=tmp_path / "b")
+    resumed = MultiTaskTrainer.resume(tmp_path / "a", data, progress=False)
+    assert resumed.run_id == a.run_id != b.run_id
+
+    # b's trainer state copied over a's: the manifest checksum catches it...
+    import shutil
+
+    shutil.copy(cur(tmp_path / "b", "trainer.safetensors"), cur(tmp_path / "a", "trainer.safetensors"))
+    with pytest.raises(CheckpointError, match="trainer.safetensors does not match"):
+        MultiTaskTrainer.resume(tmp_path / "a", data, progress=False)
+    # ... and without checksums, the run id does
+    with pytest.raises(CheckpointError, match="trainer state is from another run"):
+        MultiTaskTrainer.resume(tmp_path / "a", data, progress=False, verify=False)
+
+    with pytest.raises(CheckpointError, match=r"config differs from the checkpoint's run in \['lr'\]"):
+        MultiTaskTrainer.resume(tmp_path / "b", data, progress=False, config=TrainConfig(steps=4, batch_size=16,
+                                                                                          warmup_steps=1, lr=1.0))
+    more = MultiTaskTrainer.resume(tmp_path / "b", data, progress=False,
+                                   config=TrainConfig(steps=4, batch_size=16, warmup_steps=1))
+    assert more.config.steps == 4
 
 
 def test_trainer_input_errors():

@@ -9,6 +9,8 @@ from .balance import AuxFree, CV2Loss, SwitchLoss, ZLoss
 from .dispatch import Capacity, Dropless
 from .experts import FFN, MLP, SwiGLU
 from .layer import MoE, MoEConfig, MoEOutput, attach_bias_update, aux_loss, update_balance_bias
+from .protocols import RouteContext
+from .replay import record_routing, replay_routing
 from .routers import TopK
 from .stats import RoutingStats, reset_routing_stats, routing_stats, track_routing
 
@@ -16,8 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Assignment", "AuxFree", "CV2Loss", "Capacity", "Dropless", "FFN", "MLP", "MoE", "MoEConfig", "MoEOutput",
-    "RoutingStats", "SwiGLU", "SwitchLoss", "TopK", "ZLoss", "attach_bias_update", "aux_loss",
-    "reset_routing_stats", "routing_stats", "track_routing", "update_balance_bias",
+    "RouteContext", "RoutingStats", "SwiGLU", "SwitchLoss", "TopK", "ZLoss", "attach_bias_update", "aux_loss",
+    "record_routing", "replay_routing", "reset_routing_stats", "routing_stats", "track_routing", "update_balance_bias",
 ]
 
 # routing methods of the MoE literature (docs/routers.md)

@@ -24,9 +24,14 @@ class Assignment:
     scores_TE: Tensor | None = None  # router probabilities, for balance losses and statistics
     logits_TE: Tensor | None = None  # raw logits, for the z-loss
     # Compute-free experts (MoE++ zero/copy/constant, AdaMoE null): the last ``num_free_experts`` expert ids. Their
-    # pairs never reach the expert bank; the layer hands them to ``router.free_experts`` (see :meth:`split_free`).
+    # pairs never reach the expert bank; the layer hands them to its ``free_experts`` part (see :meth:`split_free`).
     num_free_experts: int = 0
     num_slots: int | None = None  # K when the pairs are exactly the (T, K) grid in slot-major order (pair = j*T + t)
+    # Pairs per expert before dropping, over all ``num_experts``, when already counted (the layer fills it from the
+    # dispatch plan so that balance losses do not recount); None: :meth:`counts_E` counts.
+    routed_E: Tensor | None = None
+    # bool (T,): False for padded tokens, which balance losses and statistics skip; None: every token is real.
+    token_mask_T: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -65,8 +70,29 @@ class Assignment:
         return bank, free
 
     def counts_E(self) -> Tensor:
-        """Pairs per expert before any dropping."""
+        """Pairs per expert before any dropping, over the real (unmasked) tokens."""
+        if self.token_mask_T is not None:
+            return torch.bincount(self.expert_N[self.pair_mask_N()], minlength=self.num_experts)
+        if self.routed_E is not None:
+            return self.routed_E
         return torch.bincount(self.expert_N, minlength=self.num_experts)
+
+    def pair_mask_N(self) -> Tensor | None:
+        """bool (N,): the pairs of real tokens (None when there is no token mask)."""
+        return None if self.token_mask_T is None else self.token_mask_T[self.token_N]
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens that count for balance and statistics (all of them without a token mask)."""
+        return self.num_tokens if self.token_mask_T is None else int(self.token_mask_T.sum())
+
+    @property
+    def num_real_pairs(self) -> int:
+        return self.num_pairs if self.token_mask_T is None else int(self.pair_mask_N().sum())
+
+    def real_rows(self, v_T: Tensor) -> Tensor:
+        """The rows of a per-token tensor (T, ...) that belong to real tokens."""
+        return v_T if self.token_mask_T is None else v_T[self.token_mask_T]
 
     def check(self) -> None:
         """Validate shapes and ranges (used by tests and by routers written by users)."""
@@ -76,6 +102,8 @@ class Assignment:
                 f"Assignment fields must be 1-D of equal length, got token {tuple(self.token_N.shape)}, "
                 f"expert {tuple(self.expert_N.shape)}, weight {tuple(self.weight_N.shape)}"
             )
+        if self.token_mask_T is not None and tuple(self.token_mask_T.shape) != (self.num_tokens,):
+            raise ValueError(f"token_mask_T must have shape ({self.num_tokens},), got {tuple(self.token_mask_T.shape)}")
         if self.token_N.numel():
             if int(self.token_N.min()) < 0 or int(self.token_N.max()) >= self.num_tokens:
                 raise ValueError(f"token index out of range [0, {self.num_tokens})")

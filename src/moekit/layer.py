@@ -1,4 +1,16 @@
-"""``moekit.MoE``: a drop-in replacement for a dense FFN. route -> dispatch -> experts -> combine (+ shared)."""
+"""``moekit.MoE``: a drop-in replacement for a dense FFN. route -> dispatch -> experts -> combine (+ free, + shared).
+
+Shape legend (suffixes on tensor names):
+    B batch, S sequence; any leading dims of the input flatten to T tokens
+    T tokens in the call        D model dim            F expert hidden dim
+    E routed experts (the bank's, then any compute-free ones)
+    N (token, expert) pairs     K experts per token (slots) of a top-k grid
+
+The layer is a composition of parts behind the contracts of :mod:`moekit.protocols`: a Router, a Dispatcher, an
+ExpertBank, optional FreeExperts beside the bank, optional shared experts, BalancePolicy losses and an optional
+selection-bias policy (AuxFree). What a router needs is read once, at construction, from its spec's declarations
+(:class:`moekit.routers.base.RouterSpec`); ``forward`` never asks what kind of part it holds.
+"""
 
 from __future__ import annotations
 
@@ -10,34 +22,40 @@ import torch
 from torch import Tensor, nn
 
 from .assignment import Assignment
-from .balance.specs import AuxFree, BalanceSpec, bias_step
+from .balance.aux_free import AuxFree
+from .balance.specs import BalanceSpec
 from .dispatch.local import Dropless
 from .experts.bank import FFN, SwiGLU
+from .protocols import RouteContext
+from .routers.base import RouterSpec
 from .routers.topk import TopK
 from .spec import Spec, resolve, spec_from_dict
-from .stats import RoutingStats, _moe_layers
+from .stats import RoutingStats
+from .walk import MoELayerBase, moe_layers
 
 
 @dataclass(frozen=True)
 class MoEOutput:
-    y: Tensor
+    y: Tensor  # the layer output, the input's shape
     aux_loss: Tensor  # sum of the weighted balance losses (0 when there are none)
     losses: dict[str, Tensor]  # each weighted loss by name ("switch", "z", "cv2", ...)
-    stats: RoutingStats
-    assignment: Assignment
+    stats: RoutingStats  # this call's routing statistics
+    assignment: Assignment  # the router's pairs over all E experts, with the plan's counts (``routed_E``)
 
 
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
-    dim: int
-    num_experts: int
-    router: Any = field(default_factory=TopK)
-    experts: Any = field(default_factory=SwiGLU)
-    shared_experts: Any = None
-    shared_gate: bool = False
-    dispatch: Any = field(default_factory=Dropless)
-    balance: tuple = ()
-    check_inputs: bool = False
+    """Everything that defines an MoE layer; ``to_dict`` / ``from_dict`` round-trip it through plain dicts."""
+
+    dim: int  # D, the model dimension
+    num_experts: int  # E, experts in the bank (compute-free experts a router adds come on top)
+    router: RouterSpec | nn.Module = field(default_factory=TopK)  # who routes: a router spec (or a built router)
+    experts: Spec | nn.Module = field(default_factory=SwiGLU)  # the expert bank's spec (SwiGLU, MLP, HeteroFFN, ...)
+    shared_experts: FFN | nn.Module | None = None  # an FFN every token passes through (DeepSeekMoE, Qwen-MoE)
+    shared_gate: bool = False  # scale the shared output by sigmoid(x w) (Qwen2-MoE's shared_expert_gate)
+    dispatch: Spec | nn.Module = field(default_factory=Dropless)  # Dropless() or Capacity(...)
+    balance: tuple[Spec, ...] = ()  # balance losses (SwitchLoss, ZLoss, ...) and at most one AuxFree
+    check_inputs: bool = False  # raise on NaN / Inf inputs (one reduction per call)
 
     def to_dict(self) -> dict[str, Any]:
         def ser(name: str, v: Any) -> Any:
@@ -64,7 +82,29 @@ class MoEConfig:
         return MoEConfig(**d)
 
 
-class MoE(nn.Module):
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"MoE: {name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"MoE: {name} must be >= 1, got {value}")
+    return value
+
+
+def _split_balance(balance: tuple) -> tuple[tuple[BalanceSpec, ...], AuxFree | None]:
+    losses, bias_policies = [], []
+    for b in balance:
+        if isinstance(b, AuxFree):
+            bias_policies.append(b)
+        elif isinstance(b, BalanceSpec):
+            losses.append(b)
+        else:
+            raise TypeError(f"MoE: balance entries must be balance specs (SwitchLoss, AuxFree, ...), got {b!r}")
+    if len(bias_policies) > 1:
+        raise ValueError("MoE: at most one AuxFree balance policy")
+    return tuple(losses), (bias_policies[0] if bias_policies else None)
+
+
+class MoE(MoELayerBase):
     """Mixture-of-Experts FFN: called on ``(..., dim)``, returns the same shape.
 
     Args:
@@ -82,6 +122,9 @@ class MoE(nn.Module):
 
     ``forward`` returns a Tensor; :meth:`forward_with_aux` returns :class:`MoEOutput`. After each call the weighted
     aux loss is also kept on the module (``last_aux_loss``, overwritten per call) for :func:`moekit.aux_loss`.
+
+    Inputs must be floating point with the layer's parameter dtype (cast the layer with ``.to(dtype)`` or the input);
+    a mismatch raises a ValueError naming both dtypes.
     """
 
     def __init__(
@@ -98,20 +141,18 @@ class MoE(nn.Module):
         check_inputs: bool = False,
     ) -> None:
         super().__init__()
-        if dim < 1 or num_experts < 1:
-            raise ValueError(f"MoE: dim and num_experts must be >= 1, got dim={dim}, num_experts={num_experts}")
+        dim, num_experts = _positive_int("dim", dim), _positive_int("num_experts", num_experts)
         router = resolve("router", router if router is not None else TopK())
         experts = resolve("experts", experts if experts is not None else SwiGLU())
         shared_experts = resolve("experts", shared_experts)
         dispatch = resolve("dispatch", dispatch if dispatch is not None else Dropless())
-        if isinstance(balance, (BalanceSpec, str, dict)):
+        if isinstance(balance, (Spec, str, dict)):
             balance = (balance,)
         balance = tuple(resolve("balance", b) for b in balance)
-        aux_free = [b for b in balance if isinstance(b, AuxFree)]
-        if len(aux_free) > 1:
-            raise ValueError("MoE: at most one AuxFree balance policy")
-        if aux_free and isinstance(router, TopK) and not router.correction_bias:
-            router = dataclasses.replace(router, correction_bias=True)
+        losses, aux_free = _split_balance(balance)
+        is_spec = isinstance(router, RouterSpec)
+        if aux_free is not None and is_spec:
+            router = router.with_selection_bias()
         if shared_gate and shared_experts is None:
             raise ValueError("MoE: shared_gate=True needs shared_experts")
         self.config = MoEConfig(
@@ -119,25 +160,35 @@ class MoE(nn.Module):
             shared_gate=shared_gate, dispatch=dispatch, balance=balance, check_inputs=check_inputs,
         )
         self.dim, self.num_experts = dim, num_experts
-        self.router = router.build(dim, num_experts) if isinstance(router, Spec) else router
+        # what the router declares it reads (a built router module is trusted to read what it is given)
+        self.router_spec: RouterSpec | None = router if is_spec else None
+        self.task_conditioned = router.task_conditioned if is_spec else True
+        self.needs_token_ids = router.needs_token_ids if is_spec else False
+        self.needs_prev_logits = router.needs_prev_logits if is_spec else True
+
+        self.router = router.build(dim, num_experts) if is_spec else router
         self.experts = experts.build(dim, num_experts) if isinstance(experts, Spec) else experts
+        self.free_experts = router.build_free_experts(dim) if is_spec else None
         self.shared = shared_experts.build_dense(dim) if isinstance(shared_experts, FFN) else shared_experts
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.dispatcher = dispatch.build(num_experts) if isinstance(dispatch, Spec) else dispatch
-        # a router that reads the expert bank (Autonomy-of-Experts) declares ``bind_experts(bank)``
-        bind_experts = getattr(self.router, "bind_experts", None)
-        if bind_experts is not None:
-            bind_experts(self.experts)
-        self.losses = tuple(b for b in balance if not isinstance(b, AuxFree))
-        self.aux_free = aux_free[0] if aux_free else None
-        if self.aux_free is not None:
-            if getattr(self.router, "bias_E", None) is None:
-                raise ValueError("MoE: AuxFree balancing needs a router with a bias_E buffer (e.g. TopK)")
-            self.register_buffer("pending_counts_E", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        if is_spec and router.reads_experts:
+            self.router.bind_experts(self.experts)
+        self.losses = losses
+        self.aux_free = aux_free
+        self.balancer = aux_free.build(num_experts) if aux_free is not None else None
+        if aux_free is not None and self.router.bias_E is None:
+            raise ValueError(
+                f"MoE: AuxFree balancing needs a router with a selection bias (e.g. TopK); "
+                f"{type(self.router).__name__} has none"
+            )
         self.check_inputs = check_inputs
         self.accumulate_stats = False
         self.stats_total: RoutingStats | None = None
         self.last_aux_loss: Tensor | None = None
+        self.routing_log: list[Tensor] | None = None  # set by moekit.replay.record_routing: (T, K) choices per call
+        self.replay_queue: list[Tensor] | None = None  # set by moekit.replay.replay_routing: choices to reuse
+        self._register_load_state_dict_pre_hook(_free_experts_old_keys)
 
     @classmethod
     def from_config(cls, config: MoEConfig | dict) -> "MoE":
@@ -158,56 +209,137 @@ class MoE(nn.Module):
             if name in new and t is not None:
                 t.copy_(new[name])
 
-    def _check(self, x: Tensor) -> None:
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"MoE: expected input of shape (..., {self.dim}), got {tuple(x.shape)}")
-        if self.check_inputs and not torch.isfinite(x).all():
-            raise ValueError("MoE: input contains NaN or Inf")
+    @property
+    def pending_counts_E(self) -> Tensor | None:
+        """The aux-free policy's pending expert counts (None without AuxFree)."""
+        return None if self.balancer is None else self.balancer.pending_counts_E
 
-    def forward(
-        self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None
-    ) -> Tensor:
-        return self.forward_with_aux(x, task=task, prev_logits=prev_logits).y
+    # --- forward: plain composition ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None,
+                token_ids: Tensor | None = None, token_mask: Tensor | None = None) -> Tensor:
+        return self.forward_with_aux(x, task=task, prev_logits=prev_logits, token_ids=token_ids,
+                                     token_mask=token_mask).y
 
-    def forward_with_aux(
-        self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None
-    ) -> MoEOutput:
-        """``prev_logits``: the previous MoE layer's routing logits (``out.assignment.logits_TE``) for routers with
-        gating residuals (MoE++); passed to the router only when given."""
-        self._check(x)
-        x_TD = x.reshape(-1, self.dim)
-        group_size = x.shape[-2] if x.dim() >= 3 else None
+    def forward_with_aux(self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None,
+                         token_ids: Tensor | None = None, token_mask: Tensor | None = None) -> MoEOutput:
+        """Route, dispatch, run the experts, combine; add compute-free and shared experts; balance losses and stats.
 
-        if prev_logits is None:
-            assignment = self.router(x_TD, task=task)
-        else:
-            assignment = self.router(x_TD, task=task, prev_logits=prev_logits.reshape(x_TD.shape[0], -1))
-        # compute-free experts (zero / copy / constant, null) cost no matmul: only bank pairs are dispatched
-        routed, free = assignment.split_free()
-        plan = self.dispatcher.plan(routed, group_size)
-        x_ND = self.dispatcher.dispatch(x_TD, plan)
-        y_ND = self.experts(x_ND, plan.counts_E, plan.expert_N)
+        Args:
+            x: (..., D) hidden states.
+            task: a task id or one per token, for task-conditioned routers (an error for other routers).
+            prev_logits: the previous MoE layer's routing logits (``out.assignment.logits_TE``), for routers with
+                gating residuals (MoE++).
+            token_ids: (...) vocabulary ids, for routers that hash them (Hash layers).
+            token_mask: bool (...), False at padded tokens: balance losses and statistics skip them.
+        """
+        x_TD = self._tokens(x)
+        ctx = self._context(x, x_TD, task, prev_logits, token_ids, token_mask)
+        a = self.router(x_TD, ctx)
+        if self.routing_log is not None:
+            self.routing_log.append(a.expert_N.detach().view(-1, a.num_tokens).t().clone())
+        bank, free = a.split_free()  # compute-free pairs never reach the bank
+        plan = self.dispatcher.plan(bank, x.shape[-2] if x.dim() >= 3 else None)
+        y_ND = self.experts(self.dispatcher.dispatch(x_TD, plan), plan.counts_E, plan.expert_N)
         y_TD = self.dispatcher.combine(y_ND, plan)
         if free is not None:
-            y_TD = y_TD + self.router.free_experts(x_TD, free)
-
+            y_TD = y_TD + self.free_experts(x_TD, free)
         if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            y_TD = y_TD + self._shared(x_TD)
 
-        losses = {b.type_name: b.loss(assignment) for b in self.losses}
+        a = self._counted(a, plan.routed_E, free, ctx.token_mask_T)
+        losses = {b.type_name: b.loss(a) for b in self.losses}
         aux = sum(losses.values()) if losses else x_TD.new_zeros(())
-        stats = RoutingStats(plan.kept_E.detach(), plan.routed_E.detach(), assignment.num_tokens)
+        stats = self._stats(a, plan)
         self._record(stats)
         self.last_aux_loss = aux
-        return MoEOutput(y_TD.reshape(x.shape), aux, losses, stats, assignment)
+        return MoEOutput(y_TD.reshape(x.shape), aux, losses, stats, a)
+
+    # --- the steps --------------------------------------------------------------------------------------------------
+    def _tokens(self, x: Tensor) -> Tensor:
+        """Check the input and flatten it to (T, D)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"MoE: expected a Tensor input, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE: expected input of shape (..., {self.dim}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE: input must be floating point, got dtype {x.dtype}; cast it, e.g. x.float()")
+        dtype = self.param_dtype()
+        if dtype is not None and x.dtype != dtype and not _autocast_on(x):
+            raise ValueError(
+                f"MoE: input dtype {x.dtype} does not match the layer's parameter dtype {dtype}; cast the input "
+                f"(x.to({dtype})) or the layer (layer.to({x.dtype}))"
+            )
+        if self.check_inputs and not torch.isfinite(x).all():
+            raise ValueError("MoE: input contains NaN or Inf")
+        return x.reshape(-1, self.dim)
+
+    def param_dtype(self) -> torch.dtype | None:
+        """The dtype of the expert bank's first parameter (None for a bank without parameters)."""
+        for p in self.experts.parameters():
+            return p.dtype
+        return None
+
+    def _context(self, x: Tensor, x_TD: Tensor, task: Any, prev_logits: Tensor | None, token_ids: Tensor | None,
+                 token_mask: Tensor | None) -> RouteContext:
+        if token_ids is None and self.needs_token_ids and isinstance(task, Tensor):
+            token_ids, task = task, None  # the older spelling: Hash's token ids passed as task=
+        if task is not None and not self.task_conditioned:
+            raise ValueError(
+                f"MoE: task={task!r} given but the router {type(self.router).__name__} is not task-conditioned and "
+                "would ignore it; drop task= or use a task router (MultiGate, TaskEmbedGate, TaskExperts)"
+            )
+        if prev_logits is not None and not self.needs_prev_logits:
+            raise ValueError(
+                f"MoE: prev_logits given but the router {type(self.router).__name__} does not read them "
+                "(for MoEPP: it was built with gating_residual=False)"
+            )
+        if token_ids is not None and not self.needs_token_ids:
+            raise ValueError(f"MoE: token_ids given but the router {type(self.router).__name__} does not read them")
+        T = x_TD.shape[0]
+        if token_ids is not None:
+            if not isinstance(token_ids, Tensor) or token_ids.numel() != T:
+                raise ValueError(f"MoE: token_ids must be a tensor with one id per token ({T}), got "
+                                 f"{tuple(token_ids.shape) if isinstance(token_ids, Tensor) else type(token_ids).__name__}")
+            token_ids = token_ids.reshape(T)
+        if token_mask is not None:
+            if not isinstance(token_mask, Tensor) or tuple(token_mask.shape) != tuple(x.shape[:-1]):
+                got = tuple(token_mask.shape) if isinstance(token_mask, Tensor) else type(token_mask).__name__
+                raise ValueError(f"MoE: token_mask must have the input's leading shape {tuple(x.shape[:-1])}, got {got}")
+            token_mask = token_mask.reshape(T).to(device=x_TD.device, dtype=torch.bool)
+        replay = None
+        if self.replay_queue is not None:
+            if not self.replay_queue:
+                raise ValueError("MoE: router replay ran out of recorded calls for this layer")
+            replay = self.replay_queue.pop(0)
+        return RouteContext(task=task, token_ids_T=token_ids, prev_logits_TE=prev_logits, token_mask_T=token_mask,
+                            replay_idx_TK=replay)
+
+    def _shared(self, x_TD: Tensor) -> Tensor:
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return shared_TD
+
+    @staticmethod
+    def _counted(a: Assignment, routed_bank_E: Tensor, free: Assignment | None, mask_T: Tensor | None) -> Assignment:
+        """The assignment with the plan's counts over all E experts (bank, then compute-free) and the token mask, so
+        that balance losses do not recount."""
+        routed_E = routed_bank_E if free is None else torch.cat([routed_bank_E, free.counts_E()])
+        return dataclasses.replace(a, routed_E=routed_E, token_mask_T=mask_T)
+
+    @staticmethod
+    def _stats(a: Assignment, plan: Any) -> RoutingStats:
+        if a.token_mask_T is None:
+            return RoutingStats(plan.kept_E.detach(), plan.routed_E.detach(), a.num_tokens)
+        nb = a.num_bank_experts  # padded tokens excluded: their pairs are neither routed nor computed load
+        routed_E = a.counts_E()[:nb].detach()
+        padded_E = plan.routed_E.detach() - routed_E
+        return RoutingStats((plan.kept_E.detach() - padded_E).clamp_min(0), routed_E, a.num_real_tokens)
 
     @torch.no_grad()
     def _record(self, stats: RoutingStats) -> None:
-        if self.aux_free is not None and self.training:
-            self.pending_counts_E += stats.routed_per_expert_E.to(self.pending_counts_E.device)
+        if self.balancer is not None and self.training:
+            self.balancer.record(stats.routed_per_expert_E)
         if self.accumulate_stats:
             self.stats_total = stats if self.stats_total is None else self.stats_total + stats
 
@@ -215,16 +347,29 @@ class MoE(nn.Module):
     def update_bias(self) -> None:
         """Auxiliary-loss-free step: move the router's selection bias toward balance using the loads seen since the
         last update, then clear them. A no-op for layers without ``AuxFree``."""
-        if self.aux_free is None or int(self.pending_counts_E.sum()) == 0:
-            return
-        bias_step(self.router.bias_E, self.pending_counts_E, self.aux_free.rate)
-        self.pending_counts_E.zero_()
+        if self.balancer is not None:
+            self.balancer.step(self.router.bias_E)
+
+
+def _autocast_on(x: Tensor) -> bool:
+    """Whether autocast is on for x's device (mixed dtypes are then intended); False for devices without autocast."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # e.g. the meta device
+        return False
+
+
+def _free_experts_old_keys(state_dict, prefix, *args) -> None:
+    """Checkpoints from before compute-free experts became a layer part kept them under ``router.free_experts``."""
+    old = prefix + "router.free_experts."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "free_experts." + key[len(old):]] = state_dict.pop(key)
 
 
 def aux_loss(model: nn.Module) -> Tensor:
     """Sum of the weighted aux losses of every MoE layer's last call (0 if there are none)."""
     total: Tensor | float = 0.0
-    for _, m in _moe_layers(model):
+    for _, m in moe_layers(model):
         if m.last_aux_loss is not None:
             total = total + m.last_aux_loss
     return total if isinstance(total, Tensor) else torch.zeros(())
@@ -232,7 +377,7 @@ def aux_loss(model: nn.Module) -> Tensor:
 
 def update_balance_bias(model: nn.Module) -> None:
     """Run the auxiliary-loss-free bias update of every MoE layer; call after ``optimizer.step()``."""
-    for _, m in _moe_layers(model):
+    for _, m in moe_layers(model):
         m.update_bias()
 
 

@@ -8,6 +8,8 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
+from .walk import moe_layers
+
 
 @dataclass(frozen=True)
 class RoutingStats:
@@ -56,12 +58,7 @@ class RoutingStats:
         }
 
 
-def _moe_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    from .layer import MoE
-
-    for name, m in model.named_modules():
-        if isinstance(m, MoE):
-            yield name, m
+_moe_layers = moe_layers  # the older private name, still imported by moekit.parallel and moekit.convert
 
 
 def routing_stats(model: nn.Module) -> dict[str, RoutingStats]:

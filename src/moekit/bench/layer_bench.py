@@ -138,20 +138,26 @@ def _fwd_bwd(m: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], object]:
 
 
 def run_shape(shape: Shape, repeats: int, modes=("fwd", "fwd+bwd"), include_hf: bool = True,
-              progress: Callable[[], None] | None = None) -> list[dict]:
+              progress: Callable[[], None] | None = None, dtype: torch.dtype = torch.float32,
+              compiled: bool = False) -> list[dict]:
+    """One shape, every implementation interleaved. ``dtype``: parameters and inputs (float32 or bfloat16);
+    ``compiled``: add ``torch.compile(moekit layer)`` (inductor, static shapes; compile time is not timed)."""
     torch.manual_seed(0)
-    moe = MoE(shape.D, shape.E, router=TopK(k=shape.k), experts=SwiGLU(hidden_dim=shape.F))
-    x_TD = torch.randn(shape.T, shape.D)
+    moe = MoE(shape.D, shape.E, router=TopK(k=shape.k), experts=SwiGLU(hidden_dim=shape.F)).to(dtype)
+    x_TD = torch.randn(shape.T, shape.D, dtype=dtype)
     x_BSD = x_TD.view(1, shape.T, shape.D)
-    impls: dict[str, Callable[[Tensor], Tensor]] = {"moekit": moe, "per-expert-loop": lambda x: per_expert_loop(moe, x)}
+    impls: dict[str, Callable[[Tensor], Tensor]] = {"moekit": moe}
+    if compiled:
+        impls["moekit-compiled"] = torch.compile(moe)
+    impls["per-expert-loop"] = lambda x: per_expert_loop(moe, x)
     if include_hf:
         # batched_mm copies the expert weights per token: only where that stays small (decode).
         blocks = hf_blocks(shape, allow_batched=shape.T * shape.k * 3 * shape.F * shape.D * 4 < 2**31)
-        impls.update({name: _hf_call(b) for name, b in blocks.items()})
+        impls.update({name: _hf_call(b.to(dtype)) for name, b in blocks.items()})
     rows = []
     if shape.decode:
         bw = copy_bandwidth()
-        expert_bytes = 3 * shape.F * shape.D * 4
+        expert_bytes = 3 * shape.F * shape.D * x_TD.element_size()
 
         def memory_floor() -> float:
             with torch.no_grad():
@@ -160,27 +166,29 @@ def run_shape(shape: Shape, repeats: int, modes=("fwd", "fwd+bwd"), include_hf: 
 
         fns = {name: _fwd(m, x_TD) for name, m in impls.items()}
         res = interleaved(fns, memory_floor, repeats, progress=progress)
-        rows += _rows(shape, "fwd", res, floor_name=f"memory floor ({bw / 1e9:.1f} GB/s copy)")
+        rows += _rows(shape, "fwd", res, floor_name=f"memory floor ({bw / 1e9:.1f} GB/s copy)", dtype=dtype)
         return rows
-    dense = DenseFFN(shape.D, shape.k * shape.F, SwiGLU())
+    dense = DenseFFN(shape.D, shape.k * shape.F, SwiGLU()).to(dtype)
     all_impls = {"dense-floor": dense, **impls}
     del x_BSD
     for mode in modes:
         make = _fwd if mode == "fwd" else _fwd_bwd
         fns = {name: make(m, x_TD) for name, m in all_impls.items()}
         res = interleaved(fns, "dense-floor", repeats, progress=progress)
-        rows += _rows(shape, mode, res, floor_name="dense-floor")
+        rows += _rows(shape, mode, res, floor_name="dense-floor", dtype=dtype)
     return rows
 
 
-def _rows(shape: Shape, mode: str, res: dict[str, Timing], floor_name: str) -> list[dict]:
+def _rows(shape: Shape, mode: str, res: dict[str, Timing], floor_name: str,
+          dtype: torch.dtype = torch.float32) -> list[dict]:
     out = []
     for name, t in res.items():
         out.append({
             "shape": shape.name, "T": shape.T, "D": shape.D, "F": shape.F, "E": shape.E, "k": shape.k,
             "mode": mode, "impl": name, "median_ms": 1e3 * t.median,
             "time_iqr_ms": [1e3 * v for v in t.time_iqr], "ratio": t.ratio, "ratio_iqr": list(t.ratio_iqr),
-            "floor": floor_name, "repeats": len(t.times),
+            "floor": floor_name, "repeats": len(t.times), "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
         })
     return out
 
@@ -211,11 +219,13 @@ def _cpu_name() -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape | mode | impl | median ms | ratio to floor | ratio IQR |", "|---|---|---|---|---|---|"]
+    lines = ["| shape | dtype | threads | mode | impl | median ms | ratio to floor | ratio IQR |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["ratio_iqr"]
         lines.append(
-            f"| {r['shape']} | {r['mode']} | {r['impl']} | {r['median_ms']:.2f} | {r['ratio']:.3f} | {lo:.3f}-{hi:.3f} |"
+            f"| {r['shape']} | {r.get('dtype', 'float32')} | {r.get('threads', '')} | {r['mode']} | {r['impl']} | "
+            f"{r['median_ms']:.2f} | {r['ratio']:.3f} | {lo:.3f}-{hi:.3f} |"
         )
     return "\n".join(lines)
 

@@ -14,6 +14,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("moekit.cli.bench", "benchmark MoE layers against the dense floor and Hugging Face blocks"),
     "compare": ("moekit.cli.compare", "train one small model with several routers and tabulate quality, FLOPs, balance"),
     "train-ep": ("moekit.cli.train_ep", "train a small MoE with expert x data parallelism (run under torchrun)"),
+    "train-lm": ("moekit.cli.train_lm", "train an MoE LM + dense baseline on Bible/Wikipedia/code; save as Qwen3-MoE"),
+    "generate": ("moekit.cli.generate", "generate from an HF MoE checkpoint with experts on disk under a memory budget"),
+    "compress": ("moekit.cli.compress", "prune or merge experts of an HF MoE checkpoint into a smaller checkpoint"),
 }
 
 

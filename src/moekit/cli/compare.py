@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from ._validate import out_dir, positive_int
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--task", choices=("all", "lm", "digits"), default="all",
@@ -11,12 +13,12 @@ def add_arguments(parser) -> None:
                         help="comma-separated LM runs (preset or registered router names; default: all runnable)")
     parser.add_argument("--smear", default=None,
                         help="comma-separated digits runs (default: all: smear,tag,top1,st_gumbel,reinforce,...)")
-    parser.add_argument("--steps", type=int, default=None, help="LM training steps (default 300; --quick 4)")
-    parser.add_argument("--digits-steps", type=int, default=None, help="digits training steps (default 1500; --quick 6)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="LM training steps (default 300; --quick 4)")
+    parser.add_argument("--digits-steps", type=positive_int, default=None, help="digits training steps (default 1500; --quick 6)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads (default 1: on a shared CPU more threads can be many times slower)")
-    parser.add_argument("--out", default="compare-results", help="output folder (compare.md, compare.json, compare.png)")
+    parser.add_argument("--out", type=out_dir, default="compare-results", help="output folder (compare.md, compare.json, compare.png)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: small models, a few steps")
     parser.add_argument("--list", action="store_true", help="list the runnable configurations and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._validate import nonnegative_int, out_file, positive_int
+
 
 def add_arguments(parser) -> None:
     from dataclasses import fields
@@ -27,8 +29,9 @@ def add_arguments(parser) -> None:
             parser.add_argument(flag, type=int, nargs="+", default=list(f.default), help=helps[f.name])
         else:
             kind = {"int": int, "float": float, "str": str}[f.type] if isinstance(f.type, str) else f.type
+            kind = {"steps": positive_int, "threads": nonnegative_int}.get(f.name, kind)
             parser.add_argument(flag, type=kind, default=f.default, help=(helps.get(f.name, "") + f" (default {f.default})"))
-    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    parser.add_argument("--out", type=out_file, default=None, help="write the results as JSON to this file")
 
 
 def config_from_args(args):

@@ -3,7 +3,6 @@ digits classifier with per-example adapters (SMEAR and its baselines) on a froze
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from ..experts.bank import MLP
 from ..layer import MoE
 from ..merging import SMEAR
+from ..routers.base import RouterSpec
 
 
 class CausalSelfAttention(nn.Module):
@@ -36,16 +36,16 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, heads)
         self.ffn = ffn
-        spec = getattr(getattr(ffn, "config", None), "router", None)
-        self.wants_prev_logits = bool(getattr(spec, "gating_residual", False))
-        self.wants_token_ids = getattr(spec, "type_name", "") == "hash"  # hash routing reads the token ids
+        # what the router declares it reads (MoE++ gating residuals, hash routing's token ids)
+        self.wants_prev_logits = isinstance(ffn, MoE) and ffn.router_spec is not None and ffn.needs_prev_logits
+        self.wants_token_ids = isinstance(ffn, MoE) and ffn.needs_token_ids
 
     def forward(self, x_BLD: Tensor, prev_logits: Tensor | None, ids_BL: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         x_BLD = x_BLD + self.attn(self.ln1(x_BLD))
         h = self.ln2(x_BLD)
         if isinstance(self.ffn, MoE):
             out = self.ffn.forward_with_aux(h, prev_logits=prev_logits if self.wants_prev_logits else None,
-                                            task=ids_BL if self.wants_token_ids else None)
+                                            token_ids=ids_BL if self.wants_token_ids else None)
             return x_BLD + out.y, out.assignment.logits_TE, out.aux_loss
         return x_BLD + self.ffn(h), None, h.new_zeros(())
 
@@ -81,9 +81,7 @@ def moe_factory(dim: int, num_experts: int, hidden: int, router: Any, balance: t
     field gets it turned on from the second layer (MoE++)."""
 
     def make(i: int) -> nn.Module:
-        r = router
-        if dataclasses.is_dataclass(r) and hasattr(r, "gating_residual"):
-            r = dataclasses.replace(r, gating_residual=i > 0)
+        r = router.at_layer(i) if isinstance(router, RouterSpec) else router
         return MoE(dim, num_experts, router=r, experts=experts or MLP(hidden_dim=hidden, activation="gelu"),
                    balance=balance, dispatch=dispatch)
 

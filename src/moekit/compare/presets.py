@@ -13,8 +13,10 @@ from typing import Any
 
 from ..spec import SPECS, spec_from_dict
 
-# routers that need a task id per token; the LM has no tasks
-TASK_ROUTERS = ("multi_gate", "task_embed", "task_experts", "pathway")
+
+def _task_conditioned(router: str) -> bool:
+    """Does the registered router read task ids (the LM has no tasks)? The spec declares it."""
+    return bool(SPECS.get(f"router:{router}").task_conditioned)
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def lm_choices() -> tuple[dict[str, LMPreset], dict[str, str]]:
         else:
             skipped[p.name] = f"router {p.router!r} is not registered in this install"
     for r in sorted(routers - covered):
-        if r in TASK_ROUTERS:
+        if _task_conditioned(r):
             skipped[r] = "needs task ids (the LM task has none)"
             continue
         preset = LMPreset(r, r, {}, SWITCH, note="registered router, default spec + LB 0.01")

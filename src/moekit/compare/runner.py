@@ -16,7 +16,6 @@ routing changes. Numbers are measured on the held-out split after training:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layer import MoE, update_balance_bias
+from ..models.flops import expert_pair_flops_E, moe_router_flops
+from ..routers.smoe_dropout import advance_smoe_dropout
+from ..routers.thor import thor_consistency_loss
 from ..merging import reinforce_loss, set_step
 from ..spec import spec_from_dict
 from ..stats import track_routing
@@ -91,23 +93,9 @@ def _lr_lambda(warmup: int) -> Callable[[int], float]:
 
 
 # ---------------------------------------------------------------------------------------------------------- LM
-def _bank_flops_E(experts: nn.Module) -> Tensor:
-    """Forward FLOPs per (token, expert) pair of each expert in a bank (matmuls only)."""
-    D, E = experts.dim, experts.num_experts
-    if hasattr(experts, "w_down_ERD"):  # Autonomy-of-Experts: x W_down is the router; a_e W_up, x W3, h W2
-        return torch.full((E,), 2.0 * (experts.rank * experts.hidden_dim + 2 * D * experts.hidden_dim), dtype=torch.float64)
-    glu = getattr(experts, "w13_E2FD", None) is not None or getattr(experts, "w3_SD", None) is not None
-    hidden = getattr(experts, "hidden_dims", None)  # heterogeneous banks (HMoE)
-    if hidden is None:
-        hidden = [experts.hidden_dim] * E
-    return 2.0 * (3 if glu else 2) * D * torch.as_tensor(list(hidden), dtype=torch.float64)
-
-
-def _router_flops(router: nn.Module, experts: nn.Module | None = None) -> float:
-    """A learned router's matrices (one multiply-add per weight per token); AoE's norm router reads x W_down of
-    every expert; frozen routers keep their weights in buffers (SMoE-Dropout), counted too."""
-    if experts is not None and hasattr(experts, "w_down_ERD"):
-        return 2.0 * experts.w_down_ERD.numel()
+def _router_flops(router: nn.Module) -> float:
+    """A SMEAR router's matrices (one multiply-add per weight per token). MoE layers use their router spec's
+    ``flops_per_token`` instead (:func:`moekit.models.flops.moe_router_flops`)."""
     mats = [t for _, t in list(router.named_parameters()) + list(router.named_buffers()) if t.dim() >= 2 and t.is_floating_point()]
     return 2.0 * sum(t.numel() for t in mats)
 
@@ -138,9 +126,7 @@ def build_lm(preset: LMPreset, cfg: LMConfig, vocab: int) -> TinyLM:
         factory = lambda i: MLP(hidden_dim=hidden, activation="gelu").build_dense(cfg.dim)
         return TinyLM(vocab, cfg.dim, cfg.layers, cfg.heads, cfg.seq, factory)
     experts, balance_kw = _experts_spec(preset, hidden)
-    router = preset.router_spec()
-    if preset.router == "smoe_dropout":  # the k schedule spans this run's step budget
-        router = dataclasses.replace(router, total_steps=cfg.steps)
+    router = preset.router_spec().for_step_budget(cfg.steps)  # e.g. SMoE-Dropout's k schedule spans the run
     balance = tuple(
         spec_from_dict("balance", {"type": n, **kw, **balance_kw.get(n, {})}) for n, kw in preset.balance
     )
@@ -167,8 +153,9 @@ def _lm_costs(model: TinyLM, stats: dict) -> tuple[float, float, float, dict]:
     for name, m in model.named_modules():
         if isinstance(m, MoE):
             s = stats[name]
-            f = float((s.tokens_per_expert_E.double() * _bank_flops_E(m.experts)).sum()) / s.num_tokens
-            f += _router_flops(m.router, m.experts)
+            pair_E = expert_pair_flops_E(m.config.experts, m.dim, m.num_experts)
+            f = float((s.tokens_per_expert_E.double() * pair_E).sum()) / s.num_tokens
+            f += moe_router_flops(m)
             flops += f
             epts.append(s.experts_per_token)
             loads.append(s.max_over_mean)
@@ -184,11 +171,8 @@ def _lm_costs(model: TinyLM, stats: dict) -> tuple[float, float, float, dict]:
 def train_lm(preset: LMPreset, cfg: LMConfig, data: TextData, tick: Callable[[], None] = lambda: None) -> RunResult:
     torch.manual_seed(cfg.seed)
     model = build_lm(preset, cfg, data.vocab)
-    thor_consistency_loss = advance_smoe_dropout = None
-    if preset.router == "thor":
-        from ..routers.thor import thor_consistency_loss
-    if preset.router == "smoe_dropout":
-        from ..routers.smoe_dropout import advance_smoe_dropout
+    spec = preset.router_spec()
+    two_passes = spec is not None and spec.consistency_passes == 2
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -199,7 +183,7 @@ def train_lm(preset: LMPreset, cfg: LMConfig, data: TextData, tick: Callable[[],
         logits, aux = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         total = loss + aux
-        if preset.router == "thor":  # a second stochastic pass and the symmetric-KL consistency term
+        if two_passes:  # THOR: a second stochastic pass and the symmetric-KL consistency term
             logits2, aux2 = model(x)
             loss2 = F.cross_entropy(logits2.reshape(-1, logits2.shape[-1]), y.reshape(-1))
             total = loss + loss2 + aux + aux2 + thor_consistency_loss(logits, logits2, alpha=cfg.thor_alpha)
@@ -209,8 +193,7 @@ def train_lm(preset: LMPreset, cfg: LMConfig, data: TextData, tick: Callable[[],
         opt.step()
         sched.step()
         update_balance_bias(model)  # aux-free bias step after the optimiser step (no-op for other layers)
-        if preset.router == "smoe_dropout":
-            advance_smoe_dropout(model)
+        advance_smoe_dropout(model)  # SMoE-Dropout's k schedule (no-op for other routers)
         running.append(float(loss.detach()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             curve.append((step + 1, sum(running) / len(running)))

@@ -14,6 +14,9 @@ Initialisations (``init``):
   bias is shared as ``b2 / E`` (MoEfication, Zhang et al. 2022). With every slice active and unit weights
   (``UnitGate(TopK(k=E))``) the experts add up to the dense FFN exactly; with k < E it is an approximation.
 - ``"random"``: experts of the dense FFN's size drawn from N(0, std of the matching dense weight), zero biases.
+- ``"cluster"``: like ``"split"``, but each expert's F/E neurons are a cluster of a balanced k-means on the neurons'
+  gate weights, and the router starts at the clusters' mean gate rows (MoEfication; see ``moekit.convert.moefy``,
+  whose ``moefy_`` also clusters on calibration activations and fits the routers to them).
 
 Which FFNs (``layers``): ``None`` (every block), block indices (negative counts from the end), a regular expression
 searched in the FFN's module name, a list of exact module names, or ``filter_fn(name, module) -> bool``. Block
@@ -43,7 +46,7 @@ from ..stats import _moe_layers
 from .ffn_forms import DenseWeights, FFNSite, UpcycledFFN, detect_form, find_site_in_block
 from .unit_gate import UnitGate
 
-INITS = ("copy", "split", "random")
+INITS = ("copy", "split", "random", "cluster")
 HANDLE_ATTR = "_moekit_upcycle"
 
 # model_type -> regular expression of the transformer blocks' module names (group 1: the block index)
@@ -321,16 +324,22 @@ def _site_by_name(model: nn.Module, name: str) -> FFNSite:
 
 def _build_moe(dw: DenseWeights, cfg: UpcycleConfig, gen: torch.Generator, site: str) -> MoE:
     E, F_ = cfg.num_experts, dw.hidden_dim
-    if cfg.init == "split" and F_ % E:
+    if cfg.init in ("split", "cluster") and F_ % E:
         raise ValueError(
-            f"upcycle: init='split' needs num_experts={E} to divide the FFN hidden size {F_} (at {site!r})"
+            f"upcycle: init={cfg.init!r} needs num_experts={E} to divide the FFN hidden size {F_} (at {site!r})"
         )
-    hidden = F_ // E if cfg.init == "split" else F_
+    hidden = F_ // E if cfg.init in ("split", "cluster") else F_
     kind = SwiGLU if dw.glu else MLP
     experts = kind(hidden_dim=hidden, activation=dw.activation, bias=dw.bias)
     moe = MoE(dw.dim, E, router=cfg.router, experts=experts, dispatch=cfg.dispatch, balance=cfg.balance)
-    _INITS[cfg.init](moe.experts, dw, cfg, gen)
-    _init_router(moe.router, cfg.router_std, gen)
+    if cfg.init == "cluster":  # neurons clustered into experts, router from the clusters (convert/moefy.py)
+        from .moefy import init_cluster_
+
+        _init_router(moe.router, cfg.router_std, gen)
+        init_cluster_(moe, dw, cfg, gen)
+    else:
+        _INITS[cfg.init](moe.experts, dw, cfg, gen)
+        _init_router(moe.router, cfg.router_std, gen)
     ref = dw.w1_FD
     return moe.to(device=ref.device, dtype=ref.dtype)
 

@@ -7,8 +7,10 @@
 The JSON holds the :class:`UpcycleConfig` with ``layers`` set to the exact module names that were replaced, the
 model class and Hugging Face config, and each MoE layer's sizes. The same JSON is stored in the safetensors header
 under ``moekit_upcycle``, with a random ``save_id``, so a weights file and a JSON from different saves are refused.
-Each file is written to a temporary name in the target folder and renamed into place (atomic on POSIX), so a crash
-never leaves a half-written file under the final name.
+Both files are one save of :class:`moekit.io.CheckpointWriter` (a fresh ``save-<id>`` directory committed by an
+atomic ``manifest.json`` with sizes and checksums): a crash leaves the previous save or the new one, never a mix,
+and loading verifies the checksums (``verify=False`` skips the hashing). Folders without a manifest (written by an
+older moekit) load with a :class:`LegacyCheckpointWarning`.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import dataclasses
 import json
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..io import atomic_write
+from ..io import CheckpointError, has_manifest, read_checkpoint, write_checkpoint
 from .upcycle import UpcycleConfig, get_upcycle, revert, upcycle_
 
 FORMAT = "moekit.upcycle"
@@ -32,8 +35,12 @@ WEIGHTS_NAME = "model.safetensors"
 _META_KEY = "moekit_upcycle"
 
 
-class UpcycleCheckpointError(ValueError):
+class UpcycleCheckpointError(CheckpointError):
     """The checkpoint cannot be loaded into this model (different architecture, sizes, layers or config)."""
+
+
+class LegacyCheckpointWarning(UserWarning):
+    """An upcycled checkpoint without a manifest (older moekit): loaded without integrity checks."""
 
 
 def save_upcycled(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -55,32 +62,39 @@ def save_upcycled(model: nn.Module, path: str | os.PathLike) -> Path:
         "layers": _layer_shapes(model),
     }
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_model(model, str(tmp), metadata={_META_KEY: json.dumps(meta)}))
     full = dict(meta, hf_config=hf_config.to_dict() if hasattr(hf_config, "to_dict") else None)
     text = json.dumps(full, indent=2, sort_keys=True, default=str)
-    atomic_write(folder / CONFIG_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    files = {WEIGHTS_NAME: lambda tmp: save_model(model, str(tmp), metadata={_META_KEY: json.dumps(meta)}),
+             CONFIG_NAME: text.encode("utf-8")}
+    write_checkpoint(folder, files, kind=FORMAT, meta={"save_id": meta["save_id"]}, remove=(WEIGHTS_NAME, CONFIG_NAME))
     return folder
 
 
-def load_upcycled(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_upcycled(path: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
     """Load a checkpoint written by :func:`save_upcycled`.
 
     With ``model=None`` the Hugging Face model is rebuilt from the saved config (``transformers`` class of the same
     name, in eval mode). With a model, it must be the same architecture, either dense (the saved transform is
     applied to it) or already upcycled with the same config. Raises :class:`UpcycleCheckpointError` on any
-    mismatch, leaving a given dense model unchanged.
+    mismatch, leaving a given dense model unchanged. ``verify=False`` skips the checksums (sizes are checked).
     """
     from safetensors import safe_open
     from safetensors.torch import load_model
 
     folder = Path(path)
-    meta = read_upcycle_meta(folder)
-    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-        header = (f.metadata() or {}).get(_META_KEY)
+    files = _files(folder, verify=verify)
+    meta = _read_meta_file(files[CONFIG_NAME])
+    weights = files[WEIGHTS_NAME]
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = (f.metadata() or {}).get(_META_KEY)
+    except OSError:
+        raise
+    except Exception as e:
+        raise UpcycleCheckpointError(f"corrupt weights file {weights}: {type(e).__name__}: {e}") from None
     if header is None or json.loads(header).get("save_id") != meta["save_id"]:
         raise UpcycleCheckpointError(
-            f"{folder / WEIGHTS_NAME} and {folder / CONFIG_NAME} come from different saves (save_id differs)"
+            f"{weights} and {files[CONFIG_NAME]} come from different saves (save_id differs)"
         )
     if model is None:
         model = _build_hf_model(meta)
@@ -113,7 +127,7 @@ def load_upcycled(path: str | os.PathLike, model: nn.Module | None = None) -> nn
             diff = [(a, b) for a, b in zip(meta["layers"], shapes) if a != b] or [(meta["layers"], shapes)]
             raise UpcycleCheckpointError(f"MoE layer sizes differ from the checkpoint's (saved, model): {diff[:3]}")
         try:
-            load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+            load_model(model, str(weights), strict=True)
         except RuntimeError as e:
             raise UpcycleCheckpointError(f"weights do not match the model: {e}") from e
     except UpcycleCheckpointError:
@@ -123,18 +137,37 @@ def load_upcycled(path: str | os.PathLike, model: nn.Module | None = None) -> nn
     return model
 
 
-def read_upcycle_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``upcycle.json`` of a checkpoint folder, checked for format and version."""
-    folder = Path(path)
+def _files(folder: Path, verify: bool = True) -> dict[str, Path]:
+    """Where the current save of ``folder`` keeps each file (verified), or the legacy layout with a warning."""
+    if has_manifest(folder):
+        ck = read_checkpoint(folder, kind=FORMAT, verify=verify)
+        return {name: ck.path(name) for name in (CONFIG_NAME, WEIGHTS_NAME)}
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: not an upcycled checkpoint folder")
-    meta = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            raise FileNotFoundError(f"{folder / name} not found (and no manifest.json): not an upcycled checkpoint "
+                                    "folder")
+    warnings.warn(f"{folder} has no manifest.json (written by an older moekit): loading it without integrity checks; "
+                  "save it again to convert it", LegacyCheckpointWarning, stacklevel=3)
+    return {name: folder / name for name in (CONFIG_NAME, WEIGHTS_NAME)}
+
+
+def read_upcycle_meta(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The parsed ``upcycle.json`` of a checkpoint folder, checked for format and version."""
+    return _read_meta_file(_files(Path(path), verify=verify)[CONFIG_NAME])
+
+
+def _read_meta_file(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise PermissionError(f"cannot read checkpoint config {path}: permission denied") from None
+    except ValueError as e:
+        raise UpcycleCheckpointError(f"corrupt checkpoint config {path}: {e}") from None
     if meta.get("format") != FORMAT:
-        raise UpcycleCheckpointError(f"{folder / CONFIG_NAME}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise UpcycleCheckpointError(f"{path}: format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("version") != FORMAT_VERSION:
         raise UpcycleCheckpointError(
-            f"{folder / CONFIG_NAME}: format version {meta.get('version')} is not supported (this moekit reads "
+            f"{path}: format version {meta.get('version')} is not supported (this moekit reads "
             f"version {FORMAT_VERSION})"
         )
     return meta

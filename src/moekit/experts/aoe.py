@@ -45,6 +45,11 @@ class AoEExperts(Spec):
         if self.impl not in IMPLS:
             raise ValueError(f"AoEExperts: unknown impl {self.impl!r}; valid choices: {', '.join(IMPLS)}")
 
+    def pair_flops_E(self, dim: int, num_experts: int) -> Tensor:
+        """Forward FLOPs of one (token, expert) pair: a_e W_up, x W3, h W2 (x W_down is the router's)."""
+        F_ = self.hidden_dim or 4 * dim
+        return torch.full((num_experts,), 2.0 * (self.rank * F_ + 2 * dim * F_), dtype=torch.float64)
+
     def build(self, dim: int, num_experts: int) -> "AoEBank":
         return AoEBank(num_experts, dim, self.hidden_dim or 4 * dim, self)
 

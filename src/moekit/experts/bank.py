@@ -162,8 +162,9 @@ class ExpertBank(nn.Module):
 
     # ------------------------------------------------------------------------------------------- compute
     def forward(self, x_ND: Tensor, counts_E: Tensor, expert_N: Tensor | None = None) -> Tensor:
-        if (expert_N is not None and 0 < x_ND.shape[0] <= DECODE_MAX_ROWS and self.spec.impl == "auto"
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x_ND.device.type == "cpu"):
+        # (the shape test last: under compile / export it would add a guard on the token count)
+        if (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and expert_N is not None
+                and self.spec.impl == "auto" and x_ND.device.type == "cpu" and 0 < x_ND.shape[0] <= DECODE_MAX_ROWS):
             return self._decode(x_ND, expert_N)
         impl = self.spec.impl
         offsets_E = counts_list = None

@@ -25,17 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..assignment import Assignment
-from ..balance.specs import BalanceSpec
+from ..balance.losses import size_penalty_loss  # noqa: F401  (re-exported; the loss lives in moekit.balance)
+from ..balance.specs import SizePenalty, _sizes  # noqa: F401
 from ..spec import Spec, register_spec
 from .activations import ACTIVATIONS
-
-
-def _sizes(name: str, hidden_dims) -> tuple[int, ...]:
-    dims = tuple(int(d) for d in hidden_dims)
-    if not dims or min(dims) < 1:
-        raise ValueError(f"{name}: hidden_dims must be a non-empty sequence of positive sizes, got {hidden_dims!r}")
-    return dims
 
 
 @register_spec("hetero", "experts")
@@ -58,6 +51,10 @@ class HeteroFFN(Spec):
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden_dims", _sizes("HeteroFFN", self.hidden_dims))
         ACTIVATIONS.get(self.activation)
+
+    def pair_flops_E(self, dim: int, num_experts: int) -> Tensor:
+        """Forward FLOPs of one (token, expert) pair per expert: 2 (3 if glu else 2) D F_e."""
+        return 2.0 * (3 if self.glu else 2) * dim * torch.as_tensor(self.hidden_dims, dtype=torch.float64)
 
     def build(self, dim: int, num_experts: int) -> "HeteroExpertBank":
         if len(self.hidden_dims) != num_experts:
@@ -124,32 +121,3 @@ class HeteroExpertBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"E={self.num_experts}, D={self.dim}, F={list(self.hidden_dims)}, act={self.spec.activation}"
-
-
-def size_penalty_loss(a: Assignment, hidden_dims) -> Tensor:
-    """HMoE's P-Penalty, E * sum_e (f_e F_e / mean F) P_e (f over routed pairs, P the mean router probability)."""
-    if a.scores_TE is None:
-        raise ValueError("the size penalty needs router scores (Assignment.scores_TE)")
-    if len(hidden_dims) != a.num_experts:
-        raise ValueError(f"SizePenalty: {len(hidden_dims)} hidden_dims for {a.num_experts} routed experts")
-    P_E = a.scores_TE / a.scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-    P_E = P_E.mean(0)
-    size_E = torch.tensor(hidden_dims, dtype=P_E.dtype, device=P_E.device)
-    f_E = a.counts_E().to(P_E.dtype) / max(a.num_pairs, 1)
-    return a.num_experts * (f_E * (size_E / size_E.mean()) * P_E).sum()
-
-
-@register_spec("size_penalty", "balance")
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SizePenalty(BalanceSpec):
-    """HMoE's parameter penalty ``coef * E * sum_e f_e (F_e / mean F) P_e``; pass the same ``hidden_dims`` as the
-    layer's :class:`HeteroFFN`. Default coef 0.01."""
-
-    hidden_dims: tuple[int, ...]
-    coef: float = 0.01
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden_dims", _sizes("SizePenalty", self.hidden_dims))
-
-    def loss(self, a: Assignment) -> Tensor:
-        return self.coef * size_penalty_loss(a, self.hidden_dims)

@@ -70,6 +70,10 @@ class ZeroComputeExperts(nn.Module):
     def forward(self, x_TD: Tensor, free: Assignment) -> Tensor:
         out_TD = x_TD.new_zeros(x_TD.shape)
         C = self.num_constant
+        if self.num_zero:  # 0 * weight: a NaN / Inf combine weight on a zero expert still poisons its row
+            zero_N = free.expert_N >= C + self.num_copy
+            w_T = x_TD.new_zeros(x_TD.shape[0]).index_add(0, free.token_N[zero_N], free.weight_N[zero_N].to(x_TD.dtype))
+            out_TD = out_TD + (w_T * 0).unsqueeze(-1)
         live_N = free.expert_N < C + self.num_copy  # zero experts contribute nothing: drop their pairs
         token_M, slot_M = free.token_N[live_N], free.expert_N[live_N]
         weight_M = free.weight_N[live_N].to(x_TD.dtype)

@@ -19,11 +19,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..routers.task import MultiGateRouter, PathwayGate, TaskEmbedRouter, TaskExpertsRouter
+from ..routers.task import PathwayGate
 from .evaluate import expert_usage, predict
 from .vit import MultiTaskViT
 
-_BANK_PARAMS = ("w13_E2FD", "w1_EFD", "w2_EDF", "b13_E2F", "b1_EF", "b2_ED")  # GLU banks fuse gate/up in w13
+
+def _slice_bank(experts: torch.nn.Module, num_experts: int, idx: Tensor) -> dict[str, Tensor]:
+    """The bank's per-expert tensors (leading dim E, whatever their names) restricted to experts ``idx``."""
+    return {n: t.detach().index_select(0, idx) for n, t in experts.state_dict().items()
+            if t.dim() >= 1 and t.shape[0] == num_experts}
 
 
 def _keep_by_usage(usage_E: Tensor, k: int, coverage: float, max_experts: int | None) -> list[int]:
@@ -58,41 +62,33 @@ def extract_task(model: MultiTaskViT, task: str | int, *, calibration: Tensor | 
     head = model.config.tasks[t]
     layers = model.moe_layers()
     usage = None
-    if calibration is not None and any(not isinstance(m.router, TaskExpertsRouter) for m in layers):
+    for j, moe in enumerate(layers):
+        if not moe.task_conditioned or moe.router_spec is None:
+            raise ValueError(
+                f"extract_task: MoE layer {j} uses {type(moe.router).__name__}; pathway extraction needs a task "
+                "router (multi_gate, task_embed or task_experts)"
+            )
+    if calibration is not None and any(not m.router_spec.task_level for m in layers):
         usage = expert_usage(model, calibration, t)
 
     layer_moe, moe_state = [], []
     for j, moe in enumerate(layers):
         r = moe.router
-        if isinstance(r, TaskExpertsRouter):
-            kept = list(r.expert_sets[t])
-            w_SD = r.gates[t].detach()
-            b_S = torch.zeros(len(kept), dtype=w_SD.dtype)
+        w_SD, b_S, owned = r.task_gate(t)
+        if owned is not None:  # task-level routing: the task's own experts, exactly
+            kept = owned
             expert_S = torch.arange(len(kept))
-        elif isinstance(r, (MultiGateRouter, TaskEmbedRouter)):
+        else:  # token-level routing: keep the experts the calibration set used
             E = moe.num_experts
             kept = list(range(E)) if usage is None else _keep_by_usage(usage[j], r.spec.k, coverage, max_experts)
-            if isinstance(r, MultiGateRouter):
-                w_SD = r.weight_NED[t].detach()
-                b_S = torch.zeros(E, dtype=w_SD.dtype)
-            else:
-                D = moe.dim
-                w_SD = r.gate.weight[:, :D].detach()
-                b_S = r.gate.weight[:, D:] @ r.task_vector(t)
             local = {e: i for i, e in enumerate(kept)}
             expert_S = torch.tensor([local.get(e, -1) for e in range(E)])
-        else:
-            raise ValueError(
-                f"extract_task: MoE layer {j} uses {type(r).__name__}; pathway extraction needs a task router "
-                "(multi_gate, task_embed or task_experts)"
-            )
         spec = r.spec
         gate = PathwayGate(num_scores=w_SD.shape[0], k=spec.k, normalize=spec.normalize, softmax=spec.softmax)
         d = moe.config.to_dict()
         layer_moe.append({**d, "num_experts": len(kept), "router": gate.to_dict(), "balance": []})
         idx = torch.tensor(kept)
-        bank = {n: getattr(moe.experts, n).detach().index_select(0, idx) for n in _BANK_PARAMS
-                if getattr(moe.experts, n, None) is not None}
+        bank = _slice_bank(moe.experts, moe.num_experts, idx)
         moe_state.append({"router.weight_SD": w_SD, "router.bias_S": b_S, "router.expert_S": expert_S,
                           **{f"experts.{n}": v for n, v in bank.items()}})
 

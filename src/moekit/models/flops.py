@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..spec import spec_from_dict
 from .vit import MultiTaskViT, ViTConfig
 
 _TASK_ROUTERS = ("multi_gate", "task_embed", "task_experts")
@@ -42,20 +43,10 @@ class Flops:
         return {**asdict(self), "total": self.total}
 
 
-def _gate_columns(moe: dict, task: int) -> tuple[int, int]:
-    """(input width, score columns) of an MoE block's gate for ``task``."""
-    from ..routers.task import TaskExperts
-
-    r, D, E = moe["router"], moe["dim"], moe["num_experts"]
-    kind = r.get("type")
-    if kind == "task_experts":
-        spec = TaskExperts(**{k: v for k, v in r.items() if k != "type"})
-        return D, len(spec.sets(E)[task])
-    if kind == "task_embed":
-        return D + int(r.get("task_dim", 16)), E
-    if kind == "pathway":
-        return D, int(r["num_scores"])
-    return D, E
+def _gate_macs(moe: dict, task: int) -> float:
+    """Multiply-adds per token of an MoE block's gate for ``task`` (the router spec says)."""
+    spec = spec_from_dict("router", moe["router"])
+    return spec.flops_per_token(moe["dim"], moe["num_experts"], task=task)
 
 
 def _expert_hidden(moe: dict) -> int:
@@ -96,8 +87,7 @@ def vit_flops(config: ViTConfig | MultiTaskViT, task: str | int | None = None, *
             dense += T * 2 * D * c.mlp_hidden * 2
             continue
         moe = c.moe_config(moe_blocks.index(i))
-        d_in, S = _gate_columns(moe, task)
-        gate += T * d_in * S * 2
+        gate += int(T * _gate_macs(moe, task) * 2)
         k = moe["num_experts"] if experts == "all" else int(moe["router"].get("k", 2))
         expert += T * k * 2 * D * _expert_hidden(moe) * 2
     head_spec = c.tasks[task]
@@ -124,3 +114,25 @@ def vit_flops_all_tasks(config: ViTConfig | MultiTaskViT, *, experts: str = "act
 def count_params(model) -> int:
     """Parameters (not buffers) of a module."""
     return sum(p.numel() for p in model.parameters())
+
+
+def expert_pair_flops_E(experts, dim: int, num_experts: int):
+    """Forward FLOPs (matmuls, 2 per multiply-add) of one (token, expert) pair for each expert, from the layer's
+    expert spec: ``FFN`` family ``2 (3 if glu else 2) D F``; specs with their own shape (HeteroFFN, AoEExperts)
+    say so with ``pair_flops_E(dim, num_experts)``."""
+    import torch
+
+    from ..experts.bank import FFN
+
+    if isinstance(experts, FFN):
+        F_ = experts.hidden(dim)
+        return torch.full((num_experts,), 2.0 * (3 if experts.glu else 2) * dim * F_, dtype=torch.float64)
+    return experts.pair_flops_E(dim, num_experts)
+
+
+def moe_router_flops(layer) -> float:
+    """Forward FLOPs per token of an MoE layer's router, from its spec (2 per multiply-add)."""
+    spec = layer.router_spec
+    if spec is None:
+        raise ValueError("moe_router_flops: the layer was built from a router module, not a spec")
+    return 2.0 * spec.flops_per_token(layer.dim, layer.num_experts, experts=layer.config.experts)

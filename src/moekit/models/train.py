@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,14 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layer import aux_loss
+from ..io import write_checkpoint
 from .checkpoint import (
+    FORMAT,
+    LEGACY_FILES,
     TRAINER_FILE,
     CheckpointError,
     _load_model_and_step,
     flatten_optimizer,
     load_tensors,
-    save_model,
-    save_tensors,
+    model_files,
+    tensor_bytes,
     unflatten_optimizer,
 )
 from .vit import MultiTaskViT
@@ -94,6 +98,7 @@ class MultiTaskTrainer:
         )
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.run_id = uuid.uuid4().hex  # ties every checkpoint of this run together; kept across resumes
 
     # -- data order -----------------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> Tensor:
@@ -157,40 +162,64 @@ class MultiTaskTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
-        """Trainer state first, then the weights and config, each atomically (see ``checkpoint.py``)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        """Weights, config and trainer state as one new save of ``folder``: all three files or none (see
+        :mod:`moekit.io`); the previous save stays loadable until this one is complete."""
         optim_tensors, optim_meta = flatten_optimizer(self.optimizer)
         tensors = {**optim_tensors, "rng.torch": torch.get_rng_state()}
         meta = {
             "step": str(self.step),
+            "run_id": self.run_id,
             "train_config": json.dumps(asdict(self.config)),
             "optimizer": json.dumps(optim_meta),
             "history": json.dumps(self.history),
         }
-        save_tensors(folder / TRAINER_FILE, tensors, meta)
-        return save_model(folder, self.model, step=self.step)
+        files = {TRAINER_FILE: tensor_bytes(tensors, meta),
+                 **model_files(self.model, self.step, {"run_id": self.run_id})}
+        write_checkpoint(folder, files, kind=FORMAT, meta={"step": self.step, "run_id": self.run_id},
+                         remove=LEGACY_FILES)
+        return Path(folder)
 
     @classmethod
     def resume(cls, folder: str | os.PathLike, data, *, config: TrainConfig | None = None, progress: bool = True,
-               desc: str = "train") -> "MultiTaskTrainer":
-        """Rebuild model, optimizer, step, history and RNG state from ``folder``; ``config`` may raise ``steps``."""
-        model, step = _load_model_and_step(folder)
-        tensors, meta = load_tensors(Path(folder) / TRAINER_FILE)
+               desc: str = "train", verify: bool = True) -> "MultiTaskTrainer":
+        """Rebuild model, optimizer, step, history, run id and RNG state from ``folder``. ``config`` may change
+        ``steps`` only (any other difference would not continue the same run and is refused)."""
+        model, step, files = _load_model_and_step(folder, verify=verify)
+        if TRAINER_FILE not in files:
+            raise CheckpointError(f"checkpoint {folder} has no trainer state ({TRAINER_FILE}): it holds weights only "
+                                  "(save_model); a run is resumed from a MultiTaskTrainer.save folder")
+        tensors, meta = load_tensors(files[TRAINER_FILE])
+        _, model_meta = load_tensors(files["model.safetensors"])
         try:
             saved_config = TrainConfig(**json.loads(meta["train_config"]))
             optim_state = unflatten_optimizer(tensors, json.loads(meta["optimizer"]))
             history = json.loads(meta["history"])
             trainer_step = int(meta["step"])
+            rng = tensors["rng.torch"]
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"corrupt trainer state in {folder}: {type(e).__name__}: {e}") from None
         if trainer_step != step:
             raise CheckpointError(f"checkpoint {folder}: trainer state is from step {trainer_step} but the model "
                                   f"from step {step} (an interrupted save?)")
+        run_id = meta.get("run_id")
+        if run_id != model_meta.get("run_id"):
+            raise CheckpointError(f"checkpoint {folder}: the trainer state is from another run (run {run_id}) than "
+                                  f"the weights (run {model_meta.get('run_id')}); refusing to resume")
+        if config is not None:
+            changed = sorted(k for k, v in asdict(config).items() if k != "steps" and asdict(saved_config)[k] != v)
+            if changed:
+                raise CheckpointError(
+                    f"resume({folder}): config differs from the checkpoint's run in {changed} (only steps may "
+                    f"change); saved {[(k, asdict(saved_config)[k]) for k in changed]}"
+                )
         trainer = cls(model, data, config or saved_config, progress=progress, desc=desc)
-        trainer.optimizer.load_state_dict(optim_state)
+        try:
+            trainer.optimizer.load_state_dict(optim_state)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {folder}: optimizer state does not fit the model: {e}") from None
         trainer.step, trainer.history = step, history
-        torch.set_rng_state(tensors["rng.torch"])
+        trainer.run_id = run_id or trainer.run_id
+        torch.set_rng_state(rng)
         return trainer
 
 

@@ -196,7 +196,9 @@ class Block(nn.Module):
     def forward(self, x_BTD: Tensor, task: int | None) -> Tensor:
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD))
         h = self.norm2(x_BTD)
-        return x_BTD + (self.ffn(h, task=task) if self.is_moe else self.ffn(h))
+        if not self.is_moe:
+            return x_BTD + self.ffn(h)
+        return x_BTD + self.ffn(h, task=task if self.ffn.task_conditioned else None)
 
 
 class ClassifyHead(nn.Module):

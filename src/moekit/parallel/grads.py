@@ -10,7 +10,7 @@ Convention: every rank's loss is the mean over its own micro-batch, and the glob
 
 :func:`reduce_gradients` does both by hand (flat buffers, one all-reduce per kind and dtype). :func:`wrap_ddp` lets
 DDP reduce the dense parameters (expert parameters ignored, buffers not broadcast) and leaves the expert gradients to
-:func:`reduce_expert_gradients`. FSDP2 is not supported yet.
+:func:`reduce_expert_gradients`. FSDP2: :func:`moekit.parallel.apply_fsdp` (same rules, via FSDP's reduce-scatter).
 """
 
 from __future__ import annotations

@@ -94,6 +94,9 @@ def apply_expert_parallel(
     *,
     global_balance: bool = False,
     balance_group: dist.ProcessGroup | None = None,
+    verify: bool = True,
+    check_values: bool = True,
+    seed: int | None = None,
 ) -> nn.Module:
     """Shard every MoE layer of ``model`` over the EP group (in place; returns ``model``).
 
@@ -102,13 +105,21 @@ def apply_expert_parallel(
         global_balance: replace each layer's ``SwitchLoss`` by :class:`GlobalBatchSwitchLoss`, whose expert
             frequencies are summed over ``balance_group`` (default: the whole world, i.e. every rank that sees
             different data) before the loss is computed ("Demons in the Detail", Qiu et al. 2025).
+        verify: first check that every rank of the world built the same model (configs, parameter shapes and
+            dtypes, ``seed`` when given, and with ``check_values`` the initial weights): a mismatch raises
+            :class:`moekit.parallel.ConsistencyError` on every rank, naming the field and the ranks. A collective
+            when the world has more than one rank. ``check_values=False`` when the weights are broadcast
+            (:func:`broadcast_parameters`) or loaded after this call.
     """
     from .balance import use_global_batch_balance
+    from .consistency import verify_consistent
 
     ep = groups.ep if isinstance(groups, ParallelGroups) else groups
     layers = [m for _, m in _moe_layers(model)]
     if not layers:
         raise ValueError("apply_expert_parallel: the model has no moekit.MoE layer")
+    if verify and dist.is_initialized():
+        verify_consistent(model, dist.group.WORLD, seed=seed, values=check_values)
     for layer in layers:
         shard_experts(layer, ep)
     if global_balance:

@@ -19,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from ..assignment import Assignment
+from ..numerics import renormalize
 from ..experts.zero_compute import ZeroComputeExperts
 from ..spec import register_spec
 from ._gate import linear_logits
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 
 @register_spec("adamoe", "router")
@@ -59,12 +61,22 @@ class AdaMoE(RouterSpec):
                 "would expect fewer than one true expert"
             )
 
+    @property
+    def num_free_experts(self) -> int:
+        return self.num_null
+
+    def build_free_experts(self, dim: int) -> ZeroComputeExperts:
+        return ZeroComputeExperts(dim, zero=self.num_null)
+
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        return float(dim * (num_experts + self.num_null))
+
     def build(self, dim: int, num_experts: int) -> "AdaMoERouter":
         self.validate(num_experts)
         return AdaMoERouter(dim, num_experts, self)
 
 
-class AdaMoERouter(nn.Module):
+class AdaMoERouter(Router):
     def __init__(self, dim: int, num_experts: int, spec: AdaMoE) -> None:
         super().__init__()
         self.spec = spec
@@ -72,16 +84,18 @@ class AdaMoERouter(nn.Module):
         self.num_experts = num_experts + spec.num_null
         self.gate = nn.Linear(dim, num_experts, bias=spec.router_bias)
         self.null_gate = nn.Linear(dim, spec.num_null, bias=spec.router_bias)
-        self.free_experts = ZeroComputeExperts(dim, zero=spec.num_null)
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         logits_TE = torch.cat(
             [linear_logits(self.gate, x_TD, self.spec.fp32), linear_logits(self.null_gate, x_TD, self.spec.fp32)], -1
         )
         scores_TE = logits_TE.softmax(-1)
         p_TK, idx_TK = scores_TE.topk(self.spec.k, dim=-1)
-        p_TK = p_TK.masked_fill(idx_TK >= self.num_true, 0.0)  # null experts: weight 0, renormalise the true ones
-        w_TK = p_TK / (p_TK.sum(-1, keepdim=True) + 1e-20)
+        # null experts: weight 0, renormalise the true ones. A token with non-finite scores (NaN / Inf input) keeps
+        # its NaN weights on the null experts too, so its output row is NaN, as with every other router.
+        finite_T1 = torch.isfinite(scores_TE).all(-1, keepdim=True)
+        p_TK = p_TK.masked_fill((idx_TK >= self.num_true) & finite_T1, 0.0)
+        w_TK = renormalize(p_TK)
         a = Assignment.from_topk(idx_TK, w_TK.to(x_TD.dtype), self.num_experts, scores_TE, logits_TE)
         return dataclasses.replace(a, num_free_experts=self.spec.num_null)
 

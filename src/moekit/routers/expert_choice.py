@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from ..assignment import Assignment
 from ..spec import register_spec
 from ._gate import linear_logits
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 
 @register_spec("expert_choice", "router")
@@ -62,14 +63,14 @@ class ExpertChoice(RouterSpec):
         return ExpertChoiceRouter(dim, num_experts, self)
 
 
-class ExpertChoiceRouter(nn.Module):
+class ExpertChoiceRouter(Router):
     def __init__(self, dim: int, num_experts: int, spec: ExpertChoice) -> None:
         super().__init__()
         self.spec = spec
         self.num_experts = num_experts
         self.gate = nn.Linear(dim, num_experts, bias=spec.router_bias)
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = linear_logits(self.gate, x_TD, self.spec.fp32)
         scores_TE = logits_TE.softmax(-1)

@@ -3,8 +3,8 @@
 No learned router: each token goes to one expert chosen by a fixed hash of its *token id*, with weight 1. With a
 vocabulary size, the hash is a fixed random table that gives every expert the same number of vocabulary ids (the
 paper's random hash, balanced over the vocabulary, not over token frequency); without one, a multiplicative
-(Knuth) hash of the id. The token ids are passed through the layer's ``task`` argument:
-``layer(x, task=token_ids)`` with ``token_ids`` of x's leading shape.
+(Knuth) hash of the id. The spec declares ``needs_token_ids``; pass the ids as ``layer(x, token_ids=ids)`` with
+``ids`` of x's leading shape (``task=ids``, the older spelling, still works).
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..assignment import Assignment
 from ..spec import register_spec
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 _KNUTH = 2654435761  # 2^32 / golden ratio
 
@@ -32,6 +33,7 @@ class Hash(RouterSpec):
         seed: seed of the table (or salt of the arithmetic hash).
     """
 
+    needs_token_ids = True
     vocab_size: int | None = None
     seed: int = 0
 
@@ -39,11 +41,14 @@ class Hash(RouterSpec):
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"Hash: vocab_size must be >= 1, got {self.vocab_size}")
 
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        return 0.0  # a table lookup
+
     def build(self, dim: int, num_experts: int) -> "HashRouter":
         return HashRouter(num_experts, self)
 
 
-class HashRouter(nn.Module):
+class HashRouter(Router):
     def __init__(self, num_experts: int, spec: Hash) -> None:
         super().__init__()
         self.spec = spec
@@ -58,20 +63,25 @@ class HashRouter(nn.Module):
             self.table_V = None
 
     def expert_of(self, ids: Tensor) -> Tensor:
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"Hash: token ids must be an integer tensor, got dtype {ids.dtype}")
         ids = ids.long()
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError(f"Hash: token ids must be >= 0, got {int(ids.min())}")
         if self.table_V is not None:
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.spec.vocab_size):
-                raise ValueError(f"Hash: token ids must be in [0, {self.spec.vocab_size})")
+            if ids.numel() and int(ids.max()) >= self.spec.vocab_size:
+                raise ValueError(f"Hash: token ids must be in [0, {self.spec.vocab_size}), got {int(ids.max())}")
             return self.table_V[ids]
         return ((ids * _KNUTH + self.spec.seed) % (1 << 32)) % self.num_experts
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         T = x_TD.shape[0]
-        if not isinstance(task, Tensor):
-            raise ValueError("Hash routing needs the token ids: call layer(x, task=token_ids)")
-        if task.numel() != T:
-            raise ValueError(f"Hash: got {task.numel()} token ids for {T} tokens; pass one id per token")
-        idx_T1 = self.expert_of(task.reshape(T).to(x_TD.device)).unsqueeze(1)
+        ids = ctx.token_ids_T if ctx.token_ids_T is not None else ctx.task  # task=ids: the older spelling
+        if not isinstance(ids, Tensor):
+            raise ValueError("Hash routing needs the token ids: call layer(x, token_ids=ids)")
+        if ids.numel() != T:
+            raise ValueError(f"Hash: got {ids.numel()} token ids for {T} tokens; pass one id per token")
+        idx_T1 = self.expert_of(ids.reshape(T).to(x_TD.device)).unsqueeze(1)
         return Assignment.from_topk(idx_T1, x_TD.new_ones(T, 1), self.num_experts)
 
     def extra_repr(self) -> str:

@@ -4,8 +4,9 @@ heterogeneous load-balancing loss.
 
 Experts: ids ``[0, N)`` are the layer's FFN experts (``MoE(dim, N, ...)``), then ``constant`` constant experts,
 ``copy`` copy experts and ``zero`` zero experts (the released 7B model is "16+4": 2 constant, 1 copy, 1 zero; that
-is the default here). The compute-free experts live in ``router.free_experts``
-(:class:`moekit.experts.zero_compute.ZeroComputeExperts`); their pairs never reach the expert bank.
+is the default here). The compute-free experts are a layer-level part, ``layer.free_experts``
+(:class:`moekit.experts.zero_compute.ZeroComputeExperts`, built from ``MoEPP.build_free_experts``); their pairs never
+reach the expert bank.
 
 Routing (released code, default mode):
 - l = W2 tanh(W1 x) with W1: D -> 8(N+M), W2: 8(N+M) -> N+M, no biases (``router_hidden_mult=None`` for one
@@ -37,10 +38,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..assignment import Assignment
-from ..balance.specs import BalanceSpec
+from ..balance.specs import HeteroBalanceLoss  # noqa: F401  (re-exported; it lives in moekit.balance)
+from ..numerics import at_least_fp32, renormalize
 from ..experts.zero_compute import ZeroComputeExperts
 from ..spec import register_spec
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 
 @register_spec("moepp", "router")
@@ -78,6 +81,25 @@ class MoEPP(RouterSpec):
     def num_zero_compute(self) -> int:
         return self.constant + self.copy + self.zero
 
+    @property
+    def num_free_experts(self) -> int:
+        return self.num_zero_compute
+
+    @property
+    def needs_prev_logits(self) -> bool:
+        return self.gating_residual
+
+    def at_layer(self, index: int) -> "MoEPP":
+        return dataclasses.replace(self, gating_residual=index > 0)
+
+    def build_free_experts(self, dim: int) -> ZeroComputeExperts:
+        return ZeroComputeExperts(dim, constant=self.constant, copy=self.copy, zero=self.zero)
+
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        E = num_experts + self.num_zero_compute
+        gate = dim * E if self.router_hidden_mult is None else (dim + E) * self.router_hidden_mult * E
+        return float(gate + (E * E if self.gating_residual else 0))
+
     def validate(self, num_experts: int) -> None:
         if self.k > num_experts + self.num_zero_compute:
             raise ValueError(
@@ -90,7 +112,7 @@ class MoEPP(RouterSpec):
         return MoEPPRouter(dim, num_experts, self)
 
 
-class MoEPPRouter(nn.Module):
+class MoEPPRouter(Router):
     def __init__(self, dim: int, num_experts: int, spec: MoEPP) -> None:
         super().__init__()
         self.spec = spec
@@ -102,7 +124,6 @@ class MoEPPRouter(nn.Module):
             H = spec.router_hidden_mult * E
             self.gate = nn.Sequential(nn.Linear(dim, H, bias=False), nn.Tanh(), nn.Linear(H, E, bias=False))
         self.residual = nn.Linear(E, E, bias=False) if spec.gating_residual else None
-        self.free_experts = ZeroComputeExperts(dim, constant=spec.constant, copy=spec.copy, zero=spec.zero)
         self.first_zero = E - spec.zero  # ids >= first_zero are zero experts
 
     def logits(self, x_TD: Tensor, prev_logits: Tensor | None = None) -> Tensor:
@@ -113,7 +134,7 @@ class MoEPPRouter(nn.Module):
             )
         if self.residual is None and prev_logits is not None:
             raise ValueError("MoEPP: prev_logits given but the router was built with gating_residual=False")
-        x_TD = x_TD.float() if x_TD.dtype in (torch.float16, torch.bfloat16) else x_TD  # route in float32
+        x_TD = at_least_fp32(x_TD)  # route in float32
         if isinstance(self.gate, nn.Linear):
             logits_TE = F.linear(x_TD, self.gate.weight.to(x_TD.dtype))
         else:
@@ -129,12 +150,15 @@ class MoEPPRouter(nn.Module):
             logits_TE = logits_TE + F.linear(prev_logits.to(dt), self.residual.weight.to(dt))
         return logits_TE
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None, prev_logits: Tensor | None = None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
+        prev_logits = ctx.prev_logits_TE
+        if prev_logits is not None:
+            prev_logits = prev_logits.reshape(x_TD.shape[0], -1)
         logits_TE = self.logits(x_TD, prev_logits)
         scores_TE = logits_TE.softmax(-1)
         g_TK, idx_TK = scores_TE.topk(self.spec.k, dim=-1)
         g_TK = g_TK.masked_fill(idx_TK >= self.first_zero, 0.0)
-        g_TK = g_TK / (g_TK.sum(-1, keepdim=True) + 1e-20)
+        g_TK = renormalize(g_TK)
         a = Assignment.from_topk(idx_TK, g_TK.to(x_TD.dtype), self.num_experts, scores_TE, logits_TE)
         return dataclasses.replace(a, num_free_experts=self.spec.num_zero_compute)
 
@@ -144,33 +168,3 @@ class MoEPPRouter(nn.Module):
             f"k={s.k}, ffn={self.num_ffn_experts}, constant={s.constant}, copy={s.copy}, zero={s.zero}, "
             f"gating_residual={s.gating_residual}"
         )
-
-
-def hetero_balance_loss(a: Assignment, tau: float) -> Tensor:
-    """MoE++'s heterogeneous load-balancing loss, sum_i eta_i f_i P_i over all experts (FFN and
-    zero-computation), eta_i = 1 for FFN experts and ``tau`` for the ``a.num_free_experts`` zero-computation ones;
-    f_i = (tokens that selected i) / T, P_i = mean_t p_{t,i}."""
-    if a.scores_TE is None:
-        raise ValueError("the heterogeneous balance loss needs router scores (Assignment.scores_TE)")
-    P_E = a.scores_TE.mean(0)
-    f_E = a.counts_E().to(P_E.dtype) / max(a.num_tokens, 1)
-    eta_E = torch.ones_like(P_E)
-    eta_E[a.num_bank_experts :] = tau
-    return (eta_E * f_E * P_E).sum()
-
-
-@register_spec("hetero_balance", "balance")
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HeteroBalanceLoss(BalanceSpec):
-    """MoE++ heterogeneous load balance, ``coef * sum_i eta_i f_i P_i`` (eta = 1 FFN, tau zero-computation).
-    Defaults coef 0.01, tau 0.75 (recalled from the paper)."""
-
-    coef: float = 0.01
-    tau: float = 0.75
-
-    def __post_init__(self) -> None:
-        if not self.tau > 0:
-            raise ValueError(f"HeteroBalanceLoss: tau must be > 0, got {self.tau}")
-
-    def loss(self, a: Assignment) -> Tensor:
-        return self.coef * hetero_balance_loss(a, self.tau)

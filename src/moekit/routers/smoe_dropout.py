@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from ..assignment import Assignment
 from ..spec import register_spec
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 
 @register_spec("smoe_dropout", "router")
@@ -54,12 +55,15 @@ class SMoEDropout(RouterSpec):
         if (self.k_max or num_experts) > num_experts or self.k_min > num_experts:
             raise ValueError(f"SMoEDropout: k_min/k_max must be <= the number of experts ({num_experts})")
 
+    def for_step_budget(self, steps: int) -> "SMoEDropout":
+        return dataclasses.replace(self, total_steps=max(1, steps))
+
     def build(self, dim: int, num_experts: int) -> "SMoEDropoutRouter":
         self.validate(num_experts)
         return SMoEDropoutRouter(dim, num_experts, self)
 
 
-class SMoEDropoutRouter(nn.Module):
+class SMoEDropoutRouter(Router):
     def __init__(self, dim: int, num_experts: int, spec: SMoEDropout) -> None:
         super().__init__()
         self.spec = spec
@@ -91,7 +95,7 @@ class SMoEDropoutRouter(nn.Module):
             raise ValueError(f"SMoEDropout: inference k must be in [1, {self.num_experts}], got {k}")
         self.inference_k = k
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         w = self.weight_ED.to(x_TD.dtype)
         b = None if self.bias_E_frozen is None else self.bias_E_frozen.to(x_TD.dtype)
         logits_TE = F.linear(x_TD, w, b)

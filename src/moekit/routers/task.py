@@ -1,6 +1,6 @@
 """Task-conditioned routers for multi-task MoE (M3ViT, Liang et al. 2022; Edge-MoE, Sarkar et al. 2023).
 
-Every router here is called as ``router(x_TD, task=t) -> Assignment`` where ``t`` is an integer task id, a 0-d
+Every router here is called as ``router(x_TD, ctx) -> Assignment`` with ``ctx.task = t`` (``router(x_TD, task=t)`` also works), where ``t`` is an integer task id, a 0-d
 tensor, or a 1-D long tensor giving each token's task. Gates follow M3ViT's ``noisy_vmoe`` gate:
 p = softmax(x W) over the experts the task may use, the k largest are selected and their probabilities are the
 combine weights (not renormalised unless ``normalize=True``).
@@ -29,8 +29,10 @@ from torch import Tensor, nn
 
 from ..approx.softmax import SOFTMAX_MODES, softmax
 from ..assignment import Assignment
+from ..numerics import renormalize
 from ..spec import register_spec
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 
 def task_ids(task, num_tasks: int, num_tokens: int, router: str) -> int | Tensor:
@@ -74,6 +76,8 @@ def _kaiming_rows(w: Tensor, fan_in: int) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _TaskGateSpec(RouterSpec):
+    task_conditioned = True  # reads ctx.task
+    task_level = False  # True: a task can only reach a fixed subset of experts (its pathway is known in advance)
     num_tasks: int
     k: int = 2
     normalize: bool = False  # M3ViT / Edge-MoE use the raw full-softmax probabilities as combine weights
@@ -96,7 +100,7 @@ class _TaskGateSpec(RouterSpec):
             raise ValueError(f"{type(self).__name__}: k={self.k} is larger than the number of experts ({num_experts})")
 
 
-class _TaskRouter(nn.Module):
+class _TaskRouter(Router):
     """Shared forward: route per task, then (for per-token tasks) merge the groups in slot-major order."""
 
     def __init__(self, dim: int, num_experts: int, spec: _TaskGateSpec) -> None:
@@ -107,8 +111,14 @@ class _TaskRouter(nn.Module):
         """(logits_TS, expert_S): gate logits over the S experts task ``t`` may use and their expert ids."""
         raise NotImplementedError
 
-    def forward(self, x_TD: Tensor, task=None) -> Assignment:
-        t = task_ids(task, self.spec.num_tasks, x_TD.shape[0], type(self.spec).__name__)
+    def task_gate(self, t: int) -> tuple[Tensor, Tensor, list[int] | None]:
+        """Task ``t``'s gate as a fixed linear map, for pathway extraction: ``(w_SD, b_S, owned)`` with logits
+        ``x w_SD^T + b_S``; ``owned`` lists the experts the S columns are (task-level routing), or None when the
+        columns are all E experts and any of them may be chosen (token-level routing)."""
+        raise NotImplementedError
+
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
+        t = task_ids(ctx.task, self.spec.num_tasks, x_TD.shape[0], type(self.spec).__name__)
         if isinstance(t, int):
             idx_TK, weight_TK, scores_TE, logits_TE = self._one_task(x_TD, t)
         else:
@@ -124,7 +134,7 @@ class _TaskRouter(nn.Module):
         top_TK = logits_TS.detach().topk(s.k, dim=-1).indices  # softmax is monotone: same choice as on probs
         weight_TK = probs_TS.gather(1, top_TK)
         if s.normalize:
-            weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
+            weight_TK = renormalize(weight_TK)
         T, E = x_TD.shape[0], self.num_experts
         if expert_S.numel() == E and bool((expert_S == torch.arange(E, device=expert_S.device)).all()):
             return top_TK, weight_TK, probs_TS, logits_TS
@@ -173,6 +183,10 @@ class MultiGate(_TaskGateSpec):
         return MultiGateRouter(dim, num_experts, self)
 
 
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        return float(dim * num_experts)  # the task's own gate
+
+
 class MultiGateRouter(_TaskRouter):
     def __init__(self, dim: int, num_experts: int, spec: MultiGate) -> None:
         super().__init__(dim, num_experts, spec)
@@ -182,6 +196,10 @@ class MultiGateRouter(_TaskRouter):
 
     def route_task(self, x_TD: Tensor, t: int) -> tuple[Tensor, Tensor]:
         return F.linear(x_TD, self.weight_NED[t].to(x_TD.dtype)), self.all_experts_E
+
+    def task_gate(self, t: int) -> tuple[Tensor, Tensor, list[int] | None]:
+        w_SD = self.weight_NED[t].detach()
+        return w_SD, torch.zeros(self.num_experts, dtype=w_SD.dtype, device=w_SD.device), None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,6 +220,9 @@ class TaskEmbedGate(_TaskGateSpec):
         super().__post_init__()
         if self.task_dim < 1:
             raise ValueError(f"TaskEmbedGate: task_dim must be >= 1, got {self.task_dim}")
+
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        return float((dim + self.task_dim) * num_experts)  # one gate over [x; tau_t]
 
     def build(self, dim: int, num_experts: int) -> "TaskEmbedRouter":
         self.validate(num_experts)
@@ -229,6 +250,11 @@ class TaskEmbedRouter(_TaskRouter):
         x_in = torch.cat([x_TD, tau.expand(x_TD.shape[0], -1)], dim=-1)
         return F.linear(x_in, self.gate.weight.to(x_TD.dtype)), self.all_experts_E
 
+    def task_gate(self, t: int) -> tuple[Tensor, Tensor, list[int] | None]:
+        # [x; tau_t] W^T = x W_x^T + (W_tau tau_t): the task vector folds into a bias
+        w = self.gate.weight.detach()
+        return w[:, : self.dim], w[:, self.dim :] @ self.task_vector(t).detach(), None
+
 
 # ---------------------------------------------------------------------------------------------------------------
 @register_spec("task_experts", "router")
@@ -244,6 +270,7 @@ class TaskExperts(_TaskGateSpec):
         expert_sets: explicit expert ids per task instead of windows, e.g. ``((0, 1, 2), (2, 3, 4))``.
     """
 
+    task_level = True
     experts_per_task: int | None = None
     expert_sets: tuple | None = None
 
@@ -282,6 +309,11 @@ class TaskExperts(_TaskGateSpec):
             if len(s) < self.k:
                 raise ValueError(f"TaskExperts: task {t} owns {len(s)} experts, fewer than k={self.k}")
 
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        sets = self.sets(num_experts)  # task t's gate covers only its own experts (mean over tasks without task=)
+        owned = len(sets[task]) if task is not None else sum(map(len, sets)) / len(sets)
+        return float(dim * owned)
+
     def build(self, dim: int, num_experts: int) -> "TaskExpertsRouter":
         self.validate(num_experts)
         return TaskExpertsRouter(dim, num_experts, self)
@@ -300,6 +332,10 @@ class TaskExpertsRouter(_TaskRouter):
 
     def route_task(self, x_TD: Tensor, t: int) -> tuple[Tensor, Tensor]:
         return F.linear(x_TD, self.gates[t].to(x_TD.dtype)), getattr(self, f"experts_{t}_M")
+
+    def task_gate(self, t: int) -> tuple[Tensor, Tensor, list[int] | None]:
+        w_SD = self.gates[t].detach()
+        return w_SD, torch.zeros(w_SD.shape[0], dtype=w_SD.dtype, device=w_SD.device), list(self.expert_sets[t])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,12 +370,15 @@ class PathwayGate(RouterSpec):
         if self.k > num_experts:
             raise ValueError(f"PathwayGate: k={self.k} is larger than the number of kept experts ({num_experts})")
 
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        return float(dim * self.num_scores)  # the parent gate's columns
+
     def build(self, dim: int, num_experts: int) -> "PathwayRouter":
         self.validate(num_experts)
         return PathwayRouter(dim, num_experts, self)
 
 
-class PathwayRouter(nn.Module):
+class PathwayRouter(Router):
     def __init__(self, dim: int, num_experts: int, spec: PathwayGate) -> None:
         super().__init__()
         self.spec, self.dim, self.num_experts = spec, dim, num_experts
@@ -349,7 +388,7 @@ class PathwayRouter(nn.Module):
         default_S = torch.arange(S)
         self.register_buffer("expert_S", torch.where(default_S < num_experts, default_S, -1))  # set by extract_task
 
-    def forward(self, x_TD: Tensor, task=None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         s = self.spec
         logits_TS = F.linear(x_TD, self.weight_SD.to(x_TD.dtype), self.bias_S.to(x_TD.dtype))
         probs_TS = softmax(logits_TS, -1, s.softmax)
@@ -360,7 +399,7 @@ class PathwayRouter(nn.Module):
         top_TK = choice_TS.topk(s.k, dim=-1).indices
         weight_TK = probs_TS.gather(1, top_TK)
         if s.normalize:
-            weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
+            weight_TK = renormalize(weight_TK)
         T, E = x_TD.shape[0], self.num_experts
         if logits_TS.shape[1] == E and bool((self.expert_S == torch.arange(E, device=x_TD.device)).all()):
             return Assignment.from_topk(top_TK, weight_TK.to(x_TD.dtype), E, probs_TS, logits_TS)  # nothing dropped

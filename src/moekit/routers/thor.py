@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..assignment import Assignment
 from ..spec import register_spec
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 _EVAL_MODES = ("token", "batch")
 
@@ -32,23 +33,27 @@ class THOR(RouterSpec):
         eval_mode: ``"token"``: each token draws its own random expert at inference; ``"batch"``: one draw per call.
     """
 
+    consistency_passes = 2  # train on two stochastic passes + thor_consistency_loss
     eval_mode: str = "token"
 
     def __post_init__(self) -> None:
         if self.eval_mode not in _EVAL_MODES:
             raise ValueError(f"THOR: unknown eval_mode {self.eval_mode!r}; valid choices: {', '.join(_EVAL_MODES)}")
 
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        return 0.0  # no router
+
     def build(self, dim: int, num_experts: int) -> "THORRouter":
         return THORRouter(num_experts, self)
 
 
-class THORRouter(nn.Module):
+class THORRouter(Router):
     def __init__(self, num_experts: int, spec: THOR) -> None:
         super().__init__()
         self.spec = spec
         self.num_experts = num_experts
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         T = x_TD.shape[0]
         if self.training or self.spec.eval_mode == "batch":
             e = torch.randint(self.num_experts, (1,), device=x_TD.device)

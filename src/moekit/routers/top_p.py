@@ -19,10 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from ..assignment import Assignment
-from ..balance.specs import BalanceSpec
+from ..balance.losses import router_entropy  # noqa: F401  (re-exported; it lives in moekit.balance)
+from ..balance.specs import EntropyLoss  # noqa: F401
+from ..numerics import renormalize
 from ..spec import register_spec
 from ._gate import linear_logits
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 
 @register_spec("top_p", "router")
@@ -63,14 +66,14 @@ def top_p_mask(sorted_p_TE: Tensor, threshold: float) -> Tensor:
     return before_TE <= threshold
 
 
-class TopPRouter(nn.Module):
+class TopPRouter(Router):
     def __init__(self, dim: int, num_experts: int, spec: TopP) -> None:
         super().__init__()
         self.spec = spec
         self.num_experts = num_experts
         self.gate = nn.Linear(dim, num_experts, bias=spec.router_bias)
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         s = self.spec
         T, E = x_TD.shape[0], self.num_experts
         logits_TE = linear_logits(self.gate, x_TD, s.fp32)
@@ -81,7 +84,7 @@ class TopPRouter(nn.Module):
             keep_TE[:, s.max_k :] = False
         weight_TE = sorted_TE
         if s.normalize:
-            weight_TE = sorted_TE * keep_TE / (sorted_TE * keep_TE).sum(-1, keepdim=True)
+            weight_TE = renormalize(sorted_TE * keep_TE, eps=0.0)
         # pairs rank-major: every token's first choice, then every second choice that was kept, ...
         rank_N, token_N = keep_TE.t().nonzero(as_tuple=True)
         return Assignment(
@@ -96,25 +99,3 @@ class TopPRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"threshold={self.spec.threshold}, max_k={self.spec.max_k}"
-
-
-def router_entropy(a: Assignment) -> Tensor:
-    """Mean over tokens of the router entropy -sum_e p_e log p_e (the top-p paper's dynamic loss L_d)."""
-    if a.scores_TE is None:
-        raise ValueError("the entropy loss needs router scores; the router returned an Assignment without scores_TE")
-    p_TE = a.scores_TE
-    if p_TE.dtype in (torch.float16, torch.bfloat16):
-        p_TE = p_TE.float()
-    return torch.special.entr(p_TE).sum(-1).mean()
-
-
-@register_spec("entropy", "balance")
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EntropyLoss(BalanceSpec):
-    """Router-entropy loss ``coef * mean_t(-sum_e p log p)`` (Huang et al. 2024's dynamic loss; HMoE also uses it
-    with top-p). Default coef 1e-4, the top-p paper's weight."""
-
-    coef: float = 1e-4
-
-    def loss(self, a: Assignment) -> Tensor:
-        return self.coef * router_entropy(a)

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..assignment import Assignment
+from ..numerics import HALF_DTYPES, renormalize
 from ..spec import register_spec
-from .base import RouterSpec
+from ..protocols import RouteContext
+from .base import Router, RouterSpec
 
 _SCORES = ("softmax", "sigmoid")
 _DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -49,6 +51,7 @@ class TopK(RouterSpec):
             cast back to the input dtype. ``None``: the logits' dtype.
     """
 
+    supports_replay = True
     k: int = 2
     score: str = "softmax"
     normalize: bool = True
@@ -94,12 +97,22 @@ class TopK(RouterSpec):
             # k may exceed the topk_group * E/n_group eligible experts: as in Hugging Face DeepSeek-V3, the rest of
             # the k choices then come from the masked groups (their selection score is masked, not their weight).
 
+    @property
+    def has_selection_bias(self) -> bool:
+        return self.correction_bias
+
+    def with_selection_bias(self) -> "TopK":
+        return self if self.correction_bias else dataclasses.replace(self, correction_bias=True)
+
+    def flops_per_token(self, dim: int, num_experts: int, *, experts=None, task=None) -> float:
+        return float(dim * num_experts * (2 if self.noisy_gating else 1))
+
     def build(self, dim: int, num_experts: int) -> "TopKRouter":
         self.validate(num_experts)
         return TopKRouter(dim, num_experts, self)
 
 
-class TopKRouter(nn.Module):
+class TopKRouter(Router):
     def __init__(self, dim: int, num_experts: int, spec: TopK) -> None:
         super().__init__()
         self.spec = spec
@@ -119,7 +132,7 @@ class TopKRouter(nn.Module):
         if s.logits_dtype is not None:
             x_TD = x_TD.to(getattr(torch, s.logits_dtype))
             weight, bias = self.gate.weight, self.gate.bias
-        elif s.fp32 and x_TD.dtype in (torch.float16, torch.bfloat16):
+        elif s.fp32 and x_TD.dtype in HALF_DTYPES:
             x_TD = x_TD.float()
             weight = self.gate.weight.float()
             bias = None if self.gate.bias is None else self.gate.bias.float()
@@ -154,18 +167,24 @@ class TopKRouter(nn.Module):
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         return choice_TE.topk(s.k, dim=-1).indices
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None) -> Assignment:
+    def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         s = self.spec
         logits_TE = self.logits(x_TD)
         z_TE = logits_TE if s.score_dtype is None else logits_TE.to(getattr(torch, s.score_dtype))
         scores_TE = z_TE.softmax(-1) if s.score == "softmax" else z_TE.sigmoid()
-        idx_TK = self.select(scores_TE)
+        idx_TK = self.select(scores_TE) if ctx.replay_idx_TK is None else self._replayed(ctx.replay_idx_TK, x_TD)
         weight_TK = scores_TE.gather(1, idx_TK)
         if s.normalize:
-            weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
+            weight_TK = renormalize(weight_TK)
         if s.scale != 1.0:
             weight_TK = weight_TK * s.scale
         return Assignment.from_topk(idx_TK, weight_TK.to(x_TD.dtype), self.num_experts, scores_TE, logits_TE)
+
+    def _replayed(self, idx_TK: Tensor, x_TD: Tensor) -> Tensor:
+        expected = (x_TD.shape[0], self.spec.k)
+        if tuple(idx_TK.shape) != expected:
+            raise ValueError(f"TopK replay: recorded choices have shape {tuple(idx_TK.shape)}, expected {expected}")
+        return idx_TK.to(device=x_TD.device, dtype=torch.long)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -193,7 +193,8 @@ def test_hash_without_vocabulary_is_a_fixed_function_of_the_id():
     r = _swiglu_layer(Hash(), E=4).router
     ids = torch.arange(1000)
     e = r.expert_of(ids)
-    assert torch.equal(e, r.expert_of(ids)) and e.min() >= 0 and e.max() < 4
+    knuth = [((i * 2654435761) % 2**32) % 4 for i in range(1000)]  # the documented hash, in Python ints
+    assert e.tolist() == knuth and e.min() >= 0 and e.max() < 4
     assert torch.bincount(e, minlength=4).min() > 200  # spreads ids over every expert
 
 
@@ -333,4 +334,5 @@ def test_router_built_by_name_round_trips_through_config(router, experts):
     clone = MoE.from_config(layer.config.to_dict()).eval()
     clone.load_state_dict(layer.state_dict())
     x, ids = torch.randn(2, 5, D), torch.randint(50, (2, 5))
-    assert torch.equal(clone(x, task=ids), layer(x, task=ids))
+    kw = {"token_ids": ids} if layer.needs_token_ids else {}
+    assert torch.equal(clone(x, **kw), layer(x, **kw))

@@ -51,7 +51,7 @@ def moepp_reference(layer, x, prev=None):
         total = sum(g)
         y = x_TD.new_zeros(D)
         for e, w in zip(chosen, g):
-            out = swiglu_expert(layer.experts, e, x_TD[t]) if e < N else _zc_expert(r.free_experts, e - N, x_TD[t])
+            out = swiglu_expert(layer.experts, e, x_TD[t]) if e < N else _zc_expert(layer.free_experts, e - N, x_TD[t])
             y = y + (w / (total + 1e-20)) * out
         rows.append(y)
     return torch.stack(rows).reshape(x.shape)

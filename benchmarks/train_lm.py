@@ -1,0 +1,28 @@
+"""The recorded ``moekit train-lm`` run of docs/real_models.md: an 8-expert top-2 Qwen3-MoE LM (4 layers, width 128,
+local 4k BPE) and its dense baseline with the same active parameters, on KJV Bible + Wikipedia sample + stdlib code.
+
+    python benchmarks/train_lm.py [--out /tmp/moekit_reports/train_lm] [extra train-lm flags]
+
+Resumable: run it again after an interruption and it continues from the last checkpoint in the report folder.
+Needs ``apt-get install bible-kjv`` and ``pip install --no-deps gensim`` (for its Wikipedia sample file).
+"""
+
+from __future__ import annotations
+
+import sys
+
+RECORDED = ["--steps", "250", "--minutes", "16", "--threads", "1", "--batch", "16", "--block", "128",
+            "--dim", "128", "--layers", "4", "--experts", "8", "--k", "2", "--expert-hidden", "256"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moekit.cli import main as moekit_main
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--out" not in argv:
+        argv = ["--out", "/tmp/moekit_reports/train_lm", *argv]
+    return moekit_main(["train-lm", *RECORDED, *argv])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

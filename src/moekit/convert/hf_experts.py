@@ -1,0 +1,319 @@
+"""moekit as a transformers *experts implementation*: ``experts_implementation="moekit"``.
+
+transformers (>= 5) decorates the expert bank of most MoE architectures with ``@use_experts_implementation``: the
+class keeps its weights as 3-D tensors and its ``forward(hidden_states, top_k_index, top_k_weights)`` is looked up at
+call time in ``ExpertsInterface`` under ``config._experts_implementation`` ("eager", "grouped_mm", ...). This module
+adds a ``"moekit"`` entry that runs moekit's sort-based grouped dispatch (one stable sort of the (token, expert)
+pairs, gathers whose backward is a gather, grouped GEMMs, a weighted un-permute) on the HF module's *own* weights:
+nothing is copied or converted, checkpoints and the router stay HF's.
+
+Registration: :func:`register_hf` registers explicitly. ``import moekit.convert`` also arranges it without importing
+transformers: if ``transformers.integrations.moe`` is already imported it registers at once, otherwise a one-shot
+import hook registers the moment transformers imports it (before any model can validate its
+``experts_implementation``). So ``import moekit.convert`` then ``from_config(cfg, experts_implementation="moekit")``
+works in either import order.
+
+The contract of :func:`moekit_experts_forward` (the "offload" helper calls it with a proxy holding a subset of
+experts): it reads only these attributes of ``experts_module``:
+
+==========================  ============================================================================================
+attribute                   meaning
+==========================  ============================================================================================
+``has_gate``                bool. True: ``gate_up_proj`` holds gate and up; False: ``up_proj`` holds the up projection
+``is_transposed``           bool. False: weights are ``(E, out, in)`` (``nn.Linear``); True: ``(E, in, out)``
+``is_concatenated``         bool. True: gate/up halves are ``[gate; up]``; False: interleaved ``[g0, u0, g1, u1, ...]``
+                            (only consulted with the default gate; an overridden ``_apply_gate`` splits by itself)
+``has_bias``                bool. True: ``gate_up_proj_bias`` (or ``up_proj_bias``) ``(E, 2F)`` and ``down_proj_bias``
+                            ``(E, D)`` are read
+``has_post_expert_norm``    bool. True: ``post_expert_norm`` (a module, applied per pair before weighting) is read
+``_is_expert_parallel``     bool (default False). True: expert ids outside ``[0, E)`` are sentinels and contribute zero
+``gate_up_proj`` /          the weights; ``E`` (the number of local experts) is their first dimension, and
+``up_proj``, ``down_proj``  ``top_k_index`` indexes it
+``_apply_gate``             the gating callable ``(pairs, 2F) -> (pairs, F)`` when ``has_gate``. transformers installs a
+                            default (``act_fn(gate) * up``) that this function recognises and runs itself (reading
+                            ``act_fn``); an override (gpt-oss's clamped SwiGLU with ``alpha``/``limit``, the clamped
+                            SwiGLUs of DeepSeek-V4 / Hunyuan-V4 / GLM-5, float32 SwiGLU of Beam, ...) is called as is,
+                            so its own attributes must be reachable from it (a bound method of the real module works)
+``act_fn``                  the activation, when ``has_gate`` is False or the gate is transformers' default
+==========================  ============================================================================================
+
+Any other layout flag declared by the installed ``use_experts_implementation`` decorator that this module does not know
+(checked by :func:`register_hf`) makes the forward raise when a module sets it to a non-default value, naming the
+class and the flag: a model is never run with a layout moekit does not understand.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import inspect
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..assignment import Assignment
+from ..dispatch.local import LocalDispatcher
+from ..ops.grouped import grouped_linear, grouped_mm_available
+
+NAME = "moekit"
+_HF_MOE_MODULE = "transformers.integrations.moe"
+# Layout flags of transformers' decorator that moekit_experts_forward implements (and the EP marker it handles).
+KNOWN_FLAGS = frozenset({"is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm"})
+# Flags of the installed decorator that moekit does not know, with their defaults (filled by register_hf).
+_unknown_flags: dict[str, Any] = {}
+_DISPATCHER = LocalDispatcher()  # stateless (no parameters, no buffers): safe to share
+
+
+def _where(module: Any) -> str:
+    return type(module).__qualname__
+
+
+def _uses_default_gate(module: Any) -> bool:
+    gate = getattr(type(module), "_apply_gate", None)
+    return getattr(gate, "__module__", None) == _HF_MOE_MODULE and gate.__name__ == "_default_apply_gate"
+
+
+def _check_layout(module: Any) -> None:
+    for flag, default in _unknown_flags.items():
+        value = getattr(module, flag, default)
+        if value != default:
+            raise NotImplementedError(
+                f"moekit experts implementation: {_where(module)} sets the layout flag {flag}={value!r}, which "
+                f"moekit does not implement (it knows {', '.join(sorted(KNOWN_FLAGS))}); use "
+                f"experts_implementation='grouped_mm' for this model"
+            )
+    missing = [f for f in KNOWN_FLAGS if not hasattr(module, f)]
+    if missing:
+        raise TypeError(
+            f"moekit experts implementation: {_where(module)} lacks the layout flag(s) {', '.join(sorted(missing))}; "
+            "expected a module decorated with transformers' @use_experts_implementation (or a proxy that copies them)"
+        )
+
+
+def _weight(module: Any, name: str) -> Tensor:
+    w = getattr(module, name, None)
+    if not isinstance(w, Tensor) or w.dim() != 3:
+        got = "missing" if w is None else (f"shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__)
+        raise TypeError(
+            f"moekit experts implementation: {_where(module)}.{name} must be a 3-D (experts, ., .) tensor; got {got}"
+        )
+    return w
+
+
+def _bias(module: Any, name: str, E: int, width: int) -> Tensor:
+    b = getattr(module, name, None)
+    if not isinstance(b, Tensor) or tuple(b.shape) != (E, width):
+        got = "missing" if b is None else (f"shape {tuple(b.shape)}" if isinstance(b, Tensor) else type(b).__name__)
+        raise TypeError(
+            f"moekit experts implementation: {_where(module)} declares has_bias=True but {name} is {got}; "
+            f"expected a ({E}, {width}) tensor"
+        )
+    return b
+
+
+def _as_EOI(w: Tensor, transposed: bool) -> Tensor:
+    """The weight as ``(E, out, in)`` (a view: a transposed HF weight stays contiguous for grouped_mm)."""
+    return w.transpose(-2, -1) if transposed else w
+
+
+def _default_gate(module: Any, gate_up_N2F: Tensor) -> Tensor:
+    if module.is_concatenated:
+        gate, up = gate_up_N2F.chunk(2, dim=-1)
+    else:
+        gate, up = gate_up_N2F[..., ::2], gate_up_N2F[..., 1::2]
+    return module.act_fn(gate) * up
+
+
+def _gate(m: Any, h_N: Tensor) -> Tensor:
+    if not m.has_gate:
+        return m.act_fn(h_N)
+    if _uses_default_gate(m):
+        return _default_gate(m, h_N)
+    return m._apply_gate(h_N)
+
+
+# Decode path: at most this many (token, expert) pairs on CPU without autograd run one small GEMM pair per pair
+# (no sort, no plan, no grouped kernel); generation's one-token steps are dominated by that fixed cost.
+FEW_PAIRS = 16
+
+
+def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: Tensor, w_down: Tensor,
+                       b_up: Tensor | None, b_down: Tensor | None) -> Tensor:
+    """``sum_k w * expert(x)`` pair by pair, summed in float32 for half-precision inputs (as the grouped path)."""
+    E = w_up.shape[0]
+    acc = torch.float32 if x_TD.dtype in (torch.float16, torch.bfloat16) else x_TD.dtype
+    ep = getattr(m, "_is_expert_parallel", False)
+    rows = []
+    for t, experts in enumerate(idx_TK.tolist()):
+        x_1D = x_TD[t:t + 1]
+        out_1D = x_TD.new_zeros((1, w_down.shape[1]), dtype=acc)
+        for j, e in enumerate(experts):
+            if not 0 <= e < E:
+                if ep:
+                    continue  # another rank's expert
+                raise ValueError(
+                    f"moekit experts implementation ({_where(m)}): top_k_index holds expert id {e}, outside "
+                    f"[0, {E}) (the experts in the weights), and the module is not marked expert-parallel"
+                )
+            h = F.linear(x_1D, w_up[e], None if b_up is None else b_up[e])
+            y = F.linear(_gate(m, h), w_down[e], None if b_down is None else b_down[e])
+            if m.has_post_expert_norm:
+                y = m.post_expert_norm(y)
+            out_1D = out_1D + y.to(acc) * w_TK[t, j].to(acc)
+        rows.append(out_1D)
+    return torch.cat(rows)
+
+
+def moekit_experts_forward(
+    experts_module: Any, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
+) -> Tensor:
+    """The experts' combined output ``(T, D)`` for ``hidden_states (T, D)`` routed to ``top_k_index (T, K)`` with
+    combine weights ``top_k_weights (T, K)``: ``sum_k w[t, k] * expert_{idx[t, k]}(x[t])``.
+
+    Signature and semantics are those of transformers' experts implementations (``grouped_mm_experts_forward``).
+    Reads only the attributes listed in the module docstring. Differentiable in ``hidden_states``,
+    ``top_k_weights`` and every weight. Works for any float dtype (float64 and unaligned shapes take moekit's
+    per-expert loop, float32/bfloat16 ``torch.nn.functional.grouped_mm``).
+    """
+    _check_layout(experts_module)
+    m = experts_module
+    if top_k_index.shape != top_k_weights.shape or top_k_index.dim() != 2:
+        raise ValueError(
+            f"moekit experts implementation ({_where(m)}): top_k_index {tuple(top_k_index.shape)} and top_k_weights "
+            f"{tuple(top_k_weights.shape)} must both be (tokens, k)"
+        )
+    lead = hidden_states.shape[:-1]
+    x_TD = hidden_states.reshape(-1, hidden_states.shape[-1])
+    T, K = top_k_index.shape
+    if x_TD.shape[0] != T:
+        raise ValueError(
+            f"moekit experts implementation ({_where(m)}): hidden_states has {x_TD.shape[0]} tokens but top_k_index "
+            f"has {T} rows"
+        )
+    transposed = bool(m.is_transposed)
+    up_name = "gate_up_proj" if m.has_gate else "up_proj"
+    w_up = _as_EOI(_weight(m, up_name), transposed)  # (E, 2F or F, D)
+    w_down = _as_EOI(_weight(m, "down_proj"), transposed)  # (E, D, F)
+    E = w_up.shape[0]
+    b_up = _bias(m, f"{up_name}_bias", E, w_up.shape[1]) if m.has_bias else None
+    b_down = _bias(m, "down_proj_bias", E, w_down.shape[1]) if m.has_bias else None
+    width = w_down.shape[2] * (2 if m.has_gate else 1)
+    if w_down.shape[0] != E or width != w_up.shape[1] or w_up.shape[2] != x_TD.shape[-1]:
+        raise ValueError(
+            f"moekit experts implementation ({_where(m)}): inconsistent shapes {up_name} (as out, in) "
+            f"{tuple(w_up.shape)}, down_proj {tuple(w_down.shape)}, hidden {x_TD.shape[-1]} (has_gate={m.has_gate})"
+        )
+    out_dtype = hidden_states.dtype
+    x_TD = x_TD.to(w_up.dtype)  # as transformers' grouped_mm: compute in the weights' dtype
+    if T * K <= FEW_PAIRS and x_TD.device.type == "cpu" and not torch.is_grad_enabled():
+        return _few_pairs_forward(m, x_TD, top_k_index, top_k_weights, w_up, w_down, b_up, b_down).to(
+            out_dtype).reshape(*lead, -1)
+
+    # Pairs in slot-major grid order (pair j*T + t is token t's j-th choice): moekit's grid fast path.
+    expert_N = top_k_index.t().reshape(-1)
+    weight_N = top_k_weights.t().reshape(-1)
+    token_N = torch.arange(T, device=x_TD.device).repeat(K)
+    num_slots: int | None = K
+    if getattr(m, "_is_expert_parallel", False):
+        keep_N = (expert_N >= 0) & (expert_N < E)  # sentinels (other ranks' experts) contribute zero
+        expert_N, weight_N, token_N, num_slots = expert_N[keep_N], weight_N[keep_N], token_N[keep_N], None
+    a = Assignment(token_N, expert_N, weight_N, num_tokens=T, num_experts=E, num_slots=num_slots)
+    plan = _DISPATCHER.plan(a)
+    if plan.counts_E.shape[0] != E:
+        raise ValueError(
+            f"moekit experts implementation ({_where(m)}): top_k_index holds expert ids >= {E} (the number of experts "
+            "in the weights) and the module is not marked expert-parallel"
+        )
+    x_ND = _DISPATCHER.dispatch(x_TD, plan)
+
+    # One implementation choice per call (every projection then takes the same path, one host sync at most).
+    dims = (w_up.shape[1], w_up.shape[2], w_down.shape[1], w_down.shape[2])
+    impl = "grouped_mm" if grouped_mm_available(x_ND.dtype, *dims) and x_ND.shape[0] > 0 else "loop"
+    counts_E = plan.counts_E
+    offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
+    counts_list = counts_E.tolist() if impl == "loop" else None
+
+    def proj(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        y = grouped_linear(h, w, counts_E, offsets_E, counts_list, impl)
+        return y if b is None else y + b.index_select(0, plan.expert_N)
+
+    y_ND = proj(_gate(m, proj(x_ND, w_up, b_up)), w_down, b_down)
+    if m.has_post_expert_norm:
+        y_ND = m.post_expert_norm(y_ND)
+    return _DISPATCHER.combine(y_ND, plan).to(out_dtype).reshape(*lead, -1)
+
+
+# ---------------------------------------------------------------------------------------------------- registration
+
+
+def register_hf(interface: Any = None) -> None:
+    """Register ``"moekit"`` in transformers' ``ExpertsInterface`` (imports transformers). Idempotent.
+
+    Also checks the installed decorator's layout flags: flags moekit does not know are remembered with their default
+    values, and :func:`moekit_experts_forward` raises for a module that sets one.
+    """
+    if interface is None:
+        from transformers.integrations import moe as interface  # noqa: PLC0415 (lazy: optional dependency)
+    _note_unknown_flags(interface.use_experts_implementation)
+    interface.ExpertsInterface.register(NAME, moekit_experts_forward)
+
+
+def _note_unknown_flags(decorator: Any) -> None:
+    params = inspect.signature(decorator).parameters
+    for name, p in params.items():
+        if name in ("experts_class", "experts_interface") or name in KNOWN_FLAGS:
+            continue
+        if p.kind is inspect.Parameter.KEYWORD_ONLY:
+            _unknown_flags[name] = p.default
+
+
+def is_registered() -> bool:
+    """True when transformers is imported and ``"moekit"`` is in its ``ExpertsInterface`` (never imports it)."""
+    moe = sys.modules.get(_HF_MOE_MODULE)
+    return moe is not None and NAME in moe.ExpertsInterface._global_mapping
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds ``transformers.integrations.moe`` like the normal path finder, and registers moekit right after the
+    module has executed. Removes itself after the first use."""
+
+    def find_spec(self, fullname, path, target=None):  # noqa: ANN001 (importlib protocol)
+        if fullname != _HF_MOE_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _RegisteringLoader(spec.loader)
+        _remove_hook()
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def create_module(self, spec):  # noqa: ANN001
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module) -> None:  # noqa: ANN001
+        self.inner.exec_module(module)
+        register_hf(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... for tracebacks and inspect
+        return getattr(self.inner, name)
+
+
+def _remove_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterOnImport)]
+
+
+def register_when_imported() -> None:
+    """Register now if transformers' MoE integration is already imported, else when it is (no transformers import)."""
+    moe = sys.modules.get(_HF_MOE_MODULE)
+    if moe is not None:
+        register_hf(moe)
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())

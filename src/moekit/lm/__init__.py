@@ -1,0 +1,1 @@
+"""Language models on real text: corpora, tokenizers, training (``moekit train-lm``) and pretrained loaders."""
