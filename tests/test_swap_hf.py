@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import moekit  # noqa: E402
-from moekit.convert import HFBlockAdapter, revert_hf_moe, swap_hf_moe  # noqa: E402
+from moekit.convert import HFBlockAdapter, is_hf_moe_block, revert_hf_moe, swap_hf_moe  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*experts_implementation.*")
 
@@ -55,6 +55,43 @@ def _model(name: str):
                                  q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                  v_head_dim=16)
         cls = t.DeepseekV3ForCausalLM
+    elif name in ("glm4_moe", "dots1"):  # DeepSeek-V3's block verbatim; layer 0 dense
+        cls = t.Glm4MoeForCausalLM if name == "glm4_moe" else t.Dots1ForCausalLM
+        cfg = (t.Glm4MoeConfig if name == "glm4_moe" else t.Dots1Config)(
+            **COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+            n_shared_experts=1, n_group=2, topk_group=1, num_experts_per_tok=2, first_k_dense_replace=1,
+            routed_scaling_factor=2.0)
+    elif name == "qwen3_next":  # Qwen2-MoE's block verbatim; one linear-attention (gated delta) layer
+        cfg = t.Qwen3NextConfig(**COMMON, head_dim=16, intermediate_size=96, moe_intermediate_size=32,
+                                shared_expert_intermediate_size=48, num_experts=6, num_experts_per_tok=2,
+                                layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+                                linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16)
+        cls = t.Qwen3NextForCausalLM
+    elif name == "minimax":  # Mixtral's block verbatim; one lightning-attention layer
+        cfg = t.MiniMaxConfig(**COMMON, head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                              layer_types=["linear_attention", "full_attention"], block_size=4)
+        cls = t.MiniMaxForCausalLM
+    elif name == "flex_olmo":  # OLMoE's block verbatim
+        cfg = t.FlexOlmoConfig(**COMMON, intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+        cls = t.FlexOlmoForCausalLM
+    elif name == "jamba":  # unnormalised top-k softmax, router under block.router; one Mamba layer
+        cfg = t.JambaConfig(**COMMON, intermediate_size=32, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+                            attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0, mamba_d_state=8,
+                            mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False)
+        cls = t.JambaForCausalLM
+    elif name in ("granitemoe", "granitemoeshared"):  # softmax over the top-k logits; -shared: MLP beside the block
+        shared = dict(shared_intermediate_size=24) if name == "granitemoeshared" else {}
+        cfg = (t.GraniteMoeConfig if name == "granitemoe" else t.GraniteMoeSharedConfig)(
+            **COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **shared)
+        cls = t.GraniteMoeForCausalLM if name == "granitemoe" else t.GraniteMoeSharedForCausalLM
+    elif name.startswith("deepseek_v2"):  # softmax router, group-limited by the group max; layer 0 dense
+        greedy = name == "deepseek_v2_greedy"
+        cfg = t.DeepseekV2Config(**COMMON, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8,
+                                 n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                                 routed_scaling_factor=1.5, topk_method="greedy" if greedy else "group_limited_greedy",
+                                 n_group=4, topk_group=2, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                                 qk_nope_head_dim=8, v_head_dim=16)
+        cls = t.DeepseekV2ForCausalLM
     else:
         raise AssertionError(name)
     torch.manual_seed(0)
@@ -66,8 +103,11 @@ def _model(name: str):
     return model
 
 
-MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
-EXPECTED_SWAPS = {"mixtral": 2, "qwen2_moe": 1, "qwen3_moe": 2, "olmoe": 2, "deepseek_v3": 2}
+MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "dots1", "qwen3_next", "minimax",
+          "flex_olmo", "jamba", "granitemoe", "granitemoeshared", "deepseek_v2", "deepseek_v2_greedy"]
+EXPECTED_SWAPS = {"mixtral": 2, "qwen2_moe": 1, "qwen3_moe": 2, "olmoe": 2, "deepseek_v3": 2, "glm4_moe": 1, "dots1": 1,
+                  "qwen3_next": 2, "minimax": 2, "flex_olmo": 2, "jamba": 2, "granitemoe": 2,
+                  "granitemoeshared": 2, "deepseek_v2": 1, "deepseek_v2_greedy": 1}
 
 
 def _ids(B=2, S=10, seed=3):
@@ -81,7 +121,7 @@ def test_swap_gives_same_logits_and_tokens_and_reverts(name):
     ids = _ids()
     logits0 = model(ids).logits
     gen0 = model.generate(ids, do_sample=False, max_new_tokens=8)
-    originals = {n: m for n, m in model.named_modules() if type(m).__name__.endswith(("MoeBlock", "V3MoE"))}
+    originals = {n: m for n, m in model.named_modules() if is_hf_moe_block(m)}
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     handle = swap_hf_moe(model)

@@ -7,12 +7,20 @@ The semantics of each architecture were read from the transformers 5.23 source:
 ============================  =================================================================================
 block class                   moekit layer
 ============================  =================================================================================
-MixtralSparseMoeBlock         TopK(k, softmax, normalize=True) + SwiGLU experts
-Qwen2MoeSparseMoeBlock        TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU + shared SwiGLU, shared_gate=True
+MixtralSparseMoeBlock,        TopK(k, softmax, normalize=True) + SwiGLU experts
+MiniMaxSparseMoeBlock
+Qwen2MoeSparseMoeBlock,       TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU + shared SwiGLU, shared_gate=True
+Qwen3NextSparseMoeBlock
 Qwen3MoeSparseMoeBlock        TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
-OlmoeSparseMoeBlock           TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
-DeepseekV3MoE                 TopK(k, sigmoid, normalize=norm_topk_prob, scale=routed_scaling_factor, n_group,
-                              topk_group, group_score="top2sum", correction_bias=True) + SwiGLU + shared SwiGLU
+OlmoeSparseMoeBlock,          TopK(k, softmax, normalize=norm_topk_prob) + SwiGLU experts
+FlexOlmoSparseMoeBlock
+GraniteMoeMoE,                TopK(k, softmax, normalize=True) + SwiGLU experts (router is ``block.router``)
+GraniteMoeSharedMoE
+JambaSparseMoeBlock           TopK(k, softmax, normalize=False) + SwiGLU experts (router is ``block.router``)
+DeepseekV2Moe                 TopK(k, softmax, normalize=False, scale=routed_scaling_factor[, n_group, topk_group,
+                              group_score="max"], logits_dtype="float32") + SwiGLU + shared SwiGLU
+DeepseekV3MoE, Glm4MoeMoE,    TopK(k, sigmoid, normalize=norm_topk_prob, scale=routed_scaling_factor, n_group,
+Dots1MoE                      topk_group, group_score="top2sum", correction_bias=True) + SwiGLU + shared SwiGLU
 SwitchTransformersSparseMLP   TopK(k=1, softmax, normalize=False, router_bias) + MLP(relu, no bias) experts,
                               Capacity(capacity=expert_capacity, per_sequence=True): a dropped token's MoE output
                               is zero (transformers 5.x; 4.x passed dropped tokens through scaled by their score)
@@ -94,11 +102,6 @@ def _put(dst: Tensor, src: Tensor, what: str) -> None:
         dst.copy_(src)
 
 
-def _view_param(t: Tensor) -> nn.Parameter:
-    """A new Parameter over ``t``'s storage (no copy)."""
-    return nn.Parameter(t.detach(), requires_grad=True)
-
-
 def _empty_layer(dim: int, num_experts: int, ref: Tensor, **kw: Any) -> MoE:
     """A layer with uninitialised storage of ``ref``'s dtype and device (every tensor is then written)."""
     with torch.device("meta"):
@@ -110,7 +113,8 @@ def _check_router(layer: MoE, expected: TopK, block_name: str) -> None:
     spec = getattr(layer.router, "spec", None)
     if not isinstance(layer.router, TopKRouter) or not isinstance(spec, TopK):
         raise ValueError(f"to_hf: a {block_name} needs a TopK router, the layer has {type(layer.router).__name__}")
-    fields = ("k", "score", "normalize", "scale", "n_group", "topk_group", "correction_bias", "router_bias")
+    # jitter too: a block whose router jitters (Mixtral, Switch) must not keep a jitter the layer does not have
+    fields = ("k", "score", "normalize", "scale", "jitter", "n_group", "topk_group", "correction_bias", "router_bias")
     if expected.n_group is not None:
         fields += ("group_score",)
     diff = [f"{f}={getattr(spec, f)!r} (needs {getattr(expected, f)!r})" for f in fields
@@ -181,6 +185,11 @@ def _softmax_router(gate: nn.Module, normalize: bool, jitter: float = 0.0) -> To
     return TopK(k=gate.top_k, score="softmax", normalize=normalize, jitter=jitter, fp32=False, score_dtype="float32")
 
 
+def _router_of(block: nn.Module) -> nn.Module:
+    """The block's router module: ``gate`` in most blocks, ``router`` in Jamba's."""
+    return block.gate if hasattr(block, "gate") else block.router
+
+
 def _gated_family(block: nn.Module, share: bool, router: TopK, shared: nn.Module | None,
                   shared_gate: nn.Module | None) -> MoE:
     experts = block.experts
@@ -190,7 +199,7 @@ def _gated_family(block: nn.Module, share: bool, router: TopK, shared: nn.Module
         kw["shared_experts"] = SwiGLU(hidden_dim=shared.gate_proj.out_features, activation=_activation(shared.act_fn))
         kw["shared_gate"] = shared_gate is not None
     layer = _empty_layer(D, E, experts.down_proj, **kw)
-    _read_linear(layer.router.gate, "weight", block.gate.weight, share)
+    _read_linear(layer.router.gate, "weight", _router_of(block).weight, share)
     _read_bank(layer, experts, share)
     if shared is not None:
         _read_shared(layer, shared, share)
@@ -213,7 +222,7 @@ def _write_gated_family(layer: MoE, block: nn.Module, expected: TopK, name: str,
         raise ValueError(f"to_hf: a {name} has shared experts: {shared is not None}, shared gate: "
                          f"{shared_gate is not None}; the layer: {layer.shared is not None}, "
                          f"{layer.shared_gate is not None}")
-    _put(block.gate.weight, layer.router.gate.weight, "router weight")
+    _put(_router_of(block).weight, layer.router.gate.weight, "router weight")
     _write_bank(layer, experts)
     if shared is not None:
         _write_shared(layer, shared)
@@ -229,6 +238,16 @@ def _mixtral_router(block: nn.Module) -> TopK:
 
 def _qwen_router(block: nn.Module) -> TopK:
     return _softmax_router(block.gate, normalize=bool(block.gate.norm_topk_prob))
+
+
+def _granite_router(block: nn.Module) -> TopK:
+    # softmax over the k selected float32 logits == the float32 softmax over all experts, renormalised over the k
+    return _softmax_router(block.router, normalize=True)
+
+
+def _jamba_router(block: nn.Module) -> TopK:
+    # top-k of the float32 softmax, weights left unnormalised
+    return _softmax_router(block.router, normalize=False)
 
 
 def _deepseek_router(block: nn.Module) -> TopK:
@@ -255,8 +274,34 @@ def _read_qwen2(block: nn.Module, share: bool) -> MoE:
 
 
 def _write_qwen2(layer: MoE, block: nn.Module) -> None:
-    _write_gated_family(layer, block, _qwen_router(block), "Qwen2MoeSparseMoeBlock", block.shared_expert,
+    _write_gated_family(layer, block, _qwen_router(block), type(block).__name__, block.shared_expert,
                         block.shared_expert_gate)
+
+
+def _deepseek_v2_router(block: nn.Module) -> TopK:
+    g = block.gate
+    E = g.num_experts
+    kw: dict[str, Any] = {}
+    if g.topk_method == "group_limited_greedy":
+        if g.top_k > g.topk_group * (E // g.num_group):
+            raise ValueError(f"from_hf: DeepseekV2Moe with top_k={g.top_k} > topk_group={g.topk_group} groups of "
+                             f"{E // g.num_group} experts gives the masked experts weight 0, which moekit's TopK does "
+                             "not reproduce; use top_k <= topk_group * n_routed_experts / n_group")
+        kw = dict(n_group=g.num_group, topk_group=g.topk_group, group_score="max")
+    elif g.topk_method != "greedy":
+        raise ValueError(f"from_hf: DeepseekV2Moe topk_method={g.topk_method!r} is not supported; supported: "
+                         "'greedy', 'group_limited_greedy'")
+    # float32 router, softmax, no renormalisation, routed_scaling_factor on the weights
+    return TopK(k=g.top_k, score="softmax", normalize=False, scale=float(g.routed_scaling_factor),
+                logits_dtype="float32", **kw)
+
+
+def _read_deepseek_v2(block: nn.Module, share: bool) -> MoE:
+    return _gated_family(block, share, _deepseek_v2_router(block), block.shared_experts, None)
+
+
+def _write_deepseek_v2(layer: MoE, block: nn.Module) -> None:
+    _write_gated_family(layer, block, _deepseek_v2_router(block), "DeepseekV2Moe", block.shared_experts, None)
 
 
 def _read_deepseek(block: nn.Module, share: bool) -> MoE:
@@ -266,7 +311,8 @@ def _read_deepseek(block: nn.Module, share: bool) -> MoE:
 
 
 def _write_deepseek(layer: MoE, block: nn.Module) -> None:
-    _write_gated_family(layer, block, _deepseek_router(block), "DeepseekV3MoE", block.shared_experts, None)
+    name = type(block).__name__
+    _write_gated_family(layer, block, _deepseek_router(block), name, block.shared_experts, None)
     _put(block.gate.e_score_correction_bias, layer.router.bias_E, "e_score_correction_bias (bias_E)")
 
 
@@ -335,6 +381,11 @@ class _Arch:
     read: Callable[[nn.Module, bool], MoE]
     write: Callable[[MoE, nn.Module], None]
     flat_logits: bool = True  # the HF router reports (T, E) logits (else (B, S, E))
+    router_attr: str = "gate"  # the block's router child
+    # HF router attribute -> dotted path of the moekit tensor/module holding it (what HF's _init_weights touches)
+    router_fields: tuple[tuple[str, str], ...] = (("weight", "router.gate.weight"),)
+    # the block's children -> the moekit part each one follows (dtype/device alignment on sync and revert)
+    parts: tuple[tuple[str, str], ...] = (("gate", "router"), ("experts", "experts"))
 
     def block_type(self) -> type:
         module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
@@ -344,14 +395,36 @@ class _Arch:
 _ARCHS = (
     _Arch("MixtralSparseMoeBlock", "mixtral", "mixtral", _read_plain(_mixtral_router),
           _write_plain(_mixtral_router, "MixtralSparseMoeBlock")),
-    _Arch("Qwen2MoeSparseMoeBlock", "qwen2_moe", "qwen2_moe", _read_qwen2, _write_qwen2),
+    # Qwen2-MoE's block (sigmoid-gated shared expert), verbatim in Qwen3-Next (transformers 5.24)
+    *(_Arch(block, package, package, _read_qwen2, _write_qwen2,
+            parts=(("gate", "router"), ("experts", "experts"), ("shared_expert", "shared"),
+                   ("shared_expert_gate", "shared_gate")))
+      for block, package in (("Qwen2MoeSparseMoeBlock", "qwen2_moe"), ("Qwen3NextSparseMoeBlock", "qwen3_next"))),
+    _Arch("MiniMaxSparseMoeBlock", "minimax", "minimax", _read_plain(_mixtral_router),  # Mixtral's block verbatim
+          _write_plain(_mixtral_router, "MiniMaxSparseMoeBlock")),
     _Arch("Qwen3MoeSparseMoeBlock", "qwen3_moe", "qwen3_moe", _read_plain(_qwen_router),
           _write_plain(_qwen_router, "Qwen3MoeSparseMoeBlock")),
     _Arch("OlmoeSparseMoeBlock", "olmoe", "olmoe", _read_plain(_qwen_router),
           _write_plain(_qwen_router, "OlmoeSparseMoeBlock")),
-    _Arch("DeepseekV3MoE", "deepseek_v3", "deepseek_v3", _read_deepseek, _write_deepseek),
+    _Arch("FlexOlmoSparseMoeBlock", "flex_olmo", "flex_olmo", _read_plain(_qwen_router),  # OLMoE's block verbatim
+          _write_plain(_qwen_router, "FlexOlmoSparseMoeBlock")),
+    # Granite MoE (and Granite MoE-shared, whose shared MLP sits outside the block, in the decoder layer)
+    *(_Arch(block, package, package, _read_plain(_granite_router), _write_plain(_granite_router, block),
+            router_attr="router", parts=(("router", "router"), ("experts", "experts")))
+      for block, package in (("GraniteMoeMoE", "granitemoe"), ("GraniteMoeSharedMoE", "granitemoeshared"))),
+    _Arch("JambaSparseMoeBlock", "jamba", "jamba", _read_plain(_jamba_router),
+          _write_plain(_jamba_router, "JambaSparseMoeBlock"), router_attr="router",
+          parts=(("router", "router"), ("experts", "experts"))),
+    _Arch("DeepseekV2Moe", "deepseek_v2", "deepseek_v2", _read_deepseek_v2, _write_deepseek_v2,
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
+    # DeepSeek-V3's block, router and experts, verbatim in GLM-4-MoE and dots1 (transformers 5.24)
+    *(_Arch(block, package, package, _read_deepseek, _write_deepseek,
+            router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
+            parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared")))
+      for block, package in (("DeepseekV3MoE", "deepseek_v3"), ("Glm4MoeMoE", "glm4_moe"), ("Dots1MoE", "dots1"))),
     _Arch("SwitchTransformersSparseMLP", "switch_transformers", "switch_transformers", _read_switch, _write_switch,
-          flat_logits=False),
+          flat_logits=False, router_attr="router", router_fields=(("classifier", "router.gate"),),
+          parts=(("router", "router"), ("experts", "experts"))),
 )
 SUPPORTED_BLOCKS = tuple(a.block_class for a in _ARCHS)
 
@@ -419,185 +492,5 @@ def to_hf(layer: MoE, block_or_config: Any) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- whole-model swap
-
-def _tap_init(self: nn.Module, index: int) -> None:
-    nn.Module.__init__(self)
-    self.index = index
-
-
-def _tap_forward(self: nn.Module, logits: Tensor) -> tuple:
-    out: list[Tensor | None] = [None] * (self.index + 1)
-    out[self.index] = logits
-    return tuple(out)
-
-
-_TAP_TYPES: dict[type, type] = {}
-
-
-def _logits_tap(router: nn.Module, index: int) -> nn.Module:
-    """A parameter-free module of the HF router's class whose forward only re-emits the router logits, so that
-    transformers' ``output_router_logits`` recorder (a forward hook on that class) keeps working after a swap."""
-    cls = type(router)
-    if cls not in _TAP_TYPES:
-        _TAP_TYPES[cls] = type(f"MoekitLogitsTap{cls.__name__}", (cls,),
-                               {"__init__": _tap_init, "forward": _tap_forward, "__module__": __name__})
-    tap = _TAP_TYPES[cls](index)
-    _copy_hooks(router, tap)
-    return tap
-
-
-def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
-    for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-        getattr(dst, attr).update({k: v for k, v in getattr(src, attr).items() if k not in getattr(dst, attr)})
-
-
-class HFBlockAdapter(nn.Module):
-    """A moekit layer standing in for a transformers MoE block: called like the block, returns what it returns.
-
-    ``moe`` is the :class:`moekit.MoE`; ``logits_tap`` (when present) re-emits the router logits for transformers'
-    ``output_router_logits``; ``returns_tuple`` wraps the output as ``(hidden, router_logits)`` for blocks that return
-    a tuple.
-    """
-
-    def __init__(self, moe: MoE, block_class: str, logits_tap: nn.Module | None = None, *, flat_logits: bool = True,
-                 returns_tuple: bool = False) -> None:
-        super().__init__()
-        self.moe = moe
-        self.block_class = block_class
-        self.logits_tap = logits_tap
-        self.flat_logits = flat_logits
-        self.returns_tuple = returns_tuple
-
-    def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        out = self.moe.forward_with_aux(hidden_states)
-        logits = out.assignment.logits_TE
-        if logits is not None and not self.flat_logits:
-            logits = logits.reshape(*hidden_states.shape[:-1], logits.shape[-1])
-        if self.logits_tap is not None and logits is not None:
-            self.logits_tap(logits)
-        return (out.y, logits) if self.returns_tuple else out.y
-
-    def extra_repr(self) -> str:
-        return f"replaces={self.block_class}"
-
-
-@dataclass
-class _Swapped:
-    parent: nn.Module
-    name: str
-    original: nn.Module
-    adapter: HFBlockAdapter
-    original_router: nn.Module | None
-    qualname: str
-
-
-class SwapHandle:
-    """What :func:`swap_hf_moe` did; :meth:`revert` undoes it."""
-
-    def __init__(self, model: nn.Module, swapped: list[_Swapped], share: bool) -> None:
-        self.model = model
-        self.swapped = swapped
-        self.share = share
-        self.active = True
-
-    @property
-    def names(self) -> list[str]:
-        """Qualified names of the swapped blocks (``model.layers.0.mlp`` ...)."""
-        return [s.qualname for s in self.swapped]
-
-    @property
-    def layers(self) -> list[MoE]:
-        return [s.adapter.moe for s in self.swapped]
-
-    def __len__(self) -> int:
-        return len(self.swapped)
-
-    def revert(self, *, sync: bool = True) -> nn.Module:
-        """Put the original block objects back. ``sync=True`` first writes the moekit weights into them (a no-op for
-        shared storage), so training done after the swap is kept; the originals also follow a dtype/device move made
-        after the swap."""
-        if not self.active:
-            raise RuntimeError("revert_hf_moe: this swap was already reverted")
-        for s in self.swapped:
-            if getattr(s.parent, s.name) is not s.adapter:
-                raise RuntimeError(f"revert_hf_moe: {type(s.parent).__name__}.{s.name} is no longer the moekit "
-                                   "adapter that swap_hf_moe put there; cannot revert")
-        for s in self.swapped:
-            if sync:
-                ref = s.adapter.moe.router.gate.weight
-                p = next(s.original.parameters())
-                if p.dtype != ref.dtype or p.device != ref.device:
-                    s.original.to(device=ref.device, dtype=ref.dtype)
-                to_hf(s.adapter.moe, s.original)
-            if s.original_router is not None and s.adapter.logits_tap is not None:
-                _copy_hooks(s.adapter.logits_tap, s.original_router)
-            s.original.train(s.adapter.training)
-            setattr(s.parent, s.name, s.original)
-        self.active = False
-        if getattr(self.model, "_moekit_swap", None) is self:
-            del self.model._moekit_swap
-        return self.model
-
-
-def _router_recorders(model: nn.Module) -> list[tuple[type, int]]:
-    """(router class, tuple index) pairs from which transformers records ``router_logits`` in this model."""
-    out = []
-    for m in model.modules():
-        specs = getattr(type(m), "_can_record_outputs", None)
-        rec = specs.get("router_logits") if isinstance(specs, dict) else None
-        for r in rec if isinstance(rec, list) else [rec]:
-            target = getattr(r, "target_class", None)
-            if isinstance(target, type):
-                out.append((target, int(getattr(r, "index", 0))))
-    return out
-
-
-def swap_hf_moe(model: nn.Module, *, share: bool = True) -> SwapHandle:
-    """Replace every supported MoE block of a transformers model with a moekit layer computing the same function.
-
-    ``share=True`` (default) reuses the weights' storage (no extra memory; see :func:`from_hf`); ``share=False`` copies.
-    Returns a :class:`SwapHandle`; ``handle.revert()`` or :func:`revert_hf_moe` restores the original module objects.
-    ``output_router_logits`` keeps working: each adapter re-emits its router logits through a module of the HF
-    router's class. Raises a ``ValueError`` if the model has no supported block or was already swapped.
-    """
-    if getattr(model, "_moekit_swap", None) is not None:
-        raise ValueError("swap_hf_moe: this model is already swapped onto moekit; call revert_hf_moe(model) first")
-    found: list[tuple[nn.Module, str, str, nn.Module, _Arch]] = []
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in parent.named_children():
-            arch = _arch_of(child)
-            if arch is not None:
-                found.append((parent, name, prefix + name, child, arch))
-            else:
-                visit(child, prefix + name + ".")
-
-    visit(model, "")
-    if not found:
-        raise ValueError(f"swap_hf_moe: {type(model).__name__} has no supported MoE block; supported: "
-                         f"{', '.join(SUPPORTED_BLOCKS)}")
-    recorders = _router_recorders(model)
-    swapped = []
-    if share and any(a.block_class == "SwitchTransformersSparseMLP" for *_, a in found):
-        raise ValueError("swap_hf_moe: SwitchTransformers keeps one nn.Linear per expert, which moekit's stacked bank "
-                         "cannot share; pass share=False to copy the weights")
-    for parent, name, qualname, block, arch in found:
-        layer = from_hf(block, share=share)
-        router = block.router if arch.block_class == "SwitchTransformersSparseMLP" else block.gate
-        index = next((i for cls, i in recorders if isinstance(router, cls)), None)
-        tap = _logits_tap(router, index) if index is not None else None
-        adapter = HFBlockAdapter(layer, type(block).__name__, tap, flat_logits=arch.flat_logits)
-        adapter.train(block.training)
-        setattr(parent, name, adapter)
-        swapped.append(_Swapped(parent, name, block, adapter, router, qualname))
-    handle = SwapHandle(model, swapped, share)
-    model._moekit_swap = handle
-    return handle
-
-
-def revert_hf_moe(model: nn.Module, *, sync: bool = True) -> nn.Module:
-    """Undo :func:`swap_hf_moe` on ``model`` (see :meth:`SwapHandle.revert`)."""
-    handle = getattr(model, "_moekit_swap", None)
-    if handle is None:
-        raise ValueError("revert_hf_moe: this model was not swapped with swap_hf_moe (or was already reverted)")
-    return handle.revert(sync=sync)
+# (in hf_swap.py; re-exported here so ``moekit.convert.hf`` keeps its public names)
+from .hf_swap import HFBlockAdapter, SwapHandle, revert_hf_moe, swap_hf_moe  # noqa: E402,F401

@@ -94,11 +94,8 @@ class TopK(RouterSpec):
                 raise ValueError(f"TopK: n_group={self.n_group} does not divide num_experts={num_experts}")
             if not 1 <= self.topk_group <= self.n_group:
                 raise ValueError(f"TopK: topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
-            if self.topk_group * (num_experts // self.n_group) < self.k:
-                raise ValueError(
-                    f"TopK: topk_group={self.topk_group} groups of {num_experts // self.n_group} experts "
-                    f"cannot hold k={self.k} choices"
-                )
+            # k may exceed the topk_group * E/n_group eligible experts: as in Hugging Face DeepSeek-V3, the rest of
+            # the k choices then come from the masked groups (their selection score is masked, not their weight).
 
     @property
     def has_selection_bias(self) -> bool:
