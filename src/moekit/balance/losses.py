@@ -29,6 +29,13 @@ def router_probs_TE(a: Assignment, normalize: bool = True) -> Tensor:
 _probs_TE = router_probs_TE  # the name moekit.parallel.balance imports
 
 
+def _mean(x: Tensor, dim: int | None = None) -> Tensor:
+    """``x.mean(dim)``, but zero (not NaN) over zero rows: a batch of no tokens has zero balance loss."""
+    if x.shape[0] == 0:
+        return x.sum() if dim is None else x.sum(dim)
+    return x.mean() if dim is None else x.mean(dim)
+
+
 def f_dot_p(f_E: Tensor, P_E: Tensor, eta_E: Tensor | None = None, scale: float = 1.0) -> Tensor:
     """``scale * sum_e (f_e eta_e) P_e``: the shared core of every f·P balance loss. ``f_E`` is a load fraction
     (no gradient), ``P_E`` a mean router probability; ``eta_E`` an optional per-expert weight."""
@@ -48,7 +55,7 @@ def switch_loss(a: Assignment) -> Tensor:
     """Switch / GShard load-balancing loss, E * sum_e f_e * P_e, with f_e the fraction of routed pairs that go to
     expert e (counted before capacity dropping) and P_e the mean router probability of e. Equals 1 when balanced
     (HF Mixtral's ``load_balancing_loss_func`` gives k times this value for top-k)."""
-    P_E = router_probs_TE(a).mean(0)
+    P_E = _mean(router_probs_TE(a), 0)
     f_E = load_fraction_E(a, a.scores_TE.dtype)
     return f_dot_p(f_E, P_E, scale=a.num_experts)
 
@@ -59,7 +66,7 @@ def hetero_balance_loss(a: Assignment, tau: float) -> Tensor:
     f_i = (tokens that selected i) / T, P_i = mean_t p_{t,i} (unnormalised softmax scores)."""
     if a.scores_TE is None:
         raise ValueError("the heterogeneous balance loss needs router scores (Assignment.scores_TE)")
-    P_E = router_probs_TE(a, normalize=False).mean(0)
+    P_E = _mean(router_probs_TE(a, normalize=False), 0)
     f_E = load_fraction_E(a, P_E.dtype, per="tokens")
     eta_E = torch.ones_like(P_E)
     eta_E[a.num_bank_experts :] = tau
@@ -72,7 +79,7 @@ def size_penalty_loss(a: Assignment, hidden_dims) -> Tensor:
         raise ValueError("the size penalty needs router scores (Assignment.scores_TE)")
     if len(hidden_dims) != a.num_experts:
         raise ValueError(f"SizePenalty: {len(hidden_dims)} hidden_dims for {a.num_experts} routed experts")
-    P_E = router_probs_TE(a).mean(0)
+    P_E = _mean(router_probs_TE(a), 0)
     size_E = torch.tensor(hidden_dims, dtype=P_E.dtype, device=P_E.device)
     f_E = load_fraction_E(a, P_E.dtype)
     return f_dot_p(f_E, P_E, size_E / size_E.mean(), scale=a.num_experts)
@@ -82,14 +89,14 @@ def z_loss(a: Assignment) -> Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022): mean over tokens of logsumexp(logits)^2."""
     if a.logits_TE is None:
         raise ValueError("z-loss needs router logits; the router returned an Assignment without logits_TE")
-    return torch.logsumexp(at_least_fp32(a.real_rows(a.logits_TE)), -1).pow(2).mean()
+    return _mean(torch.logsumexp(at_least_fp32(a.real_rows(a.logits_TE)), -1).pow(2))
 
 
 def router_entropy(a: Assignment) -> Tensor:
     """Mean over tokens of the router entropy -sum_e p_e log p_e (the top-p paper's dynamic loss L_d)."""
     if a.scores_TE is None:
         raise ValueError("the entropy loss needs router scores; the router returned an Assignment without scores_TE")
-    return torch.special.entr(at_least_fp32(a.real_rows(a.scores_TE))).sum(-1).mean()
+    return _mean(torch.special.entr(at_least_fp32(a.real_rows(a.scores_TE))).sum(-1))
 
 
 def cv_squared(v: Tensor) -> Tensor:
