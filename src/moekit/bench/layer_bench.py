@@ -203,7 +203,8 @@ def environment() -> dict:
     return {
         "machine": platform.machine(), "processor": platform.processor() or _cpu_name(), "python": sys.version.split()[0],
         "torch": torch.__version__, "transformers": tf, "threads": torch.get_num_threads(),
-        "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc",
+        "allocator": "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else (
+            "glibc (tuned thresholds)" if _glibc_tuned() else "glibc"),
     }
 
 
@@ -234,3 +235,9 @@ def write_jsonl(path: str, rows: list[dict], env: dict, run: int) -> None:
     with open(path, "a") as f:
         for r in rows:
             f.write(json.dumps({**env, "run": run, **r}) + "\n")
+
+
+def _glibc_tuned() -> bool:
+    from ..allocator import glibc_malloc_tuned
+
+    return glibc_malloc_tuned()

@@ -27,6 +27,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=out_file, default=None, help="append JSON lines here (default: print only)")
     parser.add_argument("--no-tcmalloc", action="store_true",
                         help="do not re-run under tcmalloc even if it is installed (glibc malloc makes floors noisy)")
+    parser.add_argument("--no-tune-malloc", action="store_true",
+                        help="leave glibc malloc's mmap/trim thresholds at their defaults (by default they are raised "
+                             "with moekit.allocator.tune_glibc_malloc, so large buffers are reused instead of "
+                             "page-faulted on every call)")
 
 
 def _maybe_reexec_with_tcmalloc(args) -> None:
@@ -38,6 +42,10 @@ def _maybe_reexec_with_tcmalloc(args) -> None:
 
 def run(args) -> int:
     _maybe_reexec_with_tcmalloc(args)
+    if not args.no_tune_malloc and "tcmalloc" not in os.environ.get("LD_PRELOAD", ""):
+        from moekit.allocator import tune_glibc_malloc
+
+        tune_glibc_malloc()
     import torch
 
     from moekit.bench import layer_bench as lb
