@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from ..spec import spec_from_dict
 from .vit import MultiTaskViT, ViTConfig
 
-_TASK_ROUTERS = ("multi_gate", "task_embed", "task_experts")
 
 
 @dataclass(frozen=True)
