@@ -21,7 +21,6 @@ from ..spec import spec_from_dict
 from .vit import MultiTaskViT, ViTConfig
 
 
-
 @dataclass(frozen=True)
 class Flops:
     patch_embed: int = 0
