@@ -6,7 +6,8 @@ from .bank import FFN, MLP, DenseFFN, ExpertBank, SwiGLU
 __all__ = ["ACTIVATIONS", "FFN", "MLP", "DenseFFN", "ExpertBank", "SwiGLU"]
 
 from .aoe import AoEExperts
+from .clamped import ClampedSwiGLU
 from .hetero import HeteroFFN, SizePenalty
 from .zero_compute import ZeroComputeExperts
 
-__all__ += ["AoEExperts", "HeteroFFN", "SizePenalty", "ZeroComputeExperts"]
+__all__ += ["AoEExperts", "ClampedSwiGLU", "HeteroFFN", "SizePenalty", "ZeroComputeExperts"]

@@ -183,12 +183,14 @@ class ExpertBank(nn.Module):
             return y if b is None else y + b[expert_N]
 
         h = proj(x_ND, self.w_in, b_in)
-        if self.spec.glu:
-            g_NF, u_NF = h.split(self.hidden_dim, dim=-1)
-            h_NF = self.act(g_NF) * u_NF
-        else:
-            h_NF = self.act(h)
+        h_NF = self.glu(h) if self.spec.glu else self.act(h)
         return proj(h_NF, self.w2_EDF, self.b2_ED)
+
+    def glu(self, h_N2F: Tensor) -> Tensor:
+        """The GLU of the fused input projection ``(rows, 2F) -> (rows, F)``: ``act(gate) * up``. A bank subclass
+        with another gating (``moekit.experts.clamped.ClampedSwiGLU``) overrides this one method."""
+        g_NF, u_NF = h_N2F.split(self.hidden_dim, dim=-1)
+        return self.act(g_NF) * u_NF
 
     def _decode(self, x_ND: Tensor, expert_N: Tensor) -> Tensor:
         """Few rows, no autograd (serving): one ``linear`` pair per *touched* expert on its contiguous weights. The
@@ -198,16 +200,13 @@ class ExpertBank(nn.Module):
         for n, e in enumerate(expert_N.tolist()):
             rows.setdefault(e, []).append(n)
         out = x_ND.new_empty(x_ND.shape[0], self.dim)
-        b_in, b2, Fh = self.b_in, self.b2_ED, self.hidden_dim
+        b_in, b2 = self.b_in, self.b2_ED
         lin = torch.nn.functional.linear
         for e, idx in rows.items():
             contiguous = idx[-1] - idx[0] + 1 == len(idx)  # sorted dispatch: the expert's rows are one slice
             sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=x_ND.device)
             h = lin(x_ND[sel], self.w_in[e], None if b_in is None else b_in[e])
-            if self.spec.glu:
-                h = self.act(h[:, :Fh]) * h[:, Fh:]
-            else:
-                h = self.act(h)
+            h = self.glu(h) if self.spec.glu else self.act(h)
             out[sel] = lin(h, self.w2_EDF[e], None if b2 is None else b2[e])
         return out
 
@@ -215,11 +214,7 @@ class ExpertBank(nn.Module):
         """Run expert ``e`` alone on ``x_TD`` (reference and inspection; not the fast path)."""
         b_in = self.b_in
         h = x_TD @ self.w_in[e].T + (0 if b_in is None else b_in[e])
-        if self.spec.glu:
-            g, u = h.split(self.hidden_dim, dim=-1)
-            h = self.act(g) * u
-        else:
-            h = self.act(h)
+        h = self.glu(h) if self.spec.glu else self.act(h)
         return h @ self.w2_EDF[e].T + (0 if self.b2_ED is None else self.b2_ED[e])
 
     def extra_repr(self) -> str:
