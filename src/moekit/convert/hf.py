@@ -45,6 +45,7 @@ transformers is imported lazily, inside functions.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -53,9 +54,14 @@ import torch
 from torch import Tensor, nn
 
 from ..dispatch.local import Capacity, CapacityDispatcher, Dropless
-from ..experts.bank import MLP, SwiGLU
+from ..experts.bank import FFN, MLP, SwiGLU
+from ..experts.clamped import ClampedSwiGLU
 from ..layer import MoE
+from ..routers.base import RouterSpec
+from ..routers.sparsemixer import SparseMixer
 from ..routers.topk import TopK, TopKRouter
+from ..routers.topk_free import TopKFree
+from ..routers.topk_softmax import TopKSoftmax
 
 # ----------------------------------------------------------------------------------------------------------- helpers
 
@@ -109,22 +115,40 @@ def _empty_layer(dim: int, num_experts: int, ref: Tensor, **kw: Any) -> MoE:
     return layer.to_empty(device=ref.device).to(ref.dtype)
 
 
-def _check_router(layer: MoE, expected: TopK, block_name: str) -> None:
+# precision fields: how a router rounds, not what it computes (a layer moved to another dtype keeps its semantics)
+_PRECISION_FIELDS = ("fp32", "logits_dtype", "score_dtype")
+
+
+def _check_router(layer: MoE, expected: RouterSpec, block_name: str) -> None:
     spec = getattr(layer.router, "spec", None)
-    if not isinstance(layer.router, TopKRouter) or not isinstance(spec, TopK):
-        raise ValueError(f"to_hf: a {block_name} needs a TopK router, the layer has {type(layer.router).__name__}")
-    # jitter too: a block whose router jitters (Mixtral, Switch) must not keep a jitter the layer does not have
-    fields = ("k", "score", "normalize", "scale", "jitter", "n_group", "topk_group", "correction_bias", "router_bias")
-    if expected.n_group is not None:
-        fields += ("group_score",)
+    if type(spec) is not type(expected):
+        raise ValueError(f"to_hf: a {block_name} needs a {type(expected).__name__} router, the layer has "
+                         f"{type(spec).__name__ if spec is not None else type(layer.router).__name__}")
+    if not isinstance(expected, TopK):
+        fields = tuple(f.name for f in dataclasses.fields(expected) if f.name not in _PRECISION_FIELDS)
+    else:
+        if not isinstance(layer.router, TopKRouter):
+            raise ValueError(f"to_hf: a {block_name} needs a TopK router, the layer has {type(layer.router).__name__}")
+        # jitter too: a block whose router jitters (Mixtral, Switch) must not keep a jitter the layer does not have
+        fields = ("k", "score", "normalize", "scale", "jitter", "n_group", "topk_group", "correction_bias",
+                  "router_bias")
+        fields += tuple(f.name for f in dataclasses.fields(expected)
+                        if f.name not in {f.name for f in dataclasses.fields(TopK)})  # a subclass's own fields
+        if expected.n_group is not None:
+            fields += ("group_score",)
     diff = [f"{f}={getattr(spec, f)!r} (needs {getattr(expected, f)!r})" for f in fields
             if getattr(spec, f) != getattr(expected, f)]
     if diff:
         raise ValueError(f"to_hf: the layer's router does not compute what a {block_name} computes: {', '.join(diff)}")
 
 
-def _check_experts(layer: MoE, glu: bool, bias: bool, activation: str, block_name: str) -> None:
+def _check_experts(layer: MoE, glu: bool, bias: bool, activation: str, block_name: str,
+                   expected: FFN | None = None) -> None:
     spec = layer.experts.spec
+    if expected is not None and (type(spec) is not type(expected) or
+                                 dataclasses.replace(spec, impl="auto", hidden_dim=None) !=
+                                 dataclasses.replace(expected, impl="auto", hidden_dim=None)):
+        raise ValueError(f"to_hf: a {block_name} has experts {expected}; the layer has {spec}")
     if spec.glu != glu or spec.bias != bias or spec.activation.replace("swish", "silu") != activation:
         raise ValueError(
             f"to_hf: a {block_name} has experts glu={glu}, bias={bias}, activation={activation!r}; the layer has "
@@ -373,6 +397,175 @@ def _write_switch(layer: MoE, block: nn.Module) -> None:
         _put(m.wo.weight, layer.experts.w2_EDF[e], f"expert {e} wo (w2_EDF)")
 
 
+# ------------------------------------------------------------- blocks described by data (paths + router + experts)
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a block keeps its parts and what they compute; :func:`_reader` / :func:`_writer` do the rest.
+
+    ``router`` and ``experts`` map the block to moekit specs; the paths are dotted attribute paths inside the block.
+    ``bank``: ``"stacked"``: ``gate_up_proj`` (E', 2F, D) as ``[gate; up]`` (only the first E rows are FFN experts
+    when E' > E, LongCat-Flash), ``down_proj`` (E, D, F); ``"transposed"``: gpt-oss's ``gate_up_proj`` (E, D, 2F)
+    with interleaved gate/up columns and ``down_proj`` (E, F, D), plus ``gate_up_proj_bias`` / ``down_proj_bias``.
+    """
+
+    router: Callable[[nn.Module], RouterSpec]
+    experts: Callable[[nn.Module], FFN]
+    router_weight: str  # the (E, D) routing matrix
+    router_bias: str | None = None  # the routing map's bias (gpt-oss)
+    selection_bias: str | None = None  # a score-correction bias used for selection only (-> router.bias_E)
+    shared: str | None = None  # a gate_proj/up_proj/down_proj MLP every token passes through
+    bank: str = "stacked"
+
+
+def _path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _bank_tensors(block: nn.Module, lay: _Layout) -> dict[str, Tensor]:
+    """moekit bank name -> the HF tensor viewed in moekit's layout (a view: writing it writes HF's storage)."""
+    ex = block.experts
+    E = ex.down_proj.shape[0]
+    if lay.bank == "transposed":
+        return {"w13_E2FD": ex.gate_up_proj.transpose(1, 2), "w2_EDF": ex.down_proj.transpose(1, 2),
+                "b13_E2F": ex.gate_up_proj_bias, "b2_ED": ex.down_proj_bias}
+    gate_up = ex.gate_up_proj if ex.gate_up_proj.shape[0] == E else ex.gate_up_proj[:E]
+    return {"w13_E2FD": gate_up, "w2_EDF": ex.down_proj}
+
+
+def _adopt(owner: nn.Module, name: str, src: Tensor, share: bool) -> None:
+    """``owner.name`` takes ``src``'s values: by copy, or (share) as ``src`` itself when it is a Parameter, else as a
+    new Parameter viewing ``src``'s storage."""
+    if not share:
+        with torch.no_grad():
+            getattr(owner, name).copy_(src)
+        return
+    setattr(owner, name, src if isinstance(src, nn.Parameter) else nn.Parameter(src, requires_grad=src.requires_grad))
+
+
+def _shared_spec(mlp: nn.Module) -> SwiGLU:
+    return SwiGLU(hidden_dim=mlp.gate_proj.out_features, activation=_activation(mlp.act_fn),
+                  bias=mlp.gate_proj.bias is not None)
+
+
+def _shared_pairs(mlp: nn.Module) -> list[tuple[str, Tensor]]:
+    out = [("w1_FD", mlp.gate_proj.weight), ("w3_FD", mlp.up_proj.weight), ("w2_DF", mlp.down_proj.weight)]
+    if mlp.gate_proj.bias is not None:
+        out += [("b1_F", mlp.gate_proj.bias), ("b3_F", mlp.up_proj.bias), ("b2_D", mlp.down_proj.bias)]
+    return out
+
+
+def _reader(lay: _Layout) -> Callable[[nn.Module, bool], MoE]:
+    def read(block: nn.Module, share: bool) -> MoE:
+        bank = _bank_tensors(block, lay)
+        E, D = bank["w2_EDF"].shape[:2]
+        kw: dict[str, Any] = dict(router=lay.router(block), experts=lay.experts(block))
+        mlp = _path(block, lay.shared) if lay.shared is not None else None
+        if mlp is not None:
+            kw["shared_experts"] = _shared_spec(mlp)
+        layer = _empty_layer(D, E, bank["w2_EDF"], **kw)
+        _adopt(layer.router.gate, "weight", _path(block, lay.router_weight), share)
+        if lay.router_bias is not None:
+            _adopt(layer.router.gate, "bias", _path(block, lay.router_bias), share)
+        if lay.selection_bias is not None:
+            _read_buffer(layer.router, "bias_E", _path(block, lay.selection_bias).detach().view(-1), share)
+        for name, t in bank.items():
+            _adopt(layer.experts, name, t, share)
+        if mlp is not None:
+            for name, t in _shared_pairs(mlp):
+                _adopt(layer.shared, name, t, share)
+        return layer
+    return read
+
+
+def _writer(lay: _Layout, block_name: str) -> Callable[[MoE, nn.Module], None]:
+    def write(layer: MoE, block: nn.Module) -> None:
+        bank = _bank_tensors(block, lay)
+        E, D, Fh = bank["w2_EDF"].shape
+        if (layer.num_experts, layer.dim, layer.experts.hidden_dim) != (E, D, Fh):
+            raise ValueError(f"to_hf: the layer has E={layer.num_experts}, D={layer.dim}, "
+                             f"F={layer.experts.hidden_dim}; the {block_name} has E={E}, D={D}, F={Fh}")
+        _check_router(layer, lay.router(block), block_name)
+        expected = lay.experts(block)
+        _check_experts(layer, glu=expected.glu, bias=expected.bias, activation=expected.activation,
+                       block_name=block_name, expected=expected)
+        _check_dispatch(layer, Dropless(), block_name)
+        mlp = _path(block, lay.shared) if lay.shared is not None else None
+        if (layer.shared is None) != (mlp is None):
+            raise ValueError(f"to_hf: a {block_name} has shared experts: {mlp is not None}; the layer: "
+                             f"{layer.shared is not None}")
+        if layer.shared_gate is not None:
+            raise ValueError(f"to_hf: a {block_name} has no shared-expert gate; the layer has one")
+        _put(_path(block, lay.router_weight), layer.router.gate.weight, "router weight")
+        if lay.router_bias is not None:
+            _put(_path(block, lay.router_bias), layer.router.gate.bias, "router bias")
+        if lay.selection_bias is not None:
+            _put(_path(block, lay.selection_bias).view(-1), layer.router.bias_E, "selection bias (bias_E)")
+        for name, t in bank.items():
+            _put(t, getattr(layer.experts, name), f"experts {name}")
+        if mlp is not None:
+            for name, t in _shared_pairs(mlp):
+                _put(t, getattr(layer.shared, name), f"shared expert {name}")
+    return write
+
+
+def _silu_bank(block: nn.Module) -> SwiGLU:
+    ex = block.experts
+    return SwiGLU(hidden_dim=ex.down_proj.shape[2], activation=_activation(ex.act_fn))
+
+
+def _gpt_oss_router(block: nn.Module) -> TopKSoftmax:
+    # logits x W^T + b in the input dtype, top-k of the logits, softmax over the k selected (in that dtype)
+    return TopKSoftmax(k=block.router.top_k, router_bias=True, fp32=False)
+
+
+def _gpt_oss_experts(block: nn.Module) -> ClampedSwiGLU:
+    ex = block.experts
+    return ClampedSwiGLU(hidden_dim=ex.down_proj.shape[1], alpha=float(ex.alpha), limit=float(ex.limit),
+                         interleaved=True, bias=True)
+
+
+def _ernie_router(block: nn.Module) -> TopK:
+    g = block.gate
+    if g.norm_min > g.top_k / g.num_experts:
+        raise ValueError(f"from_hf: Ernie4_5_MoeSparseMoeBlock with moe_norm_min={g.norm_min} > top_k / num_experts "
+                         f"= {g.top_k / g.num_experts} floors the renormalisation, which moekit's TopK does not do")
+    # float32 router, softmax, selection on softmax + e_score_correction_bias, renormalised over the k
+    return TopK(k=g.top_k, score="softmax", normalize=True, correction_bias=True, logits_dtype="float32")
+
+
+def _hunyuan_router(block: nn.Module) -> TopK:
+    g = block.gate
+    # the logits in float32 when wg is float32 (as built), else in its dtype; softmax and renormalisation in float32
+    precision = (dict(logits_dtype="float32") if g.wg.weight.dtype == torch.float32
+                 else dict(fp32=False, score_dtype="float32"))
+    return TopK(k=g.top_k, score="softmax", normalize=True, **precision)
+
+
+def _phimoe_router(block: nn.Module) -> SparseMixer:
+    r = block.router  # PhiMoE routes 2 experts whatever num_experts_per_tok says
+    return SparseMixer(k=2, eps=float(r.router_jitter_noise), input_jitter=float(r.input_jitter_noise))
+
+
+def _longcat_router(block: nn.Module) -> TopKFree:
+    r = block.router
+    zero = r.n_routed_experts - block.experts.num_routed_experts
+    return TopKFree(k=r.top_k, score="softmax", normalize=False, scale=float(r.routed_scaling_factor),
+                    correction_bias=True, logits_dtype="float32", copy=zero)
+
+
+_GPT_OSS = _Layout(_gpt_oss_router, _gpt_oss_experts, "router.weight", router_bias="router.bias", bank="transposed")
+_ERNIE = _Layout(_ernie_router, _silu_bank, "gate.weight", selection_bias="gate.moe_statics.e_score_correction_bias",
+                 shared="shared_experts")
+_HUNYUAN = _Layout(_hunyuan_router, _silu_bank, "gate.wg.weight", shared="shared_mlp")
+_PHIMOE = _Layout(_phimoe_router, _silu_bank, "router.weight")
+_LONGCAT = _Layout(_longcat_router, _silu_bank, "router.classifier.weight",
+                   selection_bias="router.e_score_correction_bias")
+
+
 @dataclass(frozen=True)
 class _Arch:
     block_class: str  # the transformers class name of the MoE block
@@ -386,6 +579,7 @@ class _Arch:
     router_fields: tuple[tuple[str, str], ...] = (("weight", "router.gate.weight"),)
     # the block's children -> the moekit part each one follows (dtype/device alignment on sync and revert)
     parts: tuple[tuple[str, str], ...] = (("gate", "router"), ("experts", "experts"))
+    returns_tuple: bool = False  # the block returns (hidden, router output) (gpt-oss)
 
     def block_type(self) -> type:
         module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
@@ -422,6 +616,23 @@ _ARCHS = (
             router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
             parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared")))
       for block, package in (("DeepseekV3MoE", "deepseek_v3"), ("Glm4MoeMoE", "glm4_moe"), ("Dots1MoE", "dots1"))),
+    # described by data (_Layout): gpt-oss, ERNIE-4.5-MoE, Hunyuan-MoE V1, PhiMoE, LongCat-Flash
+    _Arch("GptOssMLP", "gpt_oss", "gpt_oss", _reader(_GPT_OSS), _writer(_GPT_OSS, "GptOssMLP"), router_attr="router",
+          router_fields=(("weight", "router.gate.weight"), ("bias", "router.gate.bias")),
+          parts=(("router", "router"), ("experts", "experts")), returns_tuple=True),
+    _Arch("Ernie4_5_MoeSparseMoeBlock", "ernie4_5_moe", "ernie4_5_moe", _reader(_ERNIE),
+          _writer(_ERNIE, "Ernie4_5_MoeSparseMoeBlock"),
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
+    _Arch("HunYuanMoEV1Moe", "hunyuan_v1_moe", "hunyuan_v1_moe", _reader(_HUNYUAN), _writer(_HUNYUAN, "HunYuanMoEV1Moe"),
+          router_fields=(("wg", "router.gate"),),
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_mlp", "shared"))),
+    _Arch("PhimoeSparseMoeBlock", "phimoe", "phimoe", _reader(_PHIMOE), _writer(_PHIMOE, "PhimoeSparseMoeBlock"),
+          router_attr="router", router_fields=(("weight", "router.gate.weight"), ("bias", "router.gate.bias")),
+          parts=(("router", "router"), ("experts", "experts"))),
+    _Arch("LongcatFlashMoE", "longcat_flash", "longcat_flash", _reader(_LONGCAT), _writer(_LONGCAT, "LongcatFlashMoE"),
+          router_attr="router",
+          router_fields=(("classifier", "router.gate"), ("e_score_correction_bias", "router.bias_E")),
+          parts=(("router", "router"), ("experts", "experts"))),
     _Arch("SwitchTransformersSparseMLP", "switch_transformers", "switch_transformers", _read_switch, _write_switch,
           flat_logits=False, router_attr="router", router_fields=(("classifier", "router.gate"),),
           parts=(("router", "router"), ("experts", "experts"))),

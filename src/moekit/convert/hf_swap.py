@@ -109,7 +109,10 @@ def _experts_refs(layer: MoE, original: nn.Module) -> dict[str, tuple[Any, str]]
         return None
     if getattr(bank, "w13_E2FD", None) is None:  # only a fused GLU bank has HF's gate_up_proj layout
         return None
-    return {"gate_up_proj": (bank, "w13_E2FD"), "down_proj": (bank, "w2_EDF")}
+    refs = {"gate_up_proj": (bank, "w13_E2FD"), "down_proj": (bank, "w2_EDF")}
+    if getattr(bank, "b13_E2F", None) is not None:  # experts with biases (gpt-oss)
+        refs |= {"gate_up_proj_bias": (bank, "b13_E2F"), "down_proj_bias": (bank, "b2_ED")}
+    return refs
 
 
 # ------------------------------------------------------------------------------------------------ the adapter
@@ -401,7 +404,7 @@ def swap_hf_moe(model: nn.Module, *, share: bool = True) -> SwapHandle:
         refs = _experts_refs(layer, block)
         experts_view = _hf_view(block.experts, refs) if refs is not None else None
         adapter = HFBlockAdapter(layer, type(block).__name__, tap, flat_logits=arch.flat_logits,
-                                 experts_view=experts_view)
+                                 returns_tuple=arch.returns_tuple, experts_view=experts_view)
         adapter.train(block.training)
         initialised = bool(getattr(block, "_is_hf_initialized", False))
         for m in adapter.modules():  # HF's init skips what was initialised (as it would skip the original block)
