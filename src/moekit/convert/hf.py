@@ -648,8 +648,23 @@ def _arch_of(block: nn.Module) -> _Arch | None:
     return None
 
 
+# MoE blocks of the installed transformers that no row converts, with what moekit lacks for them
+NOT_CONVERTIBLE = {
+    "Llama4TextMoe": "scales the expert input by its router's weights (a sigmoid of the top-k logits), not the "
+                     "output; moekit's MoE layer has no input-scaling combine yet",
+}
+
+
 def _unsupported(what: str) -> ValueError:
-    return ValueError(f"{what} is not a supported transformers MoE block; supported: {', '.join(SUPPORTED_BLOCKS)}")
+    why = f" ({what} {NOT_CONVERTIBLE[what]})" if what in NOT_CONVERTIBLE else ""
+    return ValueError(f"{what} is not a supported transformers MoE block{why}; supported: "
+                      f"{', '.join(SUPPORTED_BLOCKS)}")
+
+
+def not_convertible_blocks(model: nn.Module) -> list[str]:
+    """``"<qualified name>: <class> <reason>"`` for each MoE block of ``model`` that is known not to convert."""
+    return [f"{n}: {type(m).__name__} {NOT_CONVERTIBLE[type(m).__name__]}" for n, m in model.named_modules()
+            if type(m).__name__ in NOT_CONVERTIBLE and type(m).__module__.startswith("transformers.")]
 
 
 # -------------------------------------------------------------------------------------------------------- public

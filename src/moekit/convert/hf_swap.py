@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import MoE
-from .hf import SUPPORTED_BLOCKS, _Arch, _arch_of, from_hf, to_hf
+from .hf import SUPPORTED_BLOCKS, _Arch, _arch_of, from_hf, not_convertible_blocks, to_hf
 
 # ---------------------------------------------------------------------------------------------- HF-class views
 
@@ -387,7 +387,9 @@ def swap_hf_moe(model: nn.Module, *, share: bool = True) -> SwapHandle:
 
     visit(model, "")
     if not found:
-        raise ValueError(f"swap_hf_moe: {type(model).__name__} has no supported MoE block; supported: "
+        known = not_convertible_blocks(model)
+        why = f" ({known[0]}{f'; {len(known) - 1} more' if len(known) > 1 else ''})" if known else ""
+        raise ValueError(f"swap_hf_moe: {type(model).__name__} has no supported MoE block{why}; supported: "
                          f"{', '.join(SUPPORTED_BLOCKS)}")
     if share and any(a.block_class == "SwitchTransformersSparseMLP" for *_, a in found):
         raise ValueError("swap_hf_moe: SwitchTransformers keeps one nn.Linear per expert, which moekit's stacked bank "
