@@ -8,10 +8,10 @@ the logits with the experts chosen so far set to ``-inf`` (``m``), and:
   ``router_jitter_noise``);
 - ``p = softmax(masked)`` over the eligible experts;
 - evaluation: the expert is ``argmax(m)``; training: it is sampled, ``argmax(masked + Gumbel)``;
-- the weight is ``p`` at the chosen expert. In training its gradient is SparseMixer's: Heun's third-order estimate,
-  ``dL/ds = c * g * (onehot(chosen) - p)`` with ``g = dL/dw * p_chosen`` and the multiplier scaled by ``c = 1`` when
-  the sampled expert is the argmax of ``p`` or with probability 1/4, else by ``1/3`` (the forward weight carries
-  the same factor ``0.3333 + 0.6667 * [..]``).
+- the weight is ``p`` at the chosen expert. In training it is ``c * p_chosen`` with ``c = 1`` when the sampled
+  expert is the argmax of ``p`` or with probability 1/4, else ``0.3333`` (Heun's third-order midpoint), and its
+  gradient is SparseMixer's estimate ``dL/ds = g * p_chosen * (onehot(chosen) - p)`` with ``g = dL/dw`` (no
+  gradient through ``p_chosen`` itself, none through ``c``).
 
 The random draws (one Gumbel (T, E) and one uniform (T, 1) sample per pass, in that order) follow PhiMoE's code, so a
 seeded training run draws the same experts as transformers' ``PhimoeSparseMoeBlock``. ``scores_TE`` (for balance
@@ -65,7 +65,7 @@ class SparseMixer(RouterSpec):
 
 
 class _HeunMultiplier(torch.autograd.Function):
-    """Forward ``w * c``; backward to the logits only: ``c * g_w * w * (onehot(idx) - p)`` (SparseMixer)."""
+    """Forward ``w * c``; backward to the logits only: ``g_w * w * (onehot(idx) - p)`` (SparseMixer)."""
 
     @staticmethod
     def forward(ctx, logits_TE: Tensor, w_T1: Tensor, idx_T1: Tensor, p_TE: Tensor, c_T1: Tensor) -> Tensor:
