@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moekit.convert.unit_gate import UnitGate
 from moekit.experts import AoEExperts
 from moekit.routers import AoE, ExpertChoice, MoEPP, TopP
 from moekit import MLP, AuxFree, Capacity, Dropless, MoE, SwiGLU, SwitchLoss, TopK, aux_loss, update_balance_bias
@@ -33,6 +34,8 @@ from moekit.parallel import (
     update_balance_bias_distributed,
     wrap_ddp,
 )
+
+from _dispatch_probe import EXPECTED_LOG, RecordingDispatcher
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 D = 8
@@ -154,6 +157,7 @@ def worker_ep2(rank: int, world: int) -> None:
         assert "cannot be sharded" in str(e), e
     else:
         raise AssertionError("expected a ValueError for a router that reads the expert weights")
+    check_same_layer_path(groups.ep)
     check_aux_free_bias(groups)
     checks_fsdp_2(groups)
     # an EP model (dispatcher and global-batch loss hold process groups) can be deep-copied, e.g. for an EMA
@@ -164,6 +168,40 @@ def worker_ep2(rank: int, world: int) -> None:
     a, b = ep.forward_with_aux(x), twin.forward_with_aux(x)
     assert torch.equal(a.y, b.y) and torch.equal(a.aux_loss, b.aux_loss)
     assert twin.experts.w_in is not ep.experts.w_in
+
+
+def check_same_layer_path(ep_group) -> None:
+    """The layer drives the expert-parallel dispatcher exactly as the local one (the same calls, the same plan and
+    handle objects, an unchanged plan), and the one plan type means the same thing in both: this rank's pairs and
+    their accounting are the local plan's; ``counts_E`` are the rows this rank's bank receives."""
+    W, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    for case in (dict(k=2), dict(k=1, E=4, skew=True), dict(k=2, dispatch=Capacity(factor=0.75, per_sequence=True))):
+        torch.manual_seed(0)
+        ref = make_layer(case)
+        ep = shard_experts(copy.deepcopy(ref), ep_group)
+        ref.dispatcher, ep.dispatcher = RecordingDispatcher(ref.dispatcher), RecordingDispatcher(ep.dispatcher)
+        x = torch.randn(W, 2, 5, D, generator=torch.Generator().manual_seed(1))[rank]
+        for layer in (ref, ep):
+            layer(x).sum().backward()
+            assert layer.dispatcher.log == EXPECTED_LOG, (case, layer.dispatcher.log)
+        p_loc, p_ep = ref.dispatcher._plan, ep.dispatcher._plan
+        assert type(p_loc) is type(p_ep) and p_loc.exchange is None and p_ep.exchange is not None
+        for f in ("token_N", "weight_N", "routed_E", "kept_E", "num_tokens"):
+            a, b = getattr(p_loc, f), getattr(p_ep, f)
+            assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), (case, f)
+        kept_all = p_ep.kept_E.clone()
+        dist.all_reduce(kept_all, group=ep_group)
+        L = ep.experts.num_experts
+        assert torch.equal(p_ep.counts_E, kept_all[rank * L:(rank + 1) * L]), case
+        assert torch.equal(p_ep.expert_N, torch.repeat_interleave(torch.arange(L), p_ep.counts_E)), case
+    # UnitGate declares what it wraps: a UnitGate(TopK) layer shards, a UnitGate(AoE) one does not
+    shard_experts(MoE(D, 4, router=UnitGate(router=TopK(k=1))), ep_group)
+    try:
+        shard_experts(MoE(D, 4, router=UnitGate(router=AoE()), experts=AoEExperts()), ep_group)
+    except ValueError as e:
+        assert "cannot be sharded" in str(e), e
+    else:
+        raise AssertionError("expected a ValueError for UnitGate(AoE)")
 
 
 def check_aux_free_bias(groups) -> None:

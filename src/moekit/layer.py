@@ -25,6 +25,7 @@ from .assignment import Assignment
 from .balance.aux_free import AuxFree
 from .balance.specs import BalanceSpec
 from .dispatch.local import Dropless
+from .dispatch.plan import DispatchPlan
 from .experts.bank import FFN, SwiGLU
 from .protocols import RouteContext
 from .routers.base import RouterSpec
@@ -165,6 +166,7 @@ class MoE(MoELayerBase):
         self.task_conditioned = router.task_conditioned if is_spec else True
         self.needs_token_ids = router.needs_token_ids if is_spec else False
         self.needs_prev_logits = router.needs_prev_logits if is_spec else True
+        self.reads_experts = router.reads_experts if is_spec else hasattr(router, "bind_experts")
 
         self.router = router.build(dim, num_experts) if is_spec else router
         self.experts = experts.build(dim, num_experts) if isinstance(experts, Spec) else experts
@@ -172,7 +174,7 @@ class MoE(MoELayerBase):
         self.shared = shared_experts.build_dense(dim) if isinstance(shared_experts, FFN) else shared_experts
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.dispatcher = dispatch.build(num_experts) if isinstance(dispatch, Spec) else dispatch
-        if is_spec and router.reads_experts:
+        if is_spec and self.reads_experts:
             self.router.bind_experts(self.experts)
         self.losses = losses
         self.aux_free = aux_free
@@ -238,9 +240,10 @@ class MoE(MoELayerBase):
         if self.routing_log is not None:
             self.routing_log.append(a.expert_N.detach().view(-1, a.num_tokens).t().clone())
         bank, free = a.split_free()  # compute-free pairs never reach the bank
-        plan = self.dispatcher.plan(bank, x.shape[-2] if x.dim() >= 3 else None)
-        y_ND = self.experts(self.dispatcher.dispatch(x_TD, plan), plan.counts_E, plan.expert_N)
-        y_TD = self.dispatcher.combine(y_ND, plan)
+        plan = self.dispatcher.plan(bank, x.shape[-2] if x.dim() >= 3 else None)  # immutable DispatchPlan
+        x_ND, handle = self.dispatcher.dispatch(x_TD, plan)
+        y_ND = self.experts(x_ND, plan.counts_E, plan.expert_N)
+        y_TD = self.dispatcher.combine(y_ND, plan, handle)
         if free is not None:
             y_TD = y_TD + self.free_experts(x_TD, free)
         if self.shared is not None:
@@ -328,7 +331,7 @@ class MoE(MoELayerBase):
         return dataclasses.replace(a, routed_E=routed_E, token_mask_T=mask_T)
 
     @staticmethod
-    def _stats(a: Assignment, plan: Any) -> RoutingStats:
+    def _stats(a: Assignment, plan: DispatchPlan) -> RoutingStats:
         if a.token_mask_T is None:
             return RoutingStats(plan.kept_E.detach(), plan.routed_E.detach(), a.num_tokens)
         nb = a.num_bank_experts  # padded tokens excluded: their pairs are neither routed nor computed load

@@ -6,10 +6,10 @@ concrete class it holds. Shapes: T tokens, D model dim, E experts (bank + comput
     ctx   = RouteContext(task=..., token_ids=..., prev_logits_TE=..., token_mask_T=...)
     a     = router(x_TD, ctx)                        # Router        -> Assignment (pairs, weights, scores)
     bank, free = a.split_free()                      # compute-free pairs never reach the bank
-    plan  = dispatcher.plan(bank, group_size)        # Dispatcher    -> a plan of kept pairs, counts per expert
-    x_ND  = dispatcher.dispatch(x_TD, plan)
+    plan  = dispatcher.plan(bank, group_size)        # Dispatcher    -> an immutable DispatchPlan
+    x_ND, handle = dispatcher.dispatch(x_TD, plan)   # the rows the bank runs + what combine needs from dispatch
     y_ND  = experts(x_ND, plan.counts_E, plan.expert_N)   # ExpertBank: rows grouped by expert 0..E-1
-    y_TD  = dispatcher.combine(y_ND, plan) + free_experts(x_TD, free)   # FreeExperts beside the bank
+    y_TD  = dispatcher.combine(y_ND, plan, handle) + free_experts(x_TD, free)   # FreeExperts beside the bank
     loss  = sum(policy.loss(a_with_counts) for policy in losses)        # BalancePolicy, fed the plan's counts
 
 What a router needs is declared by its *spec* (:class:`moekit.routers.base.RouterSpec`): ``needs_token_ids``,
@@ -23,11 +23,12 @@ usually subclass :class:`moekit.routers.base.Router`, which adapts the old ``rou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
 from .assignment import Assignment
+from .dispatch.plan import DispatchPlan
 
 
 @dataclass(frozen=True)
@@ -96,38 +97,26 @@ class FreeExperts(Protocol):
 
 
 @runtime_checkable
-class DispatchPlan(Protocol):
-    """What ``Dispatcher.plan`` returns and ``dispatch`` / ``combine`` consume.
-
-    ``counts_E``: rows per *local* expert in the order the bank sees them; ``expert_N``: the local expert of each
-    row; ``routed_E``: pairs per routed expert before dropping (this process's pairs, over all E experts: what
-    balance losses count); ``kept_E``: pairs per routed expert after dropping (over all E experts: statistics)."""
-
-    counts_E: Tensor
-    expert_N: Tensor
-    routed_E: Tensor
-    kept_E: Tensor
-
-
-@runtime_checkable
 class Dispatcher(Protocol):
-    """Groups pairs by expert and scatters the results back.
+    """Groups pairs by expert, moves the rows to the bank and the results back; the same contract for local
+    (:mod:`moekit.dispatch`) and expert-parallel (:class:`moekit.parallel.AllToAllDispatcher`) dispatch:
 
-    Current contract (local and expert-parallel): ``plan(a, group_size) -> plan``, ``dispatch(x_TD, plan) -> x_ND``,
-    ``combine(y_ND, plan) -> y_TD``. The expert-parallel dispatcher (moekit.parallel) keeps the received rows on its
-    plan between ``dispatch`` and ``combine``.
-
-    Target contract (not yet implemented; it needs edits in ``dispatch/`` and ``parallel/``): ``dispatch(x_TD,
-    plan) -> (x_ND, handle)`` and ``combine(y_ND, handle) -> y_TD``, with one immutable plan type for local and
-    expert-parallel dispatch (fields ``counts_local_E``, ``expert_local_N``, ``routed_global_E``,
-    ``kept_global_E``) and the handle carrying whatever the exchange needs, so that nothing is mutated in between.
+    - ``plan(a, group_size) -> DispatchPlan``: decides which pairs are kept and where every row goes, before any row
+      moves. The plan is immutable and has one type (:class:`moekit.dispatch.plan.DispatchPlan`) whose fields mean
+      the same thing everywhere: ``counts_E`` / ``expert_N`` what this process's bank runs, ``routed_E`` / ``kept_E``
+      this process's pairs per routed expert before / after dropping (over all E experts: losses and statistics),
+      ``token_N`` / ``weight_N`` this process's kept pairs; ``exchange`` the all-to-all when the bank is sharded.
+    - ``dispatch(x_TD, plan) -> (x_ND, handle)``: the rows of the bank's input, grouped by bank expert, and an opaque
+      handle of whatever ``combine`` needs from the dispatch (None locally; the received rows under expert
+      parallelism, so that autograd runs every rank's half of the exchange).
+    - ``combine(y_ND, plan, handle) -> y_TD``: the weighted sum of each token's expert outputs.
     """
 
     def plan(self, a: Assignment, group_size: int | None = None) -> DispatchPlan: ...
 
-    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor: ...
+    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, Any]: ...
 
-    def combine(self, y_ND: Tensor, plan: DispatchPlan) -> Tensor: ...
+    def combine(self, y_ND: Tensor, plan: DispatchPlan, handle: Any) -> Tensor: ...
 
 
 @runtime_checkable

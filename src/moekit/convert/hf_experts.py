@@ -227,7 +227,7 @@ def moekit_experts_forward(
             f"moekit experts implementation ({_where(m)}): top_k_index holds expert ids >= {E} (the number of experts "
             "in the weights) and the module is not marked expert-parallel"
         )
-    x_ND = _DISPATCHER.dispatch(x_TD, plan)
+    x_ND, handle = _DISPATCHER.dispatch(x_TD, plan)
 
     # One implementation choice per call (every projection then takes the same path, one host sync at most).
     dims = (w_up.shape[1], w_up.shape[2], w_down.shape[1], w_down.shape[2])
@@ -243,7 +243,7 @@ def moekit_experts_forward(
     y_ND = proj(_gate(m, proj(x_ND, w_up, b_up)), w_down, b_down)
     if m.has_post_expert_norm:
         y_ND = m.post_expert_norm(y_ND)
-    return _DISPATCHER.combine(y_ND, plan).to(out_dtype).reshape(*lead, -1)
+    return _DISPATCHER.combine(y_ND, plan, handle).to(out_dtype).reshape(*lead, -1)
 
 
 # ---------------------------------------------------------------------------------------------------- registration

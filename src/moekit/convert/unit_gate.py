@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..assignment import Assignment
+from ..protocols import RouteContext
 from ..routers.base import RouterSpec
 from ..spec import Spec, register_spec, spec_from_dict
 
@@ -48,24 +49,79 @@ class UnitGate(RouterSpec):
     def build(self, dim: int, num_experts: int) -> UnitGateRouter:
         return UnitGateRouter(self.router.build(dim, num_experts), self)
 
+    # --- the wrapped router's declarations, passed through (UnitGate changes the weights only) -----------------
+    @property
+    def task_conditioned(self) -> bool:
+        return self.router.task_conditioned
+
+    @property
+    def needs_token_ids(self) -> bool:
+        return self.router.needs_token_ids
+
+    @property
+    def needs_prev_logits(self) -> bool:
+        return self.router.needs_prev_logits
+
+    @property
+    def reads_experts(self) -> bool:
+        return self.router.reads_experts
+
+    @property
+    def has_selection_bias(self) -> bool:
+        return self.router.has_selection_bias
+
+    @property
+    def num_free_experts(self) -> int:
+        return self.router.num_free_experts
+
+    @property
+    def supports_replay(self) -> bool:
+        return self.router.supports_replay
+
+    @property
+    def consistency_passes(self) -> int:
+        return self.router.consistency_passes
+
+    def build_free_experts(self, dim: int) -> nn.Module | None:
+        return self.router.build_free_experts(dim)
+
+    def flops_per_token(self, dim: int, num_experts: int, *, experts: Spec | None = None,
+                        task: int | None = None) -> float:
+        return self.router.flops_per_token(dim, num_experts, experts=experts, task=task)
+
+    def with_selection_bias(self) -> "UnitGate":
+        return self._rewrap(self.router.with_selection_bias())
+
+    def for_step_budget(self, steps: int) -> "UnitGate":
+        return self._rewrap(self.router.for_step_budget(steps))
+
+    def at_layer(self, index: int) -> "UnitGate":
+        return self._rewrap(self.router.at_layer(index))
+
+    def _rewrap(self, router: RouterSpec) -> "UnitGate":
+        return self if router is self.router else dataclasses.replace(self, router=router)
+
 
 class UnitGateRouter(nn.Module):
+    """The wrapped router's assignment with every combine weight replaced by ``1 + w - sg(w)``."""
+
     def __init__(self, inner: nn.Module, spec: UnitGate) -> None:
         super().__init__()
         self.inner = inner
         self.spec = spec
+        self.num_experts = inner.num_experts
 
     @property
-    def bias_E(self) -> Tensor | None:  # the selection bias of the wrapped router (auxiliary-loss-free balancing)
-        return getattr(self.inner, "bias_E", None)
+    def bias_E(self) -> Tensor | None:  # the wrapped router's selection bias (auxiliary-loss-free balancing)
+        return self.inner.bias_E
 
-    def forward(self, x_TD: Tensor, task: Tensor | None = None, **kwargs: Any) -> Assignment:
-        a = self.inner(x_TD, task=task, **kwargs)
+    def bind_experts(self, bank: nn.Module) -> None:  # called by the layer when the spec declares reads_experts
+        self.inner.bind_experts(bank)
+
+    def forward(self, x_TD: Tensor, ctx: RouteContext | None = None, **kwargs: Any) -> Assignment:
+        a = self.inner(x_TD, ctx, **kwargs)
         w_N = a.weight_N
         return dataclasses.replace(a, weight_N=1.0 + (w_N - w_N.detach()))
-
-    def free_experts(self, *args: Any) -> Tensor:  # compute-free experts of the wrapped router, if it has them
-        return self.inner.free_experts(*args)
 
 
 def unwrap_router_spec(spec: Spec) -> Spec:

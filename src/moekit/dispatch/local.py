@@ -1,12 +1,13 @@
 """Local dispatch: group the (token, expert) pairs by expert with one stable sort (Edge-MoE's "patch
 reordering"), optionally dropping pairs beyond an expert capacity, then scatter-add the weighted outputs back.
+
+The plan (:class:`moekit.dispatch.plan.DispatchPlan`) is the same type the expert-parallel dispatcher returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from ..assignment import Assignment
 from ..ops.permute import gather_replicated, permute_rows
 from ..spec import Spec, register_spec
+from .plan import DispatchPlan
 
 _DROP_POLICIES = ("position", "score")
 
@@ -27,34 +29,11 @@ def expert_counts(expert_N: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(expert_N, minlength=num_experts)
 
 
-@dataclass(frozen=True)
-class DispatchPlan:
-    """Kept pairs sorted by expert; what ``dispatch`` gathers and ``combine`` scatters."""
-
-    token_N: Tensor
-    expert_N: Tensor
-    weight_N: Tensor
-    counts_E: Tensor  # kept pairs per expert
-    routed_E: Tensor  # pairs per expert before dropping
-    num_tokens: int
-    # Grid fast path (dropless top-k): the sort permutation of the grid pairs (j*T + t), its inverse, and K.
-    # In this mode ``weight_N`` stays in grid order.
-    order_N: Tensor | None = None
-    inv_order_N: Tensor | None = None
-    num_slots: int | None = None
-
-    @property
-    def kept_E(self) -> Tensor:
-        """Kept pairs per expert, for routing statistics (the expert-parallel plan reports global experts here)."""
-        return self.counts_E
-
-    @property
-    def num_dropped(self) -> Tensor:
-        return self.routed_E.sum() - self.counts_E.sum()
-
-
 class LocalDispatcher(nn.Module):
-    """Sort-based grouping on one process; subclasses decide which pairs to keep."""
+    """Sort-based grouping on one process; subclasses decide which pairs to keep (:meth:`keep_mask`).
+
+    ``plan(a, group_size) -> DispatchPlan``; ``dispatch(x_TD, plan) -> (x_ND, handle)``; ``combine(y_ND, plan,
+    handle) -> y_TD``. The handle is None: nothing has to be carried from dispatch to combine on one process."""
 
     def keep_mask(self, a: Assignment, group_size: int | None) -> Tensor | None:
         return None  # dropless: keep every pair
@@ -62,28 +41,16 @@ class LocalDispatcher(nn.Module):
     def plan(self, a: Assignment, group_size: int | None = None) -> DispatchPlan:
         routed_E = expert_counts(a.expert_N, a.num_experts)
         keep = self.keep_mask(a, group_size)
-        token_N, expert_N, weight_N = a.token_N, a.expert_N, a.weight_N
-        if keep is not None:
-            token_N, expert_N, weight_N = token_N[keep], expert_N[keep], weight_N[keep]
-            counts_E = expert_counts(expert_N, a.num_experts)
-        else:
-            counts_E = routed_E
-        order = torch.argsort(expert_N, stable=True)
         if keep is None and a.num_slots is not None:
-            # Every grid pair is kept: gathers with inverse-permutation backwards replace both scatters.
-            inv_order = torch.empty_like(order)
-            inv_order[order] = torch.arange(order.numel(), device=order.device)
-            return DispatchPlan(
-                token_N[order], expert_N[order], weight_N, counts_E, routed_E, a.num_tokens, order, inv_order, a.num_slots
-            )
-        return DispatchPlan(token_N[order], expert_N[order], weight_N[order], counts_E, routed_E, a.num_tokens)
+            return _grid_plan(a, routed_E)
+        return _sorted_plan(a, routed_E, keep)
 
-    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> Tensor:
+    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, None]:
         if plan.inv_order_N is not None:
-            return gather_replicated(x_TD, plan.token_N, plan.inv_order_N, plan.num_slots)
-        return x_TD.index_select(0, plan.token_N)
+            return gather_replicated(x_TD, plan.token_N, plan.inv_order_N, plan.num_slots), None
+        return x_TD.index_select(0, plan.token_N), None
 
-    def combine(self, y_ND: Tensor, plan: DispatchPlan) -> Tensor:
+    def combine(self, y_ND: Tensor, plan: DispatchPlan, handle: None) -> Tensor:
         """Weighted sum of each token's expert outputs. Half-precision outputs are weighted and summed in float32
         and rounded once (as Hugging Face's MoE blocks do)."""
         dtype = y_ND.dtype
@@ -97,6 +64,30 @@ class LocalDispatcher(nn.Module):
         y_ND = y_ND.to(acc) * plan.weight_N.unsqueeze(-1).to(acc)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
         return out_TD.index_add(0, plan.token_N, y_ND).to(dtype)
+
+
+def _sorted_plan(a: Assignment, routed_E: Tensor, keep_N: Tensor | None) -> DispatchPlan:
+    """The kept pairs (all when ``keep_N`` is None) sorted by expert, stable."""
+    token_N, expert_N, weight_N = a.token_N, a.expert_N, a.weight_N
+    if keep_N is not None:
+        token_N, expert_N, weight_N = token_N[keep_N], expert_N[keep_N], weight_N[keep_N]
+        kept_E = expert_counts(expert_N, a.num_experts)
+    else:
+        kept_E = routed_E
+    order = torch.argsort(expert_N, stable=True)
+    return DispatchPlan(token_N=token_N[order], weight_N=weight_N[order], num_tokens=a.num_tokens,
+                        counts_E=kept_E, expert_N=expert_N[order], routed_E=routed_E, kept_E=kept_E)
+
+
+def _grid_plan(a: Assignment, routed_E: Tensor) -> DispatchPlan:
+    """Every pair of a top-k grid kept: the sort permutation and its inverse let gathers with inverse-permutation
+    backwards replace both scatters; ``weight_N`` stays in grid order."""
+    order = torch.argsort(a.expert_N, stable=True)
+    inv_order = torch.empty_like(order)
+    inv_order[order] = torch.arange(order.numel(), device=order.device)
+    return DispatchPlan(token_N=a.token_N[order], weight_N=a.weight_N, num_tokens=a.num_tokens, counts_E=routed_E,
+                        expert_N=a.expert_N[order], routed_E=routed_E, kept_E=routed_E, order_N=order,
+                        inv_order_N=inv_order, num_slots=a.num_slots)
 
 
 @register_spec("dropless", "dispatch")

@@ -25,7 +25,7 @@ from .checkpoint import load_sharded, read_meta, save_sharded
 from .comm import CollectiveError, CommCounter, all_to_all, exchange_counts
 from .consistency import ConsistencyError, model_fingerprint, verify_consistent
 from .dcp import consolidate, load_dcp, read_latest, save_dcp
-from .dispatcher import AllToAllDispatcher, ExpertParallelPlan
+from .dispatcher import AllToAllDispatcher, ExchangeHandle
 from .grads import broadcast_parameters, reduce_dense_gradients, reduce_expert_gradients, reduce_gradients, wrap_ddp
 from .fsdp import FSDPPlan, ParallelMesh, apply_fsdp, build_mesh, memory_per_rank
 from .groups import ParallelGroups, build_groups, group_layout, init_distributed
@@ -33,7 +33,7 @@ from .launch import free_port, spawn_local
 from .shard import ExpertShard, apply_expert_parallel, dense_parameters, expert_parameters, expert_shard, shard_experts
 
 __all__ = [
-    "AllToAllDispatcher", "CollectiveError", "CommCounter", "ConsistencyError", "ExpertParallelPlan", "ExpertShard",
+    "AllToAllDispatcher", "CollectiveError", "CommCounter", "ConsistencyError", "ExchangeHandle", "ExpertShard",
     "FSDPPlan", "ParallelMesh", "apply_fsdp", "build_mesh", "consolidate", "load_dcp", "memory_per_rank",
     "model_fingerprint", "read_latest", "save_dcp", "verify_consistent",
     "GlobalBatchSwitchLoss", "ParallelGroups", "all_to_all", "apply_expert_parallel",

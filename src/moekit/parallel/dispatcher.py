@@ -5,9 +5,11 @@ The routed experts are split in contiguous blocks over the ranks of the EP group
 
 1. ``plan``: the wrapped local dispatcher groups (and, in capacity mode, drops) this rank's pairs by global expert;
    since the experts of one rank are contiguous, so are the rows bound for it. The per-expert counts are exchanged
-   with one ``all_to_all_single`` so that every rank knows how many rows it will receive for each local expert.
+   with one ``all_to_all_single`` so that every rank knows how many rows it will receive for each local expert. The
+   result is the same immutable :class:`~moekit.dispatch.plan.DispatchPlan` the local dispatcher makes, with
+   ``counts_E`` / ``expert_N`` describing the received rows (what this rank's bank runs) and ``exchange`` the splits.
 2. ``dispatch``: gather the rows, all-to-all them (uneven splits), and reorder the received rows from
-   source-rank-major to local-expert-major, the layout the expert bank wants.
+   source-rank-major to local-expert-major, the layout the expert bank wants. Returns the rows and a handle.
 3. ``combine``: the inverse: undo the reordering, all-to-all the expert outputs back, then weight and scatter-add
    them into the tokens with the local dispatcher.
 
@@ -20,42 +22,25 @@ groups). With ``Capacity(per_sequence=True)`` that is exactly the single-process
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..assignment import Assignment
-from ..dispatch.local import DispatchPlan
+from ..dispatch.plan import DispatchPlan, RowExchange
 from .comm import CommCounter, all_to_all, exchange_counts
 
 
 @dataclass(frozen=True)
-class ExpertParallelPlan:
-    local: DispatchPlan  # this rank's kept pairs, sorted by global expert
-    counts_E: Tensor  # rows per *local* expert after the exchange (what the expert bank runs)
-    expert_N: Tensor  # local expert id of each received row, grouped by expert
-    kept_E: Tensor  # this rank's kept pairs per global expert (routing statistics)
-    routed_E: Tensor  # this rank's routed pairs per global expert, before dropping
-    send_splits: list[int]  # rows sent to each EP rank
-    recv_splits: list[int]  # rows received from each EP rank
-    order_M: Tensor  # expert-major row m reads source-major received row order_M[m]
-    inverse_M: Tensor  # source-major row j is expert-major row inverse_M[j]
-    num_tokens: int
-    received: list = field(default_factory=list, compare=False, repr=False)  # dispatch's output, for combine
+class ExchangeHandle:
+    """What ``dispatch`` hands to ``combine``: the wrapped dispatcher's handle and the rows this rank received."""
 
-    @property
-    def token_N(self) -> Tensor:
-        return self.local.token_N
-
-    @property
-    def weight_N(self) -> Tensor:
-        return self.local.weight_N
-
-    @property
-    def num_dropped(self) -> Tensor:
-        return self.local.num_dropped
+    inner: Any  # the local dispatcher's handle
+    received_MD: Tensor  # the rows received for this rank's experts, bank-expert-major
 
 
 def _segment_gather_index(sizes_RL: Tensor) -> Tensor:
@@ -112,46 +97,39 @@ class AllToAllDispatcher(nn.Module):
     def group(self) -> dist.ProcessGroup:
         return self._group.group
 
-    def plan(self, a: Assignment, group_size: int | None = None) -> ExpertParallelPlan:
+    def plan(self, a: Assignment, group_size: int | None = None) -> DispatchPlan:
         if a.num_experts != self.num_experts:
             raise ValueError(f"AllToAllDispatcher: assignment has {a.num_experts} experts, expected {self.num_experts}")
-        local = self.inner.plan(a, group_size)
+        local = self.inner.plan(a, group_size)  # this rank's kept pairs, sorted by global expert
         R, L = self.ep_size, self.num_local_experts
-        send_RL = local.counts_E.view(R, L)
+        send_RL = local.kept_E.view(R, L)
         recv_RL = exchange_counts(send_RL, self.group, self.counter)
         order_M = _segment_gather_index(recv_RL)
         inverse_M = torch.empty_like(order_M)
         inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
         counts_E = recv_RL.sum(0)
-        return ExpertParallelPlan(
-            local=local,
-            counts_E=counts_E,
-            expert_N=torch.repeat_interleave(torch.arange(L, device=counts_E.device), counts_E),
-            kept_E=local.counts_E,
-            routed_E=local.routed_E,
-            send_splits=send_RL.sum(1).tolist(),
-            recv_splits=recv_RL.sum(1).tolist(),
-            order_M=order_M,
-            inverse_M=inverse_M,
-            num_tokens=local.num_tokens,
-        )
+        exchange = RowExchange(send_splits=tuple(send_RL.sum(1).tolist()), recv_splits=tuple(recv_RL.sum(1).tolist()),
+                               order_M=order_M, inverse_M=inverse_M)
+        bank_expert_N = torch.repeat_interleave(torch.arange(L, device=counts_E.device), counts_E)
+        return dataclasses.replace(local, counts_E=counts_E, expert_N=bank_expert_N, exchange=exchange)
 
-    def dispatch(self, x_TD: Tensor, plan: ExpertParallelPlan) -> Tensor:
-        x_ND = self.inner.dispatch(x_TD, plan.local)  # this rank's rows, sorted by global expert
-        x_MD = all_to_all(x_ND, plan.recv_splits, plan.send_splits, self.group, self.counter)  # source-major
-        x_MD = x_MD.index_select(0, plan.order_M)  # local-expert-major
-        plan.received[:] = [x_MD]
-        return x_MD
+    def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, ExchangeHandle]:
+        ex = plan.exchange
+        x_ND, inner = self.inner.dispatch(x_TD, plan)  # this rank's rows, sorted by global expert
+        x_MD = all_to_all(x_ND, ex.recv_splits, ex.send_splits, self.group, self.counter)  # source-major
+        x_MD = x_MD.index_select(0, ex.order_M)  # local-expert-major
+        return x_MD, ExchangeHandle(inner=inner, received_MD=x_MD)
 
-    def combine(self, y_MD: Tensor, plan: ExpertParallelPlan) -> Tensor:
-        if y_MD.shape[0] == 0 and plan.received:
+    def combine(self, y_MD: Tensor, plan: DispatchPlan, handle: ExchangeHandle) -> Tensor:
+        ex = plan.exchange
+        if y_MD.shape[0] == 0:
             # nothing arrived here, so the experts' (empty) output does not depend on what was received and autograd
             # would skip this rank's half of the dispatch exchange in backward while the other ranks wait for it.
             # An exact zero keeps the graph connected.
-            y_MD = y_MD + plan.received[0].sum() * 0
-        y_MD = y_MD.index_select(0, plan.inverse_M)  # back to source-major
-        y_ND = all_to_all(y_MD, plan.send_splits, plan.recv_splits, self.group, self.counter)
-        return self.inner.combine(y_ND, plan.local)
+            y_MD = y_MD + handle.received_MD.sum() * 0
+        y_MD = y_MD.index_select(0, ex.inverse_M)  # back to source-major
+        y_ND = all_to_all(y_MD, ex.send_splits, ex.recv_splits, self.group, self.counter)
+        return self.inner.combine(y_ND, plan, handle.inner)
 
     def extra_repr(self) -> str:
         return f"ep_rank={self.ep_rank}, ep_size={self.ep_size}, experts={self.num_experts} ({self.num_local_experts} local)"

@@ -70,7 +70,7 @@ def shard_experts(layer: MoE, group: dist.ProcessGroup | ParallelGroups) -> MoE:
         raise TypeError(f"shard_experts expects a moekit.MoE, got {type(layer).__name__}")
     if getattr(layer, "expert_shard", None) is not None:
         raise ValueError("shard_experts: this layer is already expert-parallel")
-    if getattr(layer.router, "bind_experts", None) is not None:
+    if layer.reads_experts:
         raise ValueError(
             f"shard_experts: the router {type(layer.router).__name__} reads the expert weights of every expert "
             "(e.g. Autonomy-of-Experts), so its experts cannot be sharded over ranks"
