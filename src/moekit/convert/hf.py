@@ -325,7 +325,7 @@ def _read_deepseek_v2(block: nn.Module, share: bool) -> MoE:
 
 
 def _write_deepseek_v2(layer: MoE, block: nn.Module) -> None:
-    _write_gated_family(layer, block, _deepseek_v2_router(block), "DeepseekV2Moe", block.shared_experts, None)
+    _write_gated_family(layer, block, _deepseek_v2_router(block), type(block).__name__, block.shared_experts, None)
 
 
 def _read_deepseek(block: nn.Module, share: bool) -> MoE:
@@ -616,6 +616,20 @@ _ARCHS = (
             router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
             parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared")))
       for block, package in (("DeepseekV3MoE", "deepseek_v3"), ("Glm4MoeMoE", "glm4_moe"), ("Dots1MoE", "dots1"))),
+    # blocks that are another row's verbatim (router, experts and forward; transformers 5.24)
+    _Arch("MellumSparseMoeBlock", "mellum", "mellum", _read_plain(_qwen_router),  # Qwen3-MoE's
+          _write_plain(_qwen_router, "MellumSparseMoeBlock")),
+    _Arch("Qwen4ExpTextSparseMoeBlock", "qwen4_exp", "qwen4_exp", _read_qwen2, _write_qwen2,  # Qwen2-MoE's
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_expert", "shared"),
+                 ("shared_expert_gate", "shared_gate"))),
+    _Arch("GraniteMoeSWAMoE", "granitemoe_swa", "granitemoe_swa", _read_plain(_granite_router),  # Granite MoE's
+          _write_plain(_granite_router, "GraniteMoeSWAMoE"), router_attr="router",
+          parts=(("router", "router"), ("experts", "experts"))),
+    _Arch("UnlimitedOcrTextMoe", "unlimited_ocr", "unlimited_ocr", _read_deepseek_v2, _write_deepseek_v2,  # V2's
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
+    _Arch("DeepseekV32MoE", "deepseek_v32", "deepseek_v32", _read_deepseek, _write_deepseek,  # DeepSeek-V3's
+          router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
     # described by data (_Layout): gpt-oss, ERNIE-4.5-MoE, Hunyuan-MoE V1, PhiMoE, LongCat-Flash
     _Arch("GptOssMLP", "gpt_oss", "gpt_oss", _reader(_GPT_OSS), _writer(_GPT_OSS, "GptOssMLP"), router_attr="router",
           router_fields=(("weight", "router.gate.weight"), ("bias", "router.gate.bias")),
