@@ -24,7 +24,20 @@ Dots1MoE                      topk_group, group_score="top2sum", correction_bias
 SwitchTransformersSparseMLP   TopK(k=1, softmax, normalize=False, router_bias) + MLP(relu, no bias) experts,
                               Capacity(capacity=expert_capacity, per_sequence=True): a dropped token's MoE output
                               is zero (transformers 5.x; 4.x passed dropped tokens through scaled by their score)
+GptOssMLP                     TopKSoftmax(k, router_bias=True) (top-k of the logits, softmax over the k) +
+                              ClampedSwiGLU(alpha, limit, interleaved=True, bias=True) experts
+Ernie4_5_MoeSparseMoeBlock    TopK(k, softmax, normalize=True, correction_bias=True, logits_dtype="float32") +
+                              SwiGLU + shared SwiGLU
+HunYuanMoEV1Moe               TopK(k, softmax, normalize=True) (float32 router) + SwiGLU + shared SwiGLU
+PhimoeSparseMoeBlock          SparseMixer(k=2, eps=router_jitter_noise) + SwiGLU experts
+LongcatFlashMoE               TopKFree(k, softmax, normalize=False, scale, correction_bias=True, copy=zero_expert_num)
+                              + SwiGLU experts; the zero-computation experts are moekit's compute-free copy experts
 ============================  =================================================================================
+
+Blocks that are another row's verbatim are rows of their own: MiniMax (Mixtral's), Qwen3-Next and Qwen4-Exp
+(Qwen2-MoE's), FlexOlmo (OLMoE's), Mellum (Qwen3-MoE's), Granite MoE-shared and -SWA (Granite MoE's), GLM-4-MoE,
+dots1 and DeepSeek-V3.2 (DeepSeek-V3's), Unlimited-OCR's text tower (DeepSeek-V2's). The newer rows are *described*
+by a :class:`_Layout` (paths of the router weight, biases, shared MLP, the bank layout, and the router/expert specs).
 
 The router's precision policy is copied too (``TopK.logits_dtype`` / ``score_dtype``): Mixtral, Qwen-MoE and OLMoE
 take the softmax of input-dtype logits in float32, DeepSeek-V3 and SwitchTransformers compute the router in float32.
@@ -637,7 +650,8 @@ _ARCHS = (
     _Arch("Ernie4_5_MoeSparseMoeBlock", "ernie4_5_moe", "ernie4_5_moe", _reader(_ERNIE),
           _writer(_ERNIE, "Ernie4_5_MoeSparseMoeBlock"),
           parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
-    _Arch("HunYuanMoEV1Moe", "hunyuan_v1_moe", "hunyuan_v1_moe", _reader(_HUNYUAN), _writer(_HUNYUAN, "HunYuanMoEV1Moe"),
+    _Arch("HunYuanMoEV1Moe", "hunyuan_v1_moe", "hunyuan_v1_moe", _reader(_HUNYUAN),
+          _writer(_HUNYUAN, "HunYuanMoEV1Moe"),
           router_fields=(("wg", "router.gate"),),
           parts=(("gate", "router"), ("experts", "experts"), ("shared_mlp", "shared"))),
     _Arch("PhimoeSparseMoeBlock", "phimoe", "phimoe", _reader(_PHIMOE), _writer(_PHIMOE, "PhimoeSparseMoeBlock"),
