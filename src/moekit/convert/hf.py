@@ -24,7 +24,20 @@ Dots1MoE                      topk_group, group_score="top2sum", correction_bias
 SwitchTransformersSparseMLP   TopK(k=1, softmax, normalize=False, router_bias) + MLP(relu, no bias) experts,
                               Capacity(capacity=expert_capacity, per_sequence=True): a dropped token's MoE output
                               is zero (transformers 5.x; 4.x passed dropped tokens through scaled by their score)
+GptOssMLP                     TopKSoftmax(k, router_bias=True) (top-k of the logits, softmax over the k) +
+                              ClampedSwiGLU(alpha, limit, interleaved=True, bias=True) experts
+Ernie4_5_MoeSparseMoeBlock    TopK(k, softmax, normalize=True, correction_bias=True, logits_dtype="float32") +
+                              SwiGLU + shared SwiGLU
+HunYuanMoEV1Moe               TopK(k, softmax, normalize=True) (float32 router) + SwiGLU + shared SwiGLU
+PhimoeSparseMoeBlock          SparseMixer(k=2, eps=router_jitter_noise) + SwiGLU experts
+LongcatFlashMoE               TopKFree(k, softmax, normalize=False, scale, correction_bias=True, copy=zero_expert_num)
+                              + SwiGLU experts; the zero-computation experts are moekit's compute-free copy experts
 ============================  =================================================================================
+
+Blocks that are another row's verbatim are rows of their own: MiniMax (Mixtral's), Qwen3-Next and Qwen4-Exp
+(Qwen2-MoE's), FlexOlmo (OLMoE's), Mellum (Qwen3-MoE's), Granite MoE-shared and -SWA (Granite MoE's), GLM-4-MoE,
+dots1 and DeepSeek-V3.2 (DeepSeek-V3's), Unlimited-OCR's text tower (DeepSeek-V2's). The newer rows are *described*
+by a :class:`_Layout` (paths of the router weight, biases, shared MLP, the bank layout, and the router/expert specs).
 
 The router's precision policy is copied too (``TopK.logits_dtype`` / ``score_dtype``): Mixtral, Qwen-MoE and OLMoE
 take the softmax of input-dtype logits in float32, DeepSeek-V3 and SwitchTransformers compute the router in float32.
@@ -325,7 +338,7 @@ def _read_deepseek_v2(block: nn.Module, share: bool) -> MoE:
 
 
 def _write_deepseek_v2(layer: MoE, block: nn.Module) -> None:
-    _write_gated_family(layer, block, _deepseek_v2_router(block), "DeepseekV2Moe", block.shared_experts, None)
+    _write_gated_family(layer, block, _deepseek_v2_router(block), type(block).__name__, block.shared_experts, None)
 
 
 def _read_deepseek(block: nn.Module, share: bool) -> MoE:
@@ -616,6 +629,20 @@ _ARCHS = (
             router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
             parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared")))
       for block, package in (("DeepseekV3MoE", "deepseek_v3"), ("Glm4MoeMoE", "glm4_moe"), ("Dots1MoE", "dots1"))),
+    # blocks that are another row's verbatim (router, experts and forward; transformers 5.24)
+    _Arch("MellumSparseMoeBlock", "mellum", "mellum", _read_plain(_qwen_router),  # Qwen3-MoE's
+          _write_plain(_qwen_router, "MellumSparseMoeBlock")),
+    _Arch("Qwen4ExpTextSparseMoeBlock", "qwen4_exp", "qwen4_exp", _read_qwen2, _write_qwen2,  # Qwen2-MoE's
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_expert", "shared"),
+                 ("shared_expert_gate", "shared_gate"))),
+    _Arch("GraniteMoeSWAMoE", "granitemoe_swa", "granitemoe_swa", _read_plain(_granite_router),  # Granite MoE's
+          _write_plain(_granite_router, "GraniteMoeSWAMoE"), router_attr="router",
+          parts=(("router", "router"), ("experts", "experts"))),
+    _Arch("UnlimitedOcrTextMoe", "unlimited_ocr", "unlimited_ocr", _read_deepseek_v2, _write_deepseek_v2,  # V2's
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
+    _Arch("DeepseekV32MoE", "deepseek_v32", "deepseek_v32", _read_deepseek, _write_deepseek,  # DeepSeek-V3's
+          router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
     # described by data (_Layout): gpt-oss, ERNIE-4.5-MoE, Hunyuan-MoE V1, PhiMoE, LongCat-Flash
     _Arch("GptOssMLP", "gpt_oss", "gpt_oss", _reader(_GPT_OSS), _writer(_GPT_OSS, "GptOssMLP"), router_attr="router",
           router_fields=(("weight", "router.gate.weight"), ("bias", "router.gate.bias")),
@@ -623,7 +650,8 @@ _ARCHS = (
     _Arch("Ernie4_5_MoeSparseMoeBlock", "ernie4_5_moe", "ernie4_5_moe", _reader(_ERNIE),
           _writer(_ERNIE, "Ernie4_5_MoeSparseMoeBlock"),
           parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
-    _Arch("HunYuanMoEV1Moe", "hunyuan_v1_moe", "hunyuan_v1_moe", _reader(_HUNYUAN), _writer(_HUNYUAN, "HunYuanMoEV1Moe"),
+    _Arch("HunYuanMoEV1Moe", "hunyuan_v1_moe", "hunyuan_v1_moe", _reader(_HUNYUAN),
+          _writer(_HUNYUAN, "HunYuanMoEV1Moe"),
           router_fields=(("wg", "router.gate"),),
           parts=(("gate", "router"), ("experts", "experts"), ("shared_mlp", "shared"))),
     _Arch("PhimoeSparseMoeBlock", "phimoe", "phimoe", _reader(_PHIMOE), _writer(_PHIMOE, "PhimoeSparseMoeBlock"),

@@ -210,7 +210,7 @@ class SwapHandle:
         for s in self.swapped:
             mine = {id(p): n for n, p in s.adapter.moe.named_parameters()}
             for n, p in s.original.named_parameters():
-                if id(p) in mine:
+                if id(p) in mine or not p.requires_grad:  # a frozen one (ERNIE's selection bias) is not trained
                     continue
                 users = [f"{s.qualname}.moe.{m}" for m, q in s.adapter.moe.named_parameters()
                          if self.share and q.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()]

@@ -21,5 +21,6 @@ from .topk_softmax import TopKSoftmax
 
 __all__ += [
     "AdaMoE", "AoE", "EntropyLoss", "ExpertChoice", "Hash", "HeteroBalanceLoss", "MoEPP", "SMoEDropout",
-    "SparseMixer", "THOR", "TopKFree", "TopKSoftmax", "TopP", "advance_smoe_dropout", "set_inference_k", "thor_consistency_loss",
+    "SparseMixer", "THOR", "TopKFree", "TopKSoftmax", "TopP", "advance_smoe_dropout", "set_inference_k",
+    "thor_consistency_loss",
 ]

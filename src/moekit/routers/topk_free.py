@@ -81,4 +81,5 @@ class TopKFreeRouter(TopKRouter):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"{super().extra_repr()}, ffn={self.num_ffn_experts}, constant={s.constant}, copy={s.copy}, zero={s.zero}"
+        return (f"{super().extra_repr()}, ffn={self.num_ffn_experts}, constant={s.constant}, copy={s.copy}, "
+                f"zero={s.zero}")

@@ -26,7 +26,8 @@ class TopKSoftmax(TopK):
     """gpt-oss routing: top-k of the (biased) linear logits, softmax over the selected k.
 
     Takes :class:`TopK`'s arguments; ``score`` must stay ``"softmax"``, ``normalize`` has no effect (the k weights
-    already sum to one) and ``scale`` multiplies them (gpt-oss: ``router_bias=True``, ``fp32=False``: the router runs in the input dtype).
+    already sum to one) and ``scale`` multiplies them. gpt-oss: ``router_bias=True``, ``fp32=False`` (the router
+    runs in the input dtype).
     """
 
     def __post_init__(self) -> None:
