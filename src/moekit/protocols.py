@@ -17,7 +17,9 @@ What a router needs is declared by its *spec* (:class:`moekit.routers.base.Route
 ``build_free_experts``. The layer reads these declarations once, at construction.
 
 These are ``typing.Protocol`` classes: documentation and static typing, not base classes to inherit (routers
-usually subclass :class:`moekit.routers.base.Router`, which adapts the old ``router(x_TD, task=...)`` call).
+usually subclass :class:`moekit.routers.base.Router`, which adapts the old ``router(x_TD, task=...)`` call). The two
+data types that cross the contracts are concrete frozen dataclasses: :class:`~moekit.assignment.Assignment` and
+:class:`~moekit.dispatch.plan.DispatchPlan` (re-exported here), one plan type for local and expert-parallel dispatch.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 
 from .assignment import Assignment
-from .dispatch.plan import DispatchPlan
+from .dispatch.plan import DispatchPlan  # noqa: F401  (re-exported: the one plan type)
 
 
 @dataclass(frozen=True)

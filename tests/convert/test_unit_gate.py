@@ -71,7 +71,8 @@ def test_unit_gate_moepp_keeps_free_experts_and_gating_residual():
     """Zero / copy / constant experts with unit weight: a token sent to the copy expert gets x added, to the zero
     expert nothing; the previous layer's logits are accepted."""
     torch.manual_seed(0)
-    layer = MoE(D, E, router=UnitGate(router=MoEPP(k=2, router_hidden_mult=None, gating_residual=True)), experts=SwiGLU(hidden_dim=6))
+    moepp = MoEPP(k=2, router_hidden_mult=None, gating_residual=True)
+    layer = MoE(D, E, router=UnitGate(router=moepp), experts=SwiGLU(hidden_dim=6))
     assert layer.needs_prev_logits and layer.free_experts is not None
     x = torch.randn(T, D)
     out = layer.forward_with_aux(x, prev_logits=torch.randn(T, E + layer.router_spec.num_free_experts))
