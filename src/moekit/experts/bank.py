@@ -207,10 +207,13 @@ class ExpertBank(nn.Module):
         for e, idx in rows.items():
             contiguous = idx[-1] - idx[0] + 1 == len(idx)  # sorted dispatch: the expert's rows are one slice
             sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=x_ND.device)
-            xT_DM = x_ND[sel].T
+            xT_DM = x_ND[sel].T  # a transposed view: rows of x stay contiguous (see below)
             h = torch.mm(w_in[e], xT_DM) if b_in is None else torch.addmm(b_in[e].unsqueeze(1), w_in[e], xT_DM)
             h_FM = self.act(h[:Fh]) * h[Fh:] if self.spec.glu else self.act(h)
-            y_DM = torch.mm(w2[e], h_FM) if b2 is None else torch.addmm(b2[e].unsqueeze(1), w2[e], h_FM)
+            # BLAS is ~2x faster on a (K, M) right operand stored as M contiguous rows than on a contiguous (K, M):
+            # transpose the (small) hidden activations once.
+            hT_FM = h_FM.T.contiguous().T
+            y_DM = torch.mm(w2[e], hT_FM) if b2 is None else torch.addmm(b2[e].unsqueeze(1), w2[e], hT_FM)
             out_ND[sel] = y_DM.T
         return out_ND
 
