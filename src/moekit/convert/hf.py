@@ -36,7 +36,9 @@ LongcatFlashMoE               TopKFree(k, softmax, normalize=False, scale, corre
 
 Blocks that are another row's verbatim are rows of their own: MiniMax (Mixtral's), Qwen3-Next and Qwen4-Exp
 (Qwen2-MoE's), FlexOlmo (OLMoE's), Mellum (Qwen3-MoE's), Granite MoE-shared and -SWA (Granite MoE's), GLM-4-MoE,
-dots1 and DeepSeek-V3.2 (DeepSeek-V3's), Unlimited-OCR's text tower (DeepSeek-V2's). The newer rows are *described*
+dots1, DeepSeek-V3.2, GLM-4.7-Flash, GLM-4.5V, Solar Open and GLM-5 DSA (DeepSeek-V3's), Unlimited-OCR's text tower
+(DeepSeek-V2's); Qwen3-VL-MoE, Qwen3-Omni (thinker) and Qwen3.5-MoE are Qwen-MoE blocks whose router always
+renormalises. The newer rows are *described*
 by a :class:`_Layout` (paths of the router weight, biases, shared MLP, the bank layout, and the router/expert specs).
 
 The router's precision policy is copied too (``TopK.logits_dtype`` / ``score_dtype``): Mixtral, Qwen-MoE and OLMoE
@@ -306,13 +308,25 @@ def _write_plain(router_of: Callable, name: str) -> Callable:
     return write
 
 
-def _read_qwen2(block: nn.Module, share: bool) -> MoE:
-    return _gated_family(block, share, _qwen_router(block), block.shared_expert, block.shared_expert_gate)
+def _qwen_normalized_router(block: nn.Module) -> TopK:
+    # Qwen3-VL-MoE, Qwen3.5-MoE, Qwen3-Omni: Qwen-MoE's router with the renormalisation always on (no norm_topk_prob)
+    return _softmax_router(block.gate, normalize=True)
 
 
-def _write_qwen2(layer: MoE, block: nn.Module) -> None:
-    _write_gated_family(layer, block, _qwen_router(block), type(block).__name__, block.shared_expert,
-                        block.shared_expert_gate)
+def _read_gated_shared(router_of: Callable) -> Callable:
+    def read(block: nn.Module, share: bool) -> MoE:
+        return _gated_family(block, share, router_of(block), block.shared_expert, block.shared_expert_gate)
+    return read
+
+
+def _write_gated_shared(router_of: Callable) -> Callable:
+    def write(layer: MoE, block: nn.Module) -> None:
+        _write_gated_family(layer, block, router_of(block), type(block).__name__, block.shared_expert,
+                            block.shared_expert_gate)
+    return write
+
+
+_read_qwen2, _write_qwen2 = _read_gated_shared(_qwen_router), _write_gated_shared(_qwen_router)
 
 
 def _deepseek_v2_router(block: nn.Module) -> TopK:
@@ -629,6 +643,15 @@ _ARCHS = (
             router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
             parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared")))
       for block, package in (("DeepseekV3MoE", "deepseek_v3"), ("Glm4MoeMoE", "glm4_moe"), ("Dots1MoE", "dots1"))),
+    # Qwen-MoE blocks whose router always renormalises
+    *(_Arch(block, package, package, _read_plain(_qwen_normalized_router),
+            _write_plain(_qwen_normalized_router, block))
+      for block, package in (("Qwen3VLMoeTextSparseMoeBlock", "qwen3_vl_moe"),
+                             ("Qwen3OmniMoeThinkerTextSparseMoeBlock", "qwen3_omni_moe"))),
+    _Arch("Qwen3_5MoeSparseMoeBlock", "qwen3_5_moe", "qwen3_5_moe", _read_gated_shared(_qwen_normalized_router),
+          _write_gated_shared(_qwen_normalized_router),
+          parts=(("gate", "router"), ("experts", "experts"), ("shared_expert", "shared"),
+                 ("shared_expert_gate", "shared_gate"))),
     # blocks that are another row's verbatim (router, experts and forward; transformers 5.24)
     _Arch("MellumSparseMoeBlock", "mellum", "mellum", _read_plain(_qwen_router),  # Qwen3-MoE's
           _write_plain(_qwen_router, "MellumSparseMoeBlock")),
@@ -640,9 +663,14 @@ _ARCHS = (
           parts=(("router", "router"), ("experts", "experts"))),
     _Arch("UnlimitedOcrTextMoe", "unlimited_ocr", "unlimited_ocr", _read_deepseek_v2, _write_deepseek_v2,  # V2's
           parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
-    _Arch("DeepseekV32MoE", "deepseek_v32", "deepseek_v32", _read_deepseek, _write_deepseek,  # DeepSeek-V3's
-          router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
-          parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
+    # DeepSeek-V3's block (as GLM-4-MoE's) in DeepSeek-V3.2, GLM-4.7-Flash (lite), GLM-4.5V's text tower, Solar Open
+    # and GLM-5 (DSA)
+    *(_Arch(block, package, package, _read_deepseek, _write_deepseek,
+            router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
+            parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared")))
+      for block, package in (("DeepseekV32MoE", "deepseek_v32"), ("Glm4MoeLiteMoE", "glm4_moe_lite"),
+                             ("Glm4vMoeTextMoE", "glm4v_moe"), ("SolarOpenMoE", "solar_open"),
+                             ("GlmMoeDsaMoE", "glm_moe_dsa"))),
     # described by data (_Layout): gpt-oss, ERNIE-4.5-MoE, Hunyuan-MoE V1, PhiMoE, LongCat-Flash
     _Arch("GptOssMLP", "gpt_oss", "gpt_oss", _reader(_GPT_OSS), _writer(_GPT_OSS, "GptOssMLP"), router_attr="router",
           router_fields=(("weight", "router.gate.weight"), ("bias", "router.gate.bias")),
