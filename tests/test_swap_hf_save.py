@@ -43,6 +43,13 @@ def _model(name: str):
         cfg = t.Qwen2MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16,
                                shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2)
         cls = t.Qwen2MoeForCausalLM
+    elif name == "qwen3_moe":
+        cfg = t.Qwen3MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16, num_experts=4,
+                               num_experts_per_tok=2, head_dim=8)
+        cls = t.Qwen3MoeForCausalLM
+    elif name == "olmoe":
+        cfg, cls = t.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2), \
+            t.OlmoeForCausalLM
     elif name == "deepseek_v3":  # HF's own test config: E=8, n_group=2, topk_group=1, k=8 (k > the eligible experts)
         cfg = t.DeepseekV3Config(**{**COMMON, "num_hidden_layers": 2}, intermediate_size=48, moe_intermediate_size=16,
                                  n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1,
@@ -74,7 +81,7 @@ def _perturb_experts(model) -> None:
 
 
 @pytest.mark.parametrize("share", [True, False])
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
 @torch.no_grad()
 def test_save_pretrained_round_trips(name, share, tmp_path):
     model = _model(name)

@@ -29,6 +29,10 @@ def main(plain: str, swapped: str) -> int:
           f"{len(lost)} (not run swapped: {len(skipped_here)})")
     for t in lost:
         print(f"  {t}: {b.get(t, 'missing')}")
+    if skipped_here:  # -rA names skipped tests only by file:line: deselected (-k) or skipped in the swapped run
+        print("passing plain, deselected or skipped swapped:")
+        for t in skipped_here:
+            print(f"  {t}")
     return 1 if lost else 0
 
 

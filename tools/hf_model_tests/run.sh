@@ -27,6 +27,7 @@ prepare)
   tar xzf "$DIR/sdist/transformers-$VER.tar.gz" -C "$DIR/sdist" "transformers-$VER/tests"
   cp "$DIR/sdist/transformers-$VER/tests/"*.py "$DIR/tests/"           # this version's mixins win
   cp "$HERE/distributed_testing_utils.py" "$DIR/tests/"
+  python "$HERE/compat.py" "$DIR" "$GIT" "$REF"                       # names the snapshot's helpers need
   mkdir -p "$DIR/src" && ln -sfn "$TFPKG" "$DIR/src/transformers"     # some helpers read the source tree
   echo "prepared $DIR (transformers $VER mixins, $(git -C "$GIT" rev-parse --short "$REF") model tests)"
   ;;

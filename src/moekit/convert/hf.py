@@ -203,7 +203,11 @@ def _read_linear(owner: nn.Module, name: str, src: nn.Parameter, share: bool) ->
         setattr(owner, name, src)
     else:
         with torch.no_grad():
-            getattr(owner, name).copy_(src)
+            dst = getattr(owner, name)
+            if dst.dtype == src.dtype:
+                dst.copy_(src)
+            else:  # keep a mixed-precision block's dtypes as share=True does (DeepSeek's float32 gate in a fp16 model)
+                setattr(owner, name, nn.Parameter(src.detach().to(dst.device).clone(), requires_grad=dst.requires_grad))
 
 
 def _read_shared(layer: MoE, mlp: nn.Module, share: bool) -> None:
