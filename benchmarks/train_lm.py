@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 
-RECORDED = ["--steps", "250", "--minutes", "16", "--threads", "1", "--batch", "16", "--block", "128",
-            "--dim", "128", "--layers", "4", "--experts", "8", "--k", "2", "--expert-hidden", "256"]
+RECORDED = ["--steps", "640", "--minutes", "13", "--anneal-by-time", "--threads", "1", "--batch", "8",
+            "--block", "128", "--lr", "3e-3", "--warmup", "30", "--val-blocks", "48", "--dim", "128", "--layers", "4",
+            "--experts", "8", "--k", "2", "--expert-hidden", "256", "--export-dir", "/work/artifacts/lm"]
 
 
 def main(argv: list[str] | None = None) -> int:
