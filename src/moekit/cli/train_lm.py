@@ -185,6 +185,7 @@ def _compare(args, cfg, tcfg, data, out) -> int:
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     results: dict[str, list] = {n: [] for n in names}
     extra: dict[str, dict] = {}
+    runs: dict[str, list] = {}
     for name in names:
         router, balance = router_specs(name)
         ept = []
@@ -194,13 +195,21 @@ def _compare(args, cfg, tcfg, data, out) -> int:
                          resume=not args.no_resume, progress=not args.no_progress, desc=f"{name} s{seed}")
             results[name].append(m["final"]["ppl"])
             ept.append(_experts_per_token(lm, data))
-        extra[name] = {"experts_per_token": sum(ept) / len(ept), "note": ROUTERS[name][2]}
+            runs.setdefault(name, []).append({x: m[x] for x in ("step", "tokens", "cpu_seconds", "wall_seconds")})
+        extra[name] = {"experts_per_token": sum(ept) / len(ept), "note": ROUTERS[name][2], "runs": runs[name]}
     summary = summarize(results)
     table = markdown(summary, extra)
     (out / "compare.json").write_text(json.dumps({"summary": summary, "extra": extra, "model": cfg.to_dict(),
                                                   "train": dataclasses.asdict(tcfg), "seeds": args.seeds}, indent=1))
     (out / "compare.md").write_text(table)
+    from moekit.lm.report import plot_compare
+
+    plot_compare(summary, out / "compare.png")
+    cpu = sum(r["cpu_seconds"] for v in runs.values() for r in v)
+    wall = sum(r["wall_seconds"] for v in runs.values() for r in v)
     print(table)
+    print(f"{sum(len(v) for v in runs.values())} runs: {cpu:.0f} CPU s, {wall:.0f} wall s of training "
+          f"({args.threads} thread(s))")
     return 0
 
 
