@@ -36,15 +36,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="/tmp/moekit_reports/moefy_smollm2", help="report folder")
     p.add_argument("--experts", type=int, default=8, help="experts per FFN (E)")
     p.add_argument("--methods", default="cluster,contiguous,random")
-    p.add_argument("--moefy-last", type=int, default=10, help="MoEfy the last n blocks (30: all of SmolLM2)")
+    p.add_argument("--moefy-last", type=int, default=8, help="MoEfy the last n blocks (30: all of SmolLM2)")
     p.add_argument("--block", type=int, default=256, help="tokens per sequence")
     p.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens (Wikipedia)")
-    p.add_argument("--eval-tokens", type=int, default=768, help="evaluation tokens per domain")
+    p.add_argument("--eval-tokens", type=int, default=512, help="evaluation tokens per domain")
     p.add_argument("--finetune", default="cluster:4,cluster:2",
                    help="method:k settings to fine-tune, comma-separated ('' for none)")
-    p.add_argument("--router-steps", type=int, default=10, help="router-only fine-tune steps")
-    p.add_argument("--full-steps", type=int, default=10, help="steps of the fine-tune of the MoEfied blocks")
-    p.add_argument("--ft-batch", type=int, default=2, help="sequences per fine-tune step")
+    p.add_argument("--router-steps", type=int, default=8, help="router-only fine-tune steps")
+    p.add_argument("--full-steps", type=int, default=8, help="steps of the fine-tune of the MoEfied blocks")
+    p.add_argument("--ft-batch", type=int, default=1, help="sequences per fine-tune step")
     p.add_argument("--router-lr", type=float, default=1e-3)
     p.add_argument("--full-lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=1)
@@ -268,7 +268,7 @@ def plot(result: dict, path: Path) -> None:
             pts = [(r["k"] / r["E"], r[d]) for r in result["rows"] if r["finetune"] == mode]
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=70, color="k", zorder=3,
-                           label=f"cluster + {mode} fine-tune")
+                           label=f"after {mode} fine-tune")
         ax.axhline(dense[d], color="k", lw=0.8, ls="--", label="dense")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

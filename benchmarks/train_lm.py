@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 
-RECORDED = ["--steps", "640", "--minutes", "13", "--anneal-by-time", "--threads", "1", "--batch", "8",
-            "--block", "128", "--lr", "3e-3", "--warmup", "30", "--val-blocks", "48", "--dim", "128", "--layers", "4",
+RECORDED = ["--steps", "1200", "--minutes", "9", "--anneal-by-time", "--threads", "2", "--batch", "16",
+            "--block", "128", "--lr", "4e-3", "--warmup", "50", "--val-blocks", "48", "--dim", "128", "--layers", "4",
             "--experts", "8", "--k", "2", "--expert-hidden", "256", "--export-dir", "/work/artifacts/lm"]
 
 

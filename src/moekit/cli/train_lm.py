@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    parser.add_argument("--dense-steps", type=int, default=None,
+                        help="steps of the dense baseline (default --steps; e.g. the steps the MoE reached under "
+                             "--minutes, so that both see the same tokens)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--compare", default=None,
                         help="comma-separated routers to compare instead (top2,top2_auxfree,expert_choice,moepp,top_p)")
@@ -44,6 +47,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
     import json
     import time
     from pathlib import Path
@@ -110,7 +114,9 @@ def run(args) -> int:
     checks = {"moe": check}
     if not args.no_dense:
         dense = build_lm(cfg, "dense", seed=args.seed)
-        runs["dense"] = train_lm(dense, data, tcfg, out / "runs" / "dense", resume=not args.no_resume,
+        dcfg = tcfg if args.dense_steps is None else dataclasses.replace(
+            tcfg, steps=args.dense_steps, ckpt_every=max(1, min(100, args.dense_steps // 4)))
+        runs["dense"] = train_lm(dense, data, dcfg, out / "runs" / "dense", resume=not args.no_resume,
                                  progress=not args.no_progress, desc="dense")
         dense_dir = dense.save_hf(out / "hf_dense", tok)
         checks["dense"] = runs["dense"]["hf_check"] = generation_check(dense, dense_dir, data)
