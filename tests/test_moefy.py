@@ -164,3 +164,45 @@ def test_config_errors():
         moefy_(tiny_llama(), None, MoefyConfig(num_experts=4))
     with pytest.raises(ValueError, match="must divide the FFN hidden size"):
         moefy_(tiny_llama(), ids(0), MoefyConfig(num_experts=5, k=1))
+
+
+def test_tail_from_cached_hidden_states_equals_the_full_model():
+    from moekit.lm.metrics import perplexity
+    from moekit.lm.tail import hidden_before, tail_loss, tail_perplexity, tail_view
+
+    model = tiny_llama(20, layers=3)
+    x = ids(21, 3, 20)
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        h = hidden_before(model, x, 2, batch_size=2)
+        assert h.shape == (3, 20, 32)
+        with tail_view(model, 2):
+            assert len(model.model.layers) == 1
+            tail = model(inputs_embeds=h, use_cache=False).logits
+    assert len(model.model.layers) == 3  # restored
+    assert (tail - full).abs().max().item() <= 1e-5
+    assert abs(tail_perplexity(model, 2, h, x, batch_size=2) - perplexity(model, x)) <= 1e-4 * perplexity(model, x)
+    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, 97), x[:, 1:].reshape(-1))
+    with torch.no_grad():
+        assert abs(float(tail_loss(model, 2, h, x)) - float(ref)) <= 1e-5
+    with pytest.raises(ValueError, match="start must be in"):
+        hidden_before(model, x, 3)
+
+
+def test_finetune_of_the_last_layers_on_cached_hidden_states_trains_only_them():
+    from moekit.lm.tail import hidden_before, tail_loss
+
+    model = tiny_llama(30, layers=2)
+    moefy_(model, ids(31, 4, 32), MoefyConfig(num_experts=4, k=1, layers=(1,)))
+    x = ids(32, 2, 16)
+    h = hidden_before(model, x, 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tail = [p for p in model.model.layers[1].parameters()]
+    losses = finetune_(model, [(h, x)], steps=6, lr=3e-3, params=tail,
+                       loss_fn=lambda b: tail_loss(model, 1, *b))
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("model.layers.1.") for n in changed)
+    assert all(p.requires_grad for p in model.parameters())  # restored
+    with pytest.raises(ValueError, match="either router_only"):
+        finetune_(model, [x], steps=1, router_only=True, params=tail)

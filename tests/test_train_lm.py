@@ -183,7 +183,8 @@ def test_cli_quick_run_on_code(tmp_path):
     rc = main(["train-lm", "--quick", "--domains", "code", "--out", str(tmp_path), "--no-progress", "--steps", "3"])
     assert rc == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["hf_check"]["identical"] and set(summary["runs"]) == {"moe", "dense"}
+    assert set(summary["hf_check"]) == {"moe", "dense"} and set(summary["runs"]) == {"moe", "dense"}
+    assert all(c["identical"] for c in summary["hf_check"].values())
     for f in ("report.md", "loss.png", "expert_usage.png", "hf_moe/config.json", "hf_dense/config.json"):
         assert (tmp_path / f).exists()
 
@@ -199,6 +200,25 @@ def test_cli_compare_quick(tmp_path):
     assert len(res["summary"]["expert_choice"]["code"]["values"]) == 2
     assert "p_vs_baseline" in res["summary"]["expert_choice"]["code"]
     assert res["extra"]["top2"]["experts_per_token"] == pytest.approx(2.0)
-    assert "95% CI" in (tmp_path / "compare.md").read_text()
+    assert "95% CI" in (tmp_path / "compare.md").read_text() and "Holm" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "compare.png").exists() and len(res["extra"]["top2"]["runs"]) == 2
     with pytest.raises(SystemExit, match="unknown routers"):
         main(["train-lm", "--quick", "--domains", "code", "--out", str(tmp_path), "--compare", "top9"])
+
+
+def test_holm_correction():
+    from moekit.lm.compare import holm_reject
+
+    # m = 3: 0.01 <= 0.05/3 rejected, 0.03 > 0.05/2 stops the procedure, so 0.04 is kept too
+    assert holm_reject({"a": 0.01, "b": 0.03, "c": 0.04}) == {"a": True, "b": False, "c": False}
+    assert holm_reject({"a": 0.01, "b": 0.02, "c": 0.04}) == {"a": True, "b": True, "c": True}
+    assert holm_reject({"a": float("nan"), "b": 0.001}) == {"a": False, "b": True}
+
+
+def test_anneal_by_time_ends_the_cosine_when_the_clock_runs_out():
+    by_steps = TrainConfig(steps=100, lr=1.0, warmup=10, max_seconds=60.0)
+    by_time = TrainConfig(steps=100, lr=1.0, warmup=10, max_seconds=60.0, anneal_by_time=True)
+    assert by_steps.lr_at(20, elapsed=60.0) == pytest.approx(by_time.lr_at(20, elapsed=0.0))
+    assert by_time.lr_at(20, elapsed=60.0) == pytest.approx(0.1)  # the floor: 10% of the peak
+    assert by_time.lr_at(20, elapsed=30.0) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the time
+    assert by_time.lr_at(5, elapsed=60.0) == pytest.approx(0.6)  # warm-up is by steps

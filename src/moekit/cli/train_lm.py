@@ -24,10 +24,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default steps/10, at most 30)")
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget per model (stops early)")
+    parser.add_argument("--anneal-by-time", action="store_true",
+                        help="with --minutes: the cosine decay ends when the steps or the minutes run out, "
+                             "whichever is first (a run stopped by the clock still ends at the low learning rate)")
+    parser.add_argument("--val-blocks", type=int, default=16, help="validation blocks per domain")
+    parser.add_argument("--export-dir", default=None,
+                        help="also copy the two transformers checkpoints to EXPORT_DIR/moe and EXPORT_DIR/dense")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    parser.add_argument("--dense-steps", type=int, default=None,
+                        help="steps of the dense baseline (default --steps; e.g. the steps the MoE reached under "
+                             "--minutes, so that both see the same tokens)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--compare", default=None,
                         help="comma-separated routers to compare instead (top2,top2_auxfree,expert_choice,moepp,top_p)")
@@ -37,6 +47,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
     import json
     import time
     from pathlib import Path
@@ -78,7 +89,7 @@ def run(args) -> int:
 
         tok = train_bpe([split_text(t, (0.95, 0.05))[0] for t in texts.values()], args.vocab)
         tok.save_pretrained(tok_dir)
-    data = build_domain_data(tok, texts, block=args.block)
+    data = build_domain_data(tok, texts, block=args.block, max_val_blocks=args.val_blocks)
     prep_s = time.perf_counter() - t0
     print(f"data: {json.dumps(data.tokens())} ({prep_s:.1f} s, vocab {len(tok)})", flush=True)
 
@@ -86,7 +97,8 @@ def run(args) -> int:
                    num_experts=args.experts, k=args.k, expert_hidden=args.expert_hidden,
                    max_len=max(512, 2 * args.block))
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=args.seed,
-                       warmup=max(2, min(30, args.steps // 10)), ckpt_every=max(1, min(100, args.steps // 4)),
+                       warmup=args.warmup if args.warmup is not None else max(2, min(30, args.steps // 10)),
+                       ckpt_every=max(1, min(100, args.steps // 4)), anneal_by_time=args.anneal_by_time,
                        max_seconds=None if args.minutes is None else 60 * args.minutes)
     if args.compare:
         return _compare(args, cfg, tcfg, data, out)
@@ -98,26 +110,50 @@ def run(args) -> int:
     hf_dir = lm.save_hf(out / "hf_moe", tok)
     check = generation_check(lm, hf_dir, data)
     runs["moe"]["hf_check"] = check
+    _export(args, hf_dir, "moe")
+    checks = {"moe": check}
     if not args.no_dense:
         dense = build_lm(cfg, "dense", seed=args.seed)
-        runs["dense"] = train_lm(dense, data, tcfg, out / "runs" / "dense", resume=not args.no_resume,
+        dcfg = tcfg if args.dense_steps is None else dataclasses.replace(
+            tcfg, steps=args.dense_steps, ckpt_every=max(1, min(100, args.dense_steps // 4)))
+        runs["dense"] = train_lm(dense, data, dcfg, out / "runs" / "dense", resume=not args.no_resume,
                                  progress=not args.no_progress, desc="dense")
-        dense.save_hf(out / "hf_dense", tok)
+        dense_dir = dense.save_hf(out / "hf_dense", tok)
+        checks["dense"] = runs["dense"]["hf_check"] = generation_check(dense, dense_dir, data)
+        _export(args, dense_dir, "dense")
     table = markdown_table(runs)
     plot_losses(runs, out / "loss.png")
     plot_usage(runs["moe"]["final"]["usage"], out / "expert_usage.png")
     summary = {"model": cfg.to_dict(), "train": vars(args), "data_tokens": data.tokens(), "prep_seconds": prep_s,
                "runs": {k: {x: v[x] for x in ("step", "tokens", "tokens_per_second", "cpu_seconds", "wall_seconds",
                                               "final", "params", "finished")} for k, v in runs.items()},
-               "hf_check": check, "threads": args.threads}
+               "hf_check": checks, "threads": args.threads}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     sample = check["sample"]
     (out / "report.md").write_text(
         f"# train-lm report\n\n{table}\nHF checkpoint: `{hf_dir}` ({check['class']}); greedy tokens identical after "
         f"reload in plain transformers: {check['identical']}\n\nSample (greedy, 40 tokens): `{sample!r}`\n")
     print(table)
-    print(f"HF reload: {check['class']}, identical greedy tokens: {check['identical']}; report in {out}")
-    return 0 if check["identical"] else 1
+    for name, c in checks.items():
+        print(f"HF reload ({name}): {c['class']}, identical greedy tokens: {c['identical']}")
+    print(f"report in {out}")
+    return 0 if all(c["identical"] for c in checks.values()) else 1
+
+
+def _export(args, hf_dir, name: str) -> None:
+    """Copy a saved transformers checkpoint to ``--export-dir``/name (replacing an older copy)."""
+    if not args.export_dir:
+        return
+    import shutil
+    from pathlib import Path
+
+    dst = Path(args.export_dir) / name
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(hf_dir, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    print(f"exported {name} checkpoint to {dst}", flush=True)
 
 
 def generation_check(lm, hf_dir, data, new_tokens: int = 40) -> dict:
@@ -155,6 +191,7 @@ def _compare(args, cfg, tcfg, data, out) -> int:
     names = [n.strip() for n in args.compare.split(",") if n.strip()]
     results: dict[str, list] = {n: [] for n in names}
     extra: dict[str, dict] = {}
+    runs: dict[str, list] = {}
     for name in names:
         router, balance = router_specs(name)
         ept = []
@@ -164,13 +201,21 @@ def _compare(args, cfg, tcfg, data, out) -> int:
                          resume=not args.no_resume, progress=not args.no_progress, desc=f"{name} s{seed}")
             results[name].append(m["final"]["ppl"])
             ept.append(_experts_per_token(lm, data))
-        extra[name] = {"experts_per_token": sum(ept) / len(ept), "note": ROUTERS[name][2]}
+            runs.setdefault(name, []).append({x: m[x] for x in ("step", "tokens", "cpu_seconds", "wall_seconds")})
+        extra[name] = {"experts_per_token": sum(ept) / len(ept), "note": ROUTERS[name][2], "runs": runs[name]}
     summary = summarize(results)
     table = markdown(summary, extra)
     (out / "compare.json").write_text(json.dumps({"summary": summary, "extra": extra, "model": cfg.to_dict(),
                                                   "train": dataclasses.asdict(tcfg), "seeds": args.seeds}, indent=1))
     (out / "compare.md").write_text(table)
+    from moekit.lm.report import plot_compare
+
+    plot_compare(summary, out / "compare.png")
+    cpu = sum(r["cpu_seconds"] for v in runs.values() for r in v)
+    wall = sum(r["wall_seconds"] for v in runs.values() for r in v)
     print(table)
+    print(f"{sum(len(v) for v in runs.values())} runs: {cpu:.0f} CPU s, {wall:.0f} wall s of training "
+          f"({args.threads} thread(s))")
     return 0
 
 

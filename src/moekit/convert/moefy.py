@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -439,35 +439,47 @@ def set_top_k_(model: nn.Module, k: int) -> None:
 # --- fine-tuning -----------------------------------------------------------------------------------------------
 
 
-def finetune_(model: nn.Module, batches: list[Tensor], *, steps: int, lr: float = 1e-4, router_only: bool = False,
-              aux_coef: float = 0.0) -> list[float]:
-    """A short fine-tune on next-token loss: the routers only (``router_only``) or every parameter. Cycles through
-    ``batches`` of input ids; returns the loss of every step. With ``UnitGate`` the router learns through the
-    straight-through combine weights."""
-    params = []
-    for moe in moe_layers_of(model):
-        params += list(moe.router.parameters()) if router_only else []
-    if not router_only:
-        params = [p for p in model.parameters()]
+def finetune_(model: nn.Module, batches: list[Any], *, steps: int, lr: float = 1e-4, router_only: bool = False,
+              aux_coef: float = 0.0, params: Iterable[nn.Parameter] | None = None,
+              loss_fn: Callable[[Any], Tensor] | None = None, clip: float | None = 1.0) -> list[float]:
+    """A short fine-tune on next-token loss: the routers only (``router_only``), the given ``params``, or every
+    parameter. Cycles through ``batches`` (input ids, or whatever ``loss_fn(batch)`` takes to return the LM loss;
+    default ``model(input_ids=b, labels=b).loss``); returns the LM loss of every step. With ``UnitGate`` the router
+    learns through the straight-through combine weights. ``clip``: gradient-norm clipping (None: off)."""
+    if router_only and params is not None:
+        raise ValueError("finetune_: pass either router_only=True or params, not both")
+    if router_only:
+        params = [p for moe in moe_layers_of(model) for p in moe.router.parameters()]
+    elif params is None:
+        params = list(model.parameters())
+    params = list(params)
     if not params:
         raise ValueError("finetune_: nothing to train")
+    if steps < 1:
+        raise ValueError(f"finetune_: steps must be >= 1, got {steps}")
+    if loss_fn is None:
+        loss_fn = lambda ids: model(input_ids=ids, labels=ids).loss  # noqa: E731
     trainable = {id(p) for p in params}
+    saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
-    for step in range(steps):
-        ids = batches[step % len(batches)]
-        out = model(input_ids=ids, labels=ids)
-        loss = out.loss + aux_coef * aux_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(out.loss.detach()))
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    try:
+        for step in range(steps):
+            lm_loss = loss_fn(batches[step % len(batches)])
+            loss = lm_loss + aux_coef * aux_loss(model) if aux_coef else lm_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+            losses.append(float(lm_loss.detach()))
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(saved[id(p)])
     return losses
 
 

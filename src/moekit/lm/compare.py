@@ -107,4 +107,32 @@ def markdown(summary: dict[str, Any], extra: dict[str, dict[str, float]] | None 
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ept:.2f} |")
     lines.append("")
     lines.append("`*`: differs from top2 at p < 0.05 (Welch t-test over seeds, no multiple-comparison correction).")
+    others = [n for n in summary if "p_vs_baseline" in summary[n][domains[0]]]
+    if others:
+        holm = holm_reject({(n, d): summary[n][d]["p_vs_baseline"] for n in others for d in domains})
+        lines += ["", "| router vs top2 | " + " | ".join(f"p {d}" for d in domains) + " |",
+                  "|---" * (len(domains) + 1) + "|"]
+        for n in others:
+            cells = []
+            for d in domains:
+                c = summary[n][d]
+                diff = c["mean"] - summary["top2"][d]["mean"] if "top2" in summary else float("nan")
+                cells.append(f"{c['p_vs_baseline']:.3f} ({diff:+.2f}){' **' if holm[(n, d)] else ''}")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"Welch p-value (difference of the means vs top2); `**`: still significant at 0.05 after a Holm "
+                     f"correction over all {len(holm)} comparisons of this table.")
     return "\n".join(lines) + "\n"
+
+
+def holm_reject(pvalues: dict[Any, float], alpha: float = 0.05) -> dict[Any, bool]:
+    """Holm-Bonferroni step-down: which hypotheses are rejected at family-wise level ``alpha`` (nan: never)."""
+    order = sorted(pvalues, key=lambda key: (math.isnan(pvalues[key]), pvalues[key]))
+    m = len(order)
+    out = {key: False for key in pvalues}
+    for i, key in enumerate(order):
+        p = pvalues[key]
+        if math.isnan(p) or p > alpha / (m - i):
+            break
+        out[key] = True
+    return out

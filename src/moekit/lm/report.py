@@ -73,3 +73,24 @@ def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
                      f"{m['tokens_per_second']:.0f} | {m['cpu_seconds']:.0f} | {m['wall_seconds']:.0f} | "
                      + " | ".join(f"{m['final']['ppl'][d]:.2f}" for d in doms) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_compare(summary: dict[str, Any], path: Path) -> None:
+    """Validation perplexity per domain of each router: mean over seeds with the 95% CI as error bars, seeds as
+    dots."""
+    plt = _plt()
+    names = list(summary)
+    doms = list(next(iter(summary.values())))
+    fig, axes = plt.subplots(1, len(doms), figsize=(2.6 * len(doms) + 0.6, 3.0), squeeze=False)
+    for ax, d in zip(axes[0], doms):
+        for i, n in enumerate(names):
+            c = summary[n][d]
+            ci = c["ci95"] if c["ci95"] == c["ci95"] else 0.0
+            ax.errorbar([i], [c["mean"]], yerr=[ci], fmt="o", capsize=3)
+            ax.scatter([i] * len(c["values"]), c["values"], s=8, color="grey", zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"val ppl {d}", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -23,6 +23,7 @@ from .data import DomainData
 from .model import LM
 
 MANIFEST = "manifest.json"
+_RESUMABLE = ("max_seconds", "anneal_by_time")  # settings a resumed run may change
 STATE = "state.pt"
 
 
@@ -36,7 +37,10 @@ class TrainConfig:
         lr: peak AdamW learning rate (linear warm-up over ``warmup`` steps, cosine decay to 10%).
         weight_decay: AdamW weight decay.
         warmup: warm-up steps.
-        max_seconds: wall-clock budget of this call (None: no limit); the schedule still assumes ``steps``.
+        max_seconds: wall-clock budget of the run (None: no limit), counted over resumed calls too.
+        anneal_by_time: with ``max_seconds``, the cosine decay runs on whichever comes first, the steps or the
+            time (position ``max(step / steps, elapsed / max_seconds)``), so a run stopped by the clock still ends
+            at the low learning rate; without it the schedule assumes ``steps`` and a stopped run ends mid-decay.
         ckpt_every: steps between checkpoints.
         eval_every: steps between validation evaluations (0: only at the end).
         seed: model initialisation and data order.
@@ -48,14 +52,18 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup: int = 30
     max_seconds: float | None = None
+    anneal_by_time: bool = False
     ckpt_every: int = 100
     eval_every: int = 0
     seed: int = 0
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, elapsed: float = 0.0) -> float:
+        """Learning rate at ``step`` (``elapsed``: wall seconds of the run so far, used with ``anneal_by_time``)."""
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        if self.anneal_by_time and self.max_seconds:
+            t = max(t, elapsed / self.max_seconds)
         return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
@@ -113,8 +121,8 @@ def train_lm(lm: LM, data: DomainData, cfg: TrainConfig, run_dir: str | Path, *,
     if resume and (run / MANIFEST).exists() and (run / STATE).exists():
         old = json.loads((run / MANIFEST).read_text())
         same = all(old.get(k) == v for k, v in ident.items() if k != "train") and \
-            {k: v for k, v in old["train"].items() if k != "max_seconds"} == \
-            {k: v for k, v in ident["train"].items() if k != "max_seconds"}
+            {k: v for k, v in old["train"].items() if k not in _RESUMABLE} == \
+            {k: v for k, v in ident["train"].items() if k not in _RESUMABLE}
         if same:
             state = torch.load(run / STATE, weights_only=True)
             model.load_state_dict(state["model"])
@@ -132,11 +140,12 @@ def train_lm(lm: LM, data: DomainData, cfg: TrainConfig, run_dir: str | Path, *,
     step = start_step
     try:
         while step < cfg.steps:
-            if cfg.max_seconds is not None and time.perf_counter() - t_wall > cfg.max_seconds:
+            elapsed = wall0 + time.perf_counter() - t_wall
+            if cfg.max_seconds is not None and elapsed > cfg.max_seconds:
                 break
             ids, _ = data.batch(step, cfg.batch_size, cfg.seed)
             for g in opt.param_groups:
-                g["lr"] = cfg.lr_at(step)
+                g["lr"] = cfg.lr_at(step, elapsed)
             out = model(input_ids=ids[:, :-1], labels=None)
             logits = out.logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
