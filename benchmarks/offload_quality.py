@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--removed", default="25,50", help="percent of experts removed per layer")
     ap.add_argument("--quant", default="int8,int4")
     ap.add_argument("--group-size", type=int, default=64, help="quantisation group size")
+    ap.add_argument("--pregate-steps", type=int, default=300, help="train a pre-gate (0: skip that measurement)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="/tmp/moekit_quality", help="folder for results.json / results.md")
     ap.add_argument("--plot", default="", help="PNG path for perplexity vs memory (e.g. docs/img/offload_quality.png)")
@@ -138,6 +139,20 @@ def main(argv=None) -> int:
     base = rows[0]["ppl"]["all"]
     del full
 
+    if args.pregate_steps > 0:  # Pre-gated MoE: next-layer expert prediction on held-out text, router reuse vs pre-gate
+        from moekit.offload.pregate import prediction_quality, record_routing, train_pregate
+
+        full = load_full()
+        routers = {L: full.get_submodule(p.rsplit(".", 1)[0]).gate for L, (p, _) in enumerate(find_experts_modules(full))}
+        pg = train_pregate(full, calib, routers, steps=args.pregate_steps)
+        rec = record_routing(full, [b[None, :-1] for blocks in held.values() for b in blocks])
+        pregate_rows = {"router reuse": prediction_quality(rec, routers), "pre-gate": prediction_quality(rec, pg)}
+        for name, q in pregate_rows.items():
+            print(f"next-layer prediction ({name}, held-out): precision = recall = {q['recall']:.3f}", flush=True)
+        del full
+    else:
+        pregate_rows = {}
+
     for q in quants:
         om = load_offloaded(src, "100%", quant=QuantConfig(bits=q, group_size=args.group_size), dtype=torch.float32)
         rt = om.runtime
@@ -164,11 +179,14 @@ def main(argv=None) -> int:
             "expert_mib": expert_bytes / 2**20, "held_out_tokens": rows[0]["ppl"]["tokens"], "rows": rows,
             "sources": {"bible": "Debian bible-kjv (bible-kjv-text)", "wiki": "PyPI gensim test_data",
                         "code": "CPython stdlib .py files of the running interpreter"},
-            "wall_s": time.perf_counter() - t_start}
+            "prefetch_prediction": pregate_rows, "wall_s": time.perf_counter() - t_start}
     (out / "results.json").write_text(json.dumps(meta, indent=1))
     table = format_table(rows, list(held))
     head = (f"{src}: {E} experts per layer, {full_bytes / 2**20:.1f} MiB float32 ({expert_bytes / full_bytes:.0%} "
             f"experts); held-out perplexity on {meta['held_out_tokens']} tokens ({', '.join(held)})\n\n")
+    if pregate_rows:
+        table += ("\n\nnext-layer expert prediction on the held-out tokens (top-k predicted per token, precision = "
+                  "recall): " + ", ".join(f"{k} {v['recall']:.3f}" for k, v in pregate_rows.items()))
     (out / "results.md").write_text(head + table + "\n")
     print(head + table)
     if args.plot:
