@@ -248,7 +248,6 @@ def main(argv=None) -> int:
 def format_table(summary) -> str:
     ref = {(r["kind"], r["cold"]): r for r in summary if r["kind"] != "moekit"}
     full = ref.get(("full", False), {}).get("decode_tok_s")
-    nan = float("nan")
     lines = ["| run | budget | prefetch | page cache | prefill tok/s | decode tok/s (min-max) | vs accelerate | vs full |"
              " decode hit rate | prefetch P / R | MiB read / token | peak RSS MiB | tokens = full |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -257,7 +256,7 @@ def format_table(summary) -> str:
         cells = [r["kind"], r["budget"], "yes" if r["prefetch"] else "no", "cold" if r["cold"] else "warm",
                  f"{r['prefill_tok_s']:.1f}",
                  f"{r['decode_tok_s']:.2f} ({r['decode_tok_s_min']:.2f}-{r['decode_tok_s_max']:.2f})",
-                 f"{r['decode_tok_s'] / acc if acc else nan:.1f}x", f"{r['decode_tok_s'] / full if full else nan:.2f}x",
+                 f"{r['decode_tok_s'] / acc:.1f}x" if acc else "-", f"{r['decode_tok_s'] / full:.2f}x" if full else "-",
                  f"{r['hit_rate']:.2f}" if "hit_rate" in r else "-",
                  f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}" if "prefetch_precision" in r else "-",
                  f"{r['bytes_read_per_token'] / 2**20:.1f}" if "bytes_read_per_token" in r else "-",
