@@ -119,7 +119,7 @@ def test_cache_hits_hand_over_the_cached_tensors_without_copy(ckpts, inner):
     idx = torch.tensor([[1, 6], [6, 3], [3, 1]])
     w = torch.rand(3, 2, generator=torch.Generator().manual_seed(1))
     out = ex(x, idx, w)
-    full = eager(ExpertsProxyFull(om, ex), x, idx, w)
+    full = eager(_full_proxy(om, ex), x, idx, w)
     torch.testing.assert_close(out, full, atol=1e-6, rtol=0)
     if inner == "eager":
         proxy = seen[0][0]
@@ -135,7 +135,7 @@ def test_cache_hits_hand_over_the_cached_tensors_without_copy(ckpts, inner):
     om.close()
 
 
-def ExpertsProxyFull(om, ex):
+def _full_proxy(om, ex):
     """A proxy holding every expert of layer 0, read straight from the checkpoint (the fully loaded reference)."""
     from moekit.offload.proxy import ExpertsProxy
 
