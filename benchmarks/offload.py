@@ -2,11 +2,21 @@
 experts are > 90% of its bytes (generated once under --dir, never in the repository).
 
 Each configuration runs in its own subprocess (clean peak RSS: VmHWM), configurations are interleaved over
---rounds rounds, and medians with min-max spread are reported. Before every run the checkpoint's pages are dropped
-from the OS page cache (posix_fadvise DONTNEED on our own files only), so the first read of an expert is a real
-disk read; later re-reads of an evicted expert may still be served by the page cache.
+--rounds rounds, and medians with min-max spread are reported. Before every run the checkpoint's and accelerate's
+offload files are dropped from the OS page cache (posix_fadvise DONTNEED on our own files only), so the first read
+of an expert is a real disk read.
 
-    python benchmarks/offload.py --dir /tmp/moekit_offload_bench --rounds 3
+Two page-cache regimes, both reported:
+
+- "warm": after that first read the OS may keep the files in its page cache (this machine has far more RAM than the
+  checkpoint), so accelerate's per-token re-reads of the offloaded layers and moekit's re-reads of evicted experts are
+  memory-to-memory copies: the comparison of a machine whose RAM holds the files after all;
+- "cold": the files are dropped from the page cache again after every decoded token (outside the timed region), so
+  every byte either method reads comes from the disk: a machine whose RAM cannot hold the checkpoint, the situation
+  offloading is for.
+
+    python benchmarks/offload.py --dir /tmp/moekit_offload_bench --rounds 2     # full table (see docs/offload.md)
+    python benchmarks/offload.py --quick                                         # small checkpoint, seconds
 """
 
 from __future__ import annotations
@@ -25,21 +35,29 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_inte
               max_position_embeddings=512, norm_topk_prob=True, initializer_range=0.05, tie_word_embeddings=False)
 
 
-def make_checkpoint(d: Path) -> Path:
+# --quick: the same architecture, small enough to run every configuration in seconds (a smoke test of the script)
+QUICK_CONFIG = dict(CONFIG, vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                    num_experts=16, num_experts_per_tok=2, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32)
+
+
+def make_checkpoint(d: Path, config: dict = CONFIG) -> Path:
     ck = d / "ckpt"
     if (ck / "config.json").exists():
-        return ck
+        if json.loads((ck / "config.json").read_text()).get("num_hidden_layers") == config["num_hidden_layers"]:
+            return ck
+        raise SystemExit(f"{ck} holds a checkpoint of another configuration; pass another --dir")
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**CONFIG), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**config), dtype=torch.float32)
     model.save_pretrained(ck, max_shard_size="500MB")
     return ck
 
 
 def drop_page_cache(ck: Path) -> None:
-    for f in list(ck.glob("*.safetensors")) + list(ck.glob("*.dat")):
+    for f in list(ck.glob("*.safetensors")) + list(ck.rglob("*.dat")):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -94,7 +112,8 @@ def child(args) -> dict:
     drop_page_cache(ck)
     if args.offload_folder and Path(args.offload_folder).exists():
         drop_page_cache(Path(args.offload_folder))
-    ids = torch.randint(3, CONFIG["vocab_size"], (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
+    ids = torch.randint(3, vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model(ids, use_cache=True)
@@ -108,13 +127,21 @@ def child(args) -> dict:
 
                 om.runtime.prefetcher.stats = PrefetchStats()
         toks = []
-        t0 = time.perf_counter()
+        decode_s = 0.0
         for _ in range(args.new):
+            t0 = time.perf_counter()
             out = model(tok, past_key_values=past, use_cache=True)
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             toks.append(int(tok))
-        decode_s = time.perf_counter() - t0
-    res = {"kind": kind, "budget": budget, "prefetch": args.prefetch, "impl": args.impl, "load_s": load_s,
+            decode_s += time.perf_counter() - t0
+            if args.cold:  # untimed: nothing either method read stays in the page cache for the next token
+                if om is not None and om.runtime.prefetcher is not None:
+                    om.runtime.prefetcher.drain()
+                drop_page_cache(ck)
+                if args.offload_folder and Path(args.offload_folder).exists():
+                    drop_page_cache(Path(args.offload_folder))
+    res = {"kind": kind, "budget": budget, "prefetch": args.prefetch, "cold": args.cold, "impl": args.impl,
+           "load_s": load_s,
            "prefill_tok_s": args.prompt / prefill_s, "decode_tok_s": args.new / decode_s, "tokens": toks,
            "peak_rss_mib": _rss_kib("VmHWM") / 1024, "base_rss_mib": base_rss / 1024}
     if om is not None:
@@ -129,8 +156,12 @@ def child(args) -> dict:
     return res
 
 
-RUNS = [("full", "100%", False), ("accelerate", "25%", False), ("moekit", "25%", False)] + [
-    ("moekit", b, True) for b in ("10%", "25%", "50%", "100%")]
+# (kind, budget, prefetch, cold page cache after every token)
+RUNS = [("full", "100%", False, False), ("accelerate", "25%", False, False), ("moekit", "25%", False, False)] + [
+    ("moekit", b, True, False) for b in ("10%", "25%", "50%", "100%")] + [
+    ("accelerate", "25%", False, True), ("moekit", "25%", True, True)]
+QUICK_RUNS = [("full", "100%", False, False), ("accelerate", "25%", False, False), ("moekit", "25%", True, False),
+              ("moekit", "25%", True, True)]
 
 
 def main(argv=None) -> int:
@@ -142,7 +173,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--impl", default="eager", help="experts implementation for every run (eager, grouped_mm)")
     ap.add_argument("--only", default="", help="comma list of kinds to run (full,accelerate,moekit)")
-    ap.add_argument("--out", default="")
+    ap.add_argument("--quick", action="store_true",
+                    help="a small checkpoint under DIR/quick, 4 configurations, 1 round, 8 prompt + 4 new tokens (a smoke "
+                         "test of the script, 1-2 min)")
+    ap.add_argument("--out", default="", help="results JSON (default DIR/results.json; the table goes to .md beside)")
+    ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kind"), ap.add_argument("--budget"), ap.add_argument("--ckpt")
     ap.add_argument("--prefetch", action="store_true"), ap.add_argument("--policy", default="lru")
@@ -154,29 +189,36 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(args)))
         return 0
     d = Path(args.dir)
+    if args.quick:
+        d = d / "quick"
+        args.rounds, args.prompt, args.new = 1, 8, 4
     d.mkdir(parents=True, exist_ok=True)
-    ck = make_checkpoint(d)
-    runs = [r for r in RUNS if not args.only or r[0] in args.only.split(",")]
+    t_start = time.perf_counter()
+    ck = make_checkpoint(d, QUICK_CONFIG if args.quick else CONFIG)
+    runs = QUICK_RUNS if args.quick else RUNS
+    runs = [r for r in runs if not args.only or r[0] in args.only.split(",")]
     results: dict[tuple, list[dict]] = {}
     for rnd in range(args.rounds):
         order = runs[rnd % len(runs):] + runs[: rnd % len(runs)]  # rotate to interleave
-        for kind, budget, pf in order:
+        for kind, budget, pf, cold in order:
             drop_page_cache(ck)
             cmd = [sys.executable, __file__, "--child", "--kind", kind, "--budget", budget, "--ckpt", str(ck),
                    "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads), "--impl", args.impl,
-                   "--offload-folder", str(d / "accelerate_offload")] + (["--prefetch"] if pf else [])
+                   "--offload-folder", str(d / "accelerate_offload")]
+            cmd += (["--prefetch"] if pf else []) + (["--cold"] if cold else [])
             p = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if p.returncode or not line:
                 print(p.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"run {kind} {budget} failed (rc {p.returncode})")
             r = json.loads(line[0][7:])
-            results.setdefault((kind, budget, pf), []).append(r)
-            print(f"round {rnd} {kind:10s} {budget:>5s} prefetch={pf!s:5s} decode {r['decode_tok_s']:.2f} tok/s "
-                  f"prefill {r['prefill_tok_s']:.1f} tok/s rss {r['peak_rss_mib']:.0f} MiB", flush=True)
+            results.setdefault((kind, budget, pf, cold), []).append(r)
+            print(f"round {rnd} {kind:10s} {budget:>5s} prefetch={pf!s:5s} cold={cold!s:5s} decode "
+                  f"{r['decode_tok_s']:.2f} tok/s prefill {r['prefill_tok_s']:.1f} tok/s rss {r['peak_rss_mib']:.0f} MiB",
+                  flush=True)
     summary = []
-    for (kind, budget, pf), rs in results.items():
-        row = {"kind": kind, "budget": budget, "prefetch": pf, "n": len(rs)}
+    for (kind, budget, pf, cold), rs in results.items():
+        row = {"kind": kind, "budget": budget, "prefetch": pf, "cold": cold, "n": len(rs)}
         for k in rs[0]:
             if isinstance(rs[0][k], float):
                 vals = [r[k] for r in rs]
@@ -184,32 +226,43 @@ def main(argv=None) -> int:
                 row[k + "_min"], row[k + "_max"] = min(vals), max(vals)
         row["tokens_match_full"] = None
         summary.append(row)
-    full_toks = results.get(("full", "100%", False), [{}])[0].get("tokens")
+    full_toks = results.get(("full", "100%", False, False), [{}])[0].get("tokens")
     for row, rs in zip(summary, results.values()):
         if full_toks is not None:
             row["tokens_match_full"] = all(r["tokens"] == full_toks for r in rs)
     out = Path(args.out) if args.out else d / "results.json"
-    out.write_text(json.dumps({"config": CONFIG, "args": vars(args), "summary": summary}, indent=1))
-    print_table(summary)
+    load = os.getloadavg()
+    meta = {"config": QUICK_CONFIG if args.quick else CONFIG, "args": vars(args), "summary": summary,
+            "wall_s": time.perf_counter() - t_start, "loadavg": load}
+    out.write_text(json.dumps(meta, indent=1))
+    table = format_table(summary)
+    head = (f"decode of {args.new} tokens after a {args.prompt}-token prompt, medians of {args.rounds} round(s) "
+            f"(min-max), {args.threads} torch thread(s), load average at the end {load[0]:.1f}; "
+            f"vs accelerate: against accelerate in the same page-cache regime\n\n")
+    out.with_suffix(".md").write_text(head + table + "\n")
+    print(head + table)
+    print(f"wrote {out} and {out.with_suffix('.md')} ({meta['wall_s']:.0f} s)")
     return 0
 
 
-def print_table(summary) -> None:
-    ref = {r["kind"]: r for r in summary if r["kind"] != "moekit"}
-    acc = ref.get("accelerate", {}).get("decode_tok_s")
-    full = ref.get("full", {}).get("decode_tok_s")
-    print("| run | budget | prefetch | prefill tok/s | decode tok/s (min-max) | vs accelerate | vs full | hit rate | "
-          "prefetch P / R | MiB read/token | peak RSS MiB | tokens = full |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+def format_table(summary) -> str:
+    ref = {(r["kind"], r["cold"]): r for r in summary if r["kind"] != "moekit"}
+    full = ref.get(("full", False), {}).get("decode_tok_s")
+    lines = ["| run | budget | prefetch | page cache | prefill tok/s | decode tok/s (min-max) | vs accelerate | vs full |"
+             " decode hit rate | prefetch P / R | MiB read / token | peak RSS MiB | tokens = full |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary:
-        pr = (f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}" if "prefetch_precision" in r else "-")
-        print(f"| {r['kind']} | {r['budget']} | {'yes' if r['prefetch'] else 'no'} | {r['prefill_tok_s']:.1f} | "
-              f"{r['decode_tok_s']:.2f} ({r['decode_tok_s_min']:.2f}-{r['decode_tok_s_max']:.2f}) | "
-              f"{r['decode_tok_s'] / acc if acc else float('nan'):.1f}x | "
-              f"{r['decode_tok_s'] / full if full else float('nan'):.2f}x | "
-              f"{r.get('hit_rate', float('nan')):.2f} | {pr} | "
-              f"{r.get('bytes_read_per_token', float('nan')) / 2**20:.1f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['tokens_match_full']} |")
+        acc = ref.get(("accelerate", r["cold"]), {}).get("decode_tok_s")
+        cells = [r["kind"], r["budget"], "yes" if r["prefetch"] else "no", "cold" if r["cold"] else "warm",
+                 f"{r['prefill_tok_s']:.1f}",
+                 f"{r['decode_tok_s']:.2f} ({r['decode_tok_s_min']:.2f}-{r['decode_tok_s_max']:.2f})",
+                 f"{r['decode_tok_s'] / acc:.1f}x" if acc else "-", f"{r['decode_tok_s'] / full:.2f}x" if full else "-",
+                 f"{r['hit_rate']:.2f}" if "hit_rate" in r else "-",
+                 f"{r['prefetch_precision']:.2f} / {r['prefetch_recall']:.2f}" if "prefetch_precision" in r else "-",
+                 f"{r['bytes_read_per_token'] / 2**20:.1f}" if "bytes_read_per_token" in r else "-",
+                 f"{r['peak_rss_mib']:.0f}", {True: "yes", False: "NO"}.get(r["tokens_match_full"], "-")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

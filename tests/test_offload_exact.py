@@ -46,7 +46,9 @@ def test_greedy_tokens_identical_at_every_budget(ckpts, name):
     ids = _ids()
     want_logits = ref(ids).logits
     want = ref.generate(ids, max_new_tokens=8, do_sample=False)
-    for budget, inner, prefetch in [("100%", "grouped_mm", False), ("30%", "eager", True), ("1", None, False)]:
+    # stacked-weight implementations (grouped_mm, moekit's) run once per touched expert; eager / auto in one call
+    for budget, inner, prefetch in [("100%", "grouped_mm", False), ("30%", "eager", True), ("1", None, False),
+                                    ("40%", "moekit", True)]:
         if budget == "1":  # smallest legal budget: one expert
             om0 = load_offloaded(ckpts[name], "100%")
             budget = om0.runtime.expert_bytes(0)
@@ -91,3 +93,52 @@ def test_fused_layout_checkpoint(ckpts, tmp_path):
     torch.testing.assert_close(om.model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
     assert torch.equal(om.model.generate(ids, max_new_tokens=6, do_sample=False),
                        ref.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("inner", ["eager", "callable"])
+def test_cache_hits_hand_over_the_cached_tensors_without_copy(ckpts, inner):
+    """A hit costs no copy: eager gets the cached tensors themselves (in a per-expert list indexed by the original
+    expert ids, no remapping), a stacked-weight implementation a one-expert view of them; same output as eager."""
+    from moekit.offload.proxy import resolve_inner
+
+    om = load_offloaded(ckpts["qwen3_moe"], "100%", inner="eager", working_bytes=2**30)  # one working group
+    ex = om.model.model.layers[0].mlp.experts
+    eager, _ = resolve_inner("eager", ex._template)
+    seen = []
+
+    def spy(proxy, x, idx, w):
+        seen.append((proxy, idx.clone()))
+        return eager(proxy, x, idx, w)
+
+    if inner == "callable":
+        ex.inner, ex.zero_copy = spy, False
+    else:
+        ex.inner = spy
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([[1, 6], [6, 3], [3, 1]])
+    w = torch.rand(3, 2, generator=torch.Generator().manual_seed(1))
+    out = ex(x, idx, w)
+    full = eager(_full_proxy(om, ex), x, idx, w)
+    torch.testing.assert_close(out, full, atol=1e-6, rtol=0)
+    if inner == "eager":
+        proxy = seen[0][0]
+        assert [i for i, t in enumerate(proxy.gate_up_proj) if t is not None] == [1, 3, 6]
+        for e in (1, 3, 6):
+            assert proxy.gate_up_proj[e].data_ptr() == om.cache.items[(0, e)].tensors["gate_up_proj"].data_ptr()
+    if inner == "eager":
+        assert len(seen) == 1 and torch.equal(seen[0][1], idx)  # one call, original ids
+    else:
+        assert len(seen) == 3 and all(p.num_experts == 1 for p, _ in seen)
+        ptrs = {p.gate_up_proj.data_ptr() for p, _ in seen}
+        assert ptrs == {om.cache.items[(0, e)].tensors["gate_up_proj"].data_ptr() for e in (1, 3, 6)}
+    om.close()
+
+
+def _full_proxy(om, ex):
+    """A proxy holding every expert of layer 0, read straight from the checkpoint (the fully loaded reference)."""
+    from moekit.offload.proxy import ExpertsProxy
+
+    src = om.runtime.sources[0]
+    ws = [src.read(e)[0] for e in range(src.num_experts)]
+    return ExpertsProxy(ex._template, {p: torch.stack([w[p] for w in ws]) for p in ws[0]}, src.num_experts)

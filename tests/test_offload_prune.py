@@ -81,6 +81,12 @@ def test_naee_not_worse_than_frequency_on_reconstruction(tmp_path):
     freq = c.freq_E.argsort(descending=True)[:4].tolist()
     assert err(naee) <= err(freq) + 1e-12
     assert err(list(range(8))) == 0
+    # NAEE's search uses every expert's output computed once: the same layer output as the direct computation
+    from moekit.offload.prune import _expert_outputs
+
+    y = _expert_outputs(m, c)
+    for keep in (list(range(8)), naee, freq, [1, 5]):
+        torch.testing.assert_close(_moe_output(m, r, c, keep, y), _moe_output(m, r, c, keep), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

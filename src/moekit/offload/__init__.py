@@ -11,6 +11,7 @@ from .layout import ExpertSource, find_source
 from .loader import OffloadedModel, find_experts_modules, load_offloaded
 from .policies import LFU, LRU, POLICIES, ActivationAware, make_policy
 from .prefetch import Prefetcher, PrefetchStats
+from .pregate import prediction_quality, train_pregate
 from .quant import QuantizedTensor, quantize
 from .reader import CheckpointError, CheckpointIndex
 from .runtime import OffloadRuntime, QuantConfig
@@ -18,4 +19,4 @@ from .runtime import OffloadRuntime, QuantConfig
 __all__ = ["ActivationAware", "CacheStats", "CheckpointError", "CheckpointIndex", "ExpertCache", "ExpertSource",
            "ExpertWeights", "LFU", "LRU", "OffloadRuntime", "OffloadedModel", "POLICIES", "Prefetcher",
            "PrefetchStats", "QuantConfig", "QuantizedTensor", "find_experts_modules", "find_source",
-           "load_offloaded", "make_policy", "parse_budget", "quantize"]
+           "load_offloaded", "make_policy", "parse_budget", "prediction_quality", "quantize", "train_pregate"]

@@ -66,12 +66,26 @@ class ExpertSource:
                                       f"checkpoint, the model expects {self.params[p]}")
         nread = sum(t.nbytes for t in out.values())
         if dtype is not None:
-            out = {p: t.to(dtype) for p, t in out.items()}
+            out = {p: t if t.dtype == dtype else t.to(dtype) for p, t in out.items()}
         return out, nread
 
     def _read_per_expert(self, e: int) -> dict[str, torch.Tensor]:
         prefix, names = self.per_expert
         r = self.index.read
+        if self.has_gate and self.is_concatenated and not self.is_transposed and "gate_up_proj" in self.params:
+            # [gate; up] rows are two contiguous halves of gate_up_proj: read each straight into its half (no cat)
+            g, u, d = names
+            ge, ue = self.index.entry(f"{prefix}.{e}.{g}.weight"), self.index.entry(f"{prefix}.{e}.{u}.weight")
+            if ge.dtype == ue.dtype and ge.shape == ue.shape and (2 * ge.shape[0], *ge.shape[1:]) == self.params["gate_up_proj"]:
+                gu = torch.empty(self.params["gate_up_proj"], dtype=ge.dtype)
+                r(f"{prefix}.{e}.{g}.weight", out=gu[: ge.shape[0]])
+                r(f"{prefix}.{e}.{u}.weight", out=gu[ge.shape[0]:])
+                out = {"gate_up_proj": gu, "down_proj": r(f"{prefix}.{e}.{d}.weight")}
+                for n, p in ((g, "gate_up_proj_bias"), (d, "down_proj_bias")):
+                    if p in self.params and f"{prefix}.{e}.{n}.bias" in self.index:
+                        out[p] = (torch.cat([r(f"{prefix}.{e}.{g}.bias"), r(f"{prefix}.{e}.{u}.bias")])
+                                  if n == g else r(f"{prefix}.{e}.{d}.bias"))
+                return {p: t for p, t in out.items() if p in self.params}
         w = {n: r(f"{prefix}.{e}.{n}.weight") for n in names}
         b = {n: r(f"{prefix}.{e}.{n}.bias") for n in names if f"{prefix}.{e}.{n}.bias" in self.index}
         out: dict[str, torch.Tensor] = {}

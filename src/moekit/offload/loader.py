@@ -75,14 +75,16 @@ class OffloadedModel:
 def load_offloaded(model_dir: str | os.PathLike, expert_budget: int | str = "25%", *, policy: str = "lru",
                    policy_kwargs: dict | None = None, prefetch: bool = False, quant: str | QuantConfig | None = None,
                    inner="auto", dtype: torch.dtype | None = None, pin: list[tuple[int, int]] | None = None,
-                   working_bytes: int | None = None) -> OffloadedModel:
+                   working_bytes: int | None = None, pregate: dict | None = None) -> OffloadedModel:
     """Load ``model_dir`` (a ``save_pretrained`` directory) with experts served from disk.
 
     ``expert_budget``: bytes of expert weights kept in memory ("25%" of all expert bytes, or a byte count).
     ``policy``: "lru" | "lfu" | "activation" or a policy object. ``prefetch``: speculative next-layer loading.
     ``quant``: None (exact), "int8", "int4", or a :class:`QuantConfig`. ``inner``: the experts implementation run
     on the touched experts ("auto", "eager", "grouped_mm", a registered name or a callable). ``pin``: expert keys
-    ``(layer, e)`` loaded up front and never evicted.
+    ``(layer, e)`` loaded up front and never evicted. ``pregate``: ``{layer: module}`` predictors of that layer's
+    experts from the previous layer's input (Pre-gated MoE; :func:`moekit.offload.pregate.train_pregate`), used by
+    the prefetcher instead of reusing the layer's router.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -169,12 +171,25 @@ def load_offloaded(model_dir: str | os.PathLike, expert_budget: int | str = "25%
         raise CheckpointError(f"checkpoint {model_dir} lacks tensors {left[:5]}")
     model.eval()
 
+    if pregate is not None:
+        if not prefetch:
+            raise ValueError("pregate= predicts experts for prefetching; pass prefetch=True with it")
+        for L, pg in pregate.items():
+            w = getattr(pg, "weight", None)
+            if L not in sources or L == 0:
+                raise ValueError(f"pregate: layer {L} is not an experts layer after the first "
+                                 f"(layers 1..{len(sources) - 1})")
+            if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[0] != sources[L].num_experts:
+                raise ValueError(f"pregate[{L}]: expected a module with a weight [{sources[L].num_experts}, hidden], "
+                                 f"got {None if w is None else tuple(w.shape)}")
     if prefetch:
         routers, top_k = {}, {}
         for path, m in experts:
             L = layer_of[path]
             routers[L] = _router_of(model, path, m.num_experts)
             top_k[L] = int(getattr(routers[L], "top_k", getattr(config, "num_experts_per_tok", 1)) or 1)
+        for L, pg in (pregate or {}).items():  # Pre-gated MoE: a trained predictor instead of router reuse
+            routers[L] = pg
         per_layer_capacity = budget_bytes // max(rt.expert_bytes(L) for L in sources)
         rt.prefetcher = Prefetcher(rt.cache, routers, top_k, max_experts=max(1, per_layer_capacity // 2))
     if quant.lowbit_on_miss:

@@ -65,12 +65,18 @@ class Prefetcher:
             return
         with torch.no_grad():
             ids_TK = router_topk(router, x_TD, self.top_k[next_layer])
-        ids, counts = torch.unique(ids_TK, return_counts=True)
-        order = counts.argsort(descending=True)[: self.max_experts]
-        chosen = ids[order].tolist()
+        if ids_TK.numel() <= self.max_experts:  # decoding: every predicted expert, no ranking needed
+            chosen = list(dict.fromkeys(ids_TK.reshape(-1).tolist()))
+        else:
+            ids, counts = torch.unique(ids_TK, return_counts=True)
+            order = counts.argsort(descending=True)[: self.max_experts]
+            chosen = ids[order].tolist()
         with self._lock:
             self._pending[next_layer] = set(chosen)
-        self._pool.submit(self._load, next_layer, chosen)
+        cached = self.cache.items
+        todo = [e for e in chosen if (next_layer, e) not in cached]  # a dict read: atomic; the worker re-checks
+        if todo:  # nothing to load (all cached): no hand-off to the worker thread at all
+            self._pool.submit(self._load, next_layer, todo)
 
     def _load(self, layer: int, ids: list[int]) -> None:
         try:

@@ -29,19 +29,17 @@ class ExpertsProxy:
 def resolve_inner(inner, module: torch.nn.Module) -> tuple[object, bool]:
     """The experts implementation function to run on proxies: a callable ``f(module, x, idx, w)``, or a name:
     ``"eager"`` (the class's own undecorated forward), any name registered in transformers' ``ExpertsInterface``
-    (``"grouped_mm"``, ``"batched_mm"``, ``"moekit"`` once registered), or ``"auto"`` (moekit's implementation when
-    ``moekit.convert.hf_experts`` provides it, else ``eager``). Also returns whether the function only indexes
-    ``weights[e]`` (eager), so a list of per-expert tensors can stand in for the stacked weights without a copy."""
+    (``"grouped_mm"``, ``"batched_mm"``, ``"moekit"`` = :func:`moekit.convert.hf_experts.moekit_experts_forward`),
+    or ``"auto"`` (= ``"eager"``: it indexes ``weights[e]``, so the cached per-expert tensors serve it in one call
+    with no copy; the stacked-weight implementations are called once per touched expert on a one-expert view).
+    Also returns whether the function only indexes ``weights[e]`` (eager)."""
     if callable(inner):
         return inner, False
-    if inner == "auto":
-        try:
-            from moekit.convert.hf_experts import moekit_experts_forward  # type: ignore[import-not-found]
+    if inner == "moekit":
+        from moekit.convert.hf_experts import moekit_experts_forward
 
-            return moekit_experts_forward, False
-        except ImportError:
-            inner = "eager"
-    if inner == "eager":
+        return moekit_experts_forward, False
+    if inner in ("auto", "eager"):
         fwd = type(module).forward
         return getattr(fwd, "__wrapped__", fwd), True
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS

@@ -50,13 +50,22 @@ def _router(model, path):
     raise ValueError(f"no router ('gate' / 'router' with a weight) next to {path}")
 
 
-def _moe_output(module, router, c: LayerCalib, keep: list[int]) -> torch.Tensor:
+def _expert_outputs(module, c: LayerCalib) -> torch.Tensor:
+    """Every expert's output on every calibration input, ``[E, T, D]`` (computed once per layer for NAEE)."""
+    return torch.stack([expert_forward(module, e, c.x_TD).float() for e in range(module.num_experts)])
+
+
+def _moe_output(module, router, c: LayerCalib, keep: list[int], y_ETD: torch.Tensor | None = None) -> torch.Tensor:
     """The experts module's output when only ``keep`` survive: top-k over the survivors' router logits (softmax
-    renormalised among the chosen), each chosen expert's own output."""
+    renormalised among the chosen), each chosen expert's own output (from ``y_ETD`` when given)."""
     logits = torch.nn.functional.linear(c.x_TD.to(router.weight.dtype), router.weight[keep])
     k = min(c.idx_TK.shape[1], len(keep))
     top, pos = logits.topk(k, dim=-1)
     w = torch.softmax(top.float(), dim=-1)
+    if y_ETD is not None:
+        e_TK = torch.as_tensor(keep)[pos]
+        picked_TKD = y_ETD[e_TK, torch.arange(e_TK.shape[0])[:, None]]
+        return (w[..., None].double() * picked_TKD.double()).sum(1)
     out = torch.zeros_like(c.x_TD, dtype=torch.float64)
     for j, e in enumerate(keep):
         tok, slot = (pos == j).nonzero(as_tuple=True)
@@ -66,13 +75,15 @@ def _moe_output(module, router, c: LayerCalib, keep: list[int]) -> torch.Tensor:
 
 
 def _naee(module, router, c: LayerCalib, n_keep: int) -> list[int]:
+    """Greedy backward elimination on the layer's output reconstruction error (expert outputs computed once)."""
     keep = list(range(module.num_experts))
-    target = _moe_output(module, router, c, keep)
+    y_ETD = _expert_outputs(module, c)
+    target = _moe_output(module, router, c, keep, y_ETD)
     while len(keep) > n_keep:
         errs = []
         for e in keep:
             trial = [x for x in keep if x != e]
-            errs.append(((_moe_output(module, router, c, trial) - target) ** 2).sum().item())
+            errs.append(((_moe_output(module, router, c, trial, y_ETD) - target) ** 2).sum().item())
         keep.pop(min(range(len(keep)), key=errs.__getitem__))
     return keep
 

@@ -1,6 +1,6 @@
 """Read single tensors, or one expert's slice of a stacked tensor, from a directory of safetensors shards.
 
-We parse the safetensors header ourselves and read bytes with ``os.pread`` instead of memory-mapping the shards:
+We parse the safetensors header ourselves and read bytes with ``os.preadv`` (straight into the destination tensor) instead of memory-mapping the shards:
 pages of a memory-mapped file that were touched count towards the process's resident set until the kernel reclaims
 them, which would make "resident memory stays within the budget" unmeasurable (and untrue in practice for a long
 generation). ``pread`` copies exactly the requested expert's bytes into memory we own and account for.
@@ -109,31 +109,49 @@ class CheckpointIndex:
                     raise CheckpointError(f"shard {path} cannot be opened: {e}") from e
             return self._fds[path]
 
-    def _pread(self, entry: TensorEntry, offset: int, nbytes: int, name: str) -> bytearray:
-        buf = bytearray(nbytes)
-        got = os.preadv(self._fd(entry.file), [buf], offset)
-        if got != nbytes:
-            raise CheckpointError(f"shard {entry.file}, tensor {name!r}: read {got} of {nbytes} bytes")
+    def _pread_into(self, entry: TensorEntry, offset: int, out: torch.Tensor, name: str) -> None:
+        """Read ``out.nbytes`` bytes at ``offset`` straight into ``out`` (contiguous CPU tensor; no zero-fill, no
+        intermediate buffer)."""
+        nbytes = out.nbytes
+        if nbytes == 0:
+            return
+        if not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"internal: read target for {name!r} must be a contiguous CPU tensor")
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        fd, got = self._fd(entry.file), 0
+        while got < nbytes:  # a regular file returns everything at once; loop for signals / odd filesystems
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise CheckpointError(f"shard {entry.file}, tensor {name!r}: read {got} of {nbytes} bytes")
+            got += n
         with self._lock:
             self.bytes_read += nbytes
-        return buf
 
-    def read(self, name: str) -> torch.Tensor:
-        """The whole tensor ``name`` as a fresh CPU tensor."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor ``name`` as a fresh CPU tensor (or read into ``out``, a contiguous tensor of its dtype
+        and element count)."""
         e = self.entry(name)
-        if e.nbytes == 0:
-            return torch.empty(e.shape, dtype=e.dtype)
-        buf = self._pread(e, e.offset, e.nbytes, name)
-        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape)
+        out = self._target(e, name, e.shape, out)
+        self._pread_into(e, e.offset, out, name)
+        return out
 
-    def read_row(self, name: str, i: int) -> torch.Tensor:
+    def read_row(self, name: str, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Row ``i`` of the leading dimension of ``name`` (one expert of a stacked ``[E, ...]`` tensor)."""
         e = self.entry(name)
         if not 0 <= i < e.shape[0]:
             raise IndexError(f"tensor {name!r} has {e.shape[0]} rows; asked for row {i}")
         row = e.nbytes // e.shape[0]
-        buf = self._pread(e, e.offset + i * row, row, name)
-        return torch.frombuffer(buf, dtype=e.dtype).reshape(e.shape[1:])
+        out = self._target(e, name, e.shape[1:], out)
+        self._pread_into(e, e.offset + i * row, out, name)
+        return out
+
+    @staticmethod
+    def _target(e: TensorEntry, name: str, shape: tuple[int, ...], out: torch.Tensor | None) -> torch.Tensor:
+        if out is None:
+            return torch.empty(shape, dtype=e.dtype)
+        if out.dtype != e.dtype or out.numel() != torch.Size(shape).numel():
+            raise ValueError(f"internal: cannot read {name!r} ({e.dtype}, {shape}) into {out.dtype} {tuple(out.shape)}")
+        return out
 
     def entry(self, name: str) -> TensorEntry:
         try:

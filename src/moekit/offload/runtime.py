@@ -37,10 +37,11 @@ class OffloadRuntime:
         self.sources, self.dtype = sources, dtype
         self._expert_bytes: dict[int, int] = {}
         self.quant = quant or QuantConfig()
+        self._exact = self.quant.lossless  # cached tensors are already the compute dtype: used as they are
         self.cache = ExpertCache(budget_bytes, self._load, policy, policy_kwargs or {})
         self.prefetcher = None
         self.working_bytes = working_bytes or max(budget_bytes // 20, 1)
-        self.counts: dict[int, torch.Tensor] = {}        # layer -> [E] routed slots (calibration profile)
+        self._counts: dict[int, list[int]] = {}          # layer -> [E] routed slots (calibration profile)
         self.lowbit: dict[tuple[int, int], dict[str, QuantizedTensor]] = {}
         self.lowbit_served = 0
         self.calls = defaultdict(int)
@@ -95,17 +96,36 @@ class OffloadRuntime:
             return w.tensors
         return self.cache.get(key).tensors
 
-    def observe(self, layer: int, idx: torch.Tensor, ids: list[int]) -> None:
-        E = self.sources[layer].num_experts
-        c = torch.bincount(idx.flatten(), minlength=E)[:E]
-        self.counts[layer] = self.counts.get(layer, torch.zeros(E, dtype=torch.long)) + c
+    def expert_tensors(self, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """Expert weights ready to compute with (dequantised if stored quantised); a cache hit of an exact expert
+        returns the cached tensors themselves."""
+        if self._exact:
+            return self.cache.get((layer, e)).tensors
+        return dequantized(self.expert(layer, e), self.dtype)
+
+    @property
+    def counts(self) -> dict[int, torch.Tensor]:
+        """layer -> routed slots per expert ``[E]`` since loading (the calibration profile)."""
+        return {L: torch.tensor(c, dtype=torch.long) for L, c in self._counts.items()}
+
+    def observe(self, layer: int, idx: torch.Tensor, ids: list[int], flat: list[int] | None = None) -> None:
+        """Record one call's routing (``flat``: the indices as a Python list when the caller has it)."""
+        c = self._counts.get(layer)
+        if c is None:
+            c = self._counts[layer] = [0] * self.sources[layer].num_experts
+        if flat is not None:
+            for e in flat:
+                c[e] += 1
+        else:
+            for e, n in enumerate(torch.bincount(idx.flatten(), minlength=len(c))[: len(c)].tolist()):
+                c[e] += n
         self.calls[layer] += 1
         if self.prefetcher is not None:
             self.prefetcher.observe(layer, ids)
 
     def hot_experts(self, fraction_of_budget: float = 0.5) -> list[tuple[int, int]]:
         """The most routed experts of the recorded profile, as many as fill ``fraction_of_budget`` of the budget."""
-        scored = [((L, e), int(c)) for L, cs in self.counts.items() for e, c in enumerate(cs.tolist()) if c > 0]
+        scored = [((L, e), int(c)) for L, cs in self._counts.items() for e, c in enumerate(cs) if c > 0]
         scored.sort(key=lambda t: -t[1])
         out, used = [], 0
         for key, _ in scored:
@@ -118,4 +138,5 @@ class OffloadRuntime:
 
 
 def dequantized(tensors: dict[str, object], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {p: maybe_dequantize(t, dtype) for p, t in tensors.items()}
+    return {p: t if isinstance(t, torch.Tensor) and t.dtype == dtype else maybe_dequantize(t, dtype)
+            for p, t in tensors.items()}
