@@ -28,14 +28,6 @@ COMMON = dict(vocab_size=97, hidden_size=64, num_attention_heads=4, num_key_valu
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _config(name: str):
     t = transformers
     if name == "gpt_oss":  # swiglu_limit small enough that the clamps act on the random weights

@@ -11,27 +11,16 @@ from moekit import AuxFree, MoE, SwiGLU, TopK
 from moekit.convert.unit_gate import UnitGate
 from moekit.experts import AoEExperts
 from moekit.routers import AoE, MoEPP
-from moekit.spec import SPECS, spec_from_dict
+from moekit.spec import spec_from_dict
 
-D, E, T = 8, 4, 12
-ARGS = {"multi_gate": {"num_tasks": 2}, "task_embed": {"num_tasks": 2}, "task_experts": {"num_tasks": 2},
-        "pathway": {"num_scores": E}, "hash": {"vocab_size": 50}}
-EXPERTS = {"aoe": AoEExperts(hidden_dim=12, rank=4)}
-ROUTERS = sorted(n.split(":", 1)[1] for n in SPECS.names() if n.startswith("router:") and n != "router:unit_gate")
+from _router_battery import ARGS, D, E, EXPERTS
+from _router_battery import ROUTERS as _ALL
+from _router_battery import call_kw
+
+T = 12
+ROUTERS = [n for n in _ALL if n != "unit_gate"]
 DECLARATIONS = ("task_conditioned", "needs_token_ids", "needs_prev_logits", "reads_experts", "has_selection_bias",
                 "num_free_experts", "supports_replay", "consistency_passes")
-
-
-def _call_kw(layer: MoE) -> dict:
-    g = torch.Generator().manual_seed(1)
-    kw = {}
-    if layer.task_conditioned:
-        kw["task"] = torch.randint(2, (T,), generator=g)
-    if layer.needs_token_ids:
-        kw["token_ids"] = torch.randint(50, (T,), generator=g)
-    if layer.needs_prev_logits:
-        kw["prev_logits"] = torch.randn(T, E + layer.router_spec.num_free_experts, generator=g, dtype=torch.float64)
-    return kw
 
 
 @pytest.mark.parametrize("name", ROUTERS)
@@ -52,7 +41,7 @@ def test_unit_gate_keeps_every_declaration_and_the_pairs(name):
     gated = MoE(D, E, router=spec, experts=experts).double().eval()
     assert (gated.free_experts is None) == (plain.free_experts is None)
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
-    kw = _call_kw(plain)
+    kw = call_kw(plain, T, 1)
     torch.manual_seed(2)  # routers that sample (THOR) draw the same experts
     a = plain.forward_with_aux(x, **kw)
     torch.manual_seed(2)

@@ -8,35 +8,18 @@ import pytest
 import torch
 
 from moekit import MoE, SwiGLU
-from moekit.experts import AoEExperts
 from moekit.routers.base import RouterSpec
-from moekit.spec import SPECS, spec_from_dict
+from moekit.spec import spec_from_dict
 
-D, E, T = 8, 4, 24
-ARGS = {  # routers whose default spec needs arguments (or special experts)
-    "multi_gate": {"num_tasks": 2}, "task_embed": {"num_tasks": 2}, "task_experts": {"num_tasks": 2},
-    "pathway": {"num_scores": E}, "unit_gate": {"router": {"type": "topk", "k": 2}}, "hash": {"vocab_size": 50},
-}
-EXPERTS = {"aoe": AoEExperts(hidden_dim=12, rank=4)}
-ROUTERS = sorted(n.split(":", 1)[1] for n in SPECS.names() if n.startswith("router:"))
+from _router_battery import ARGS, D, E, EXPERTS, ROUTERS
+from _router_battery import call_kw as _call_kw
+
+T = 24
 
 
 def _layer(name: str) -> MoE:
     spec = spec_from_dict("router", {"type": name, **ARGS.get(name, {})})
     return MoE(D, E, router=spec, experts=EXPERTS.get(name, SwiGLU(hidden_dim=12))).double()
-
-
-def _call_kw(layer: MoE, T: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    kw = {}
-    if layer.task_conditioned:
-        kw["task"] = torch.randint(2, (T,), generator=g)
-    if layer.needs_token_ids:
-        kw["token_ids"] = torch.randint(50, (T,), generator=g)
-    if layer.needs_prev_logits:
-        E_all = E + layer.router_spec.num_free_experts
-        kw["prev_logits"] = torch.randn(T, E_all, generator=g, dtype=torch.float64)
-    return kw
 
 
 def test_every_router_is_covered():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -23,16 +24,26 @@ def token_blocks(ids: list[int] | Tensor, block: int, max_blocks: int | None = N
 def perplexity(model: nn.Module, blocks_NT: Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) over every predicted position of the rows of ``blocks_NT`` (each row is scored
     independently; position 0 of each row is context only). ``model(input_ids=...)`` must return ``.logits``."""
+
+    def nll_sum(rows: slice) -> float:
+        x = blocks_NT[rows]
+        lp = torch.log_softmax(model(input_ids=x).logits.float()[:, :-1], dim=-1)
+        return -float(lp.gather(-1, x[:, 1:, None]).sum())
+
+    return batched_perplexity(model, blocks_NT, nll_sum, batch_size)
+
+
+def batched_perplexity(model: nn.Module, ids_NT: Tensor, nll_sum: Callable[[slice], float], batch_size: int) -> float:
+    """exp(total NLL / predicted positions), ``nll_sum(rows)`` giving the summed next-token NLL of ``ids_NT[rows]``;
+    ``model`` is in eval mode meanwhile (its training flag is restored)."""
     was = model.training
     model.eval()
     nll, count = 0.0, 0
     try:
-        for i in range(0, blocks_NT.shape[0], batch_size):
-            x = blocks_NT[i:i + batch_size]
-            logits = model(input_ids=x).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll -= float(lp.gather(-1, x[:, 1:, None]).sum())
-            count += x[:, 1:].numel()
+        for i in range(0, ids_NT.shape[0], batch_size):
+            rows = slice(i, i + batch_size)
+            nll += nll_sum(rows)
+            count += ids_NT[rows, 1:].numel()
     finally:
         model.train(was)
     return math.exp(nll / count)

@@ -11,10 +11,11 @@ whose forward accepts ``inputs_embeds`` (Llama, Qwen, Mistral, ...).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import Tensor, nn
+
+from .metrics import batched_perplexity
 
 
 class _Stop(Exception):
@@ -81,15 +82,8 @@ def tail_loss(model: nn.Module, start: int, h_BTD: Tensor, ids_BT: Tensor) -> Te
 @torch.no_grad()
 def tail_perplexity(model: nn.Module, start: int, h_NTD: Tensor, ids_NT: Tensor, batch_size: int = 4) -> float:
     """Perplexity as :func:`moekit.lm.metrics.perplexity`, from cached hidden states entering block ``start``."""
-    was = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    try:
-        for i in range(0, ids_NT.shape[0], batch_size):
-            x = ids_NT[i:i + batch_size]
-            n = x[:, 1:].numel()
-            nll += float(tail_loss(model, start, h_NTD[i:i + batch_size], x)) * n
-            count += n
-    finally:
-        model.train(was)
-    return math.exp(nll / count)
+
+    def nll_sum(rows: slice) -> float:
+        return float(tail_loss(model, start, h_NTD[rows], ids_NT[rows])) * ids_NT[rows, 1:].numel()
+
+    return batched_perplexity(model, ids_NT, nll_sum, batch_size)

@@ -37,18 +37,21 @@ def expert_forward(module: torch.nn.Module, e: int, x_TD: torch.Tensor, weights:
     return fn(proxy, x_TD, torch.zeros(T, 1, dtype=torch.long), torch.ones(T, 1, dtype=x_TD.dtype))
 
 
+_CALL_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
 @torch.no_grad()
-def calibrate(model: torch.nn.Module, token_batches: list[torch.Tensor], max_tokens: int = 4096) -> list[LayerCalib]:
-    experts = find_experts_modules(model)
-    if not experts:
-        raise ValueError(f"{type(model).__name__} has no experts module decorated with use_experts_implementation")
-    rec: dict[str, list] = {p: [] for p, _ in experts}
+def record_experts_calls(model: torch.nn.Module, modules: list[torch.nn.Module],
+                         token_batches: list[torch.Tensor]) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Run ``model`` on each batch and record, per experts module of ``modules`` (in that order), every call's inputs:
+    ``(x [T, D], idx [T, K], w [T, K])`` (positional or keyword, as transformers calls the experts)."""
+    rec: list[list] = [[] for _ in modules]
     hooks = []
-    for path, m in experts:
-        def hook(mod, args, kwargs, _p=path):
-            x, idx, w = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
-            rec[_p].append((x.detach().reshape(-1, x.shape[-1]), idx.detach().reshape(x.numel() // x.shape[-1], -1),
-                            w.detach().reshape(x.numel() // x.shape[-1], -1)))
+    for i, m in enumerate(modules):
+        def hook(mod, args, kwargs, _i=i):
+            x, idx, w = list(args[:3]) + [kwargs.get(k) for k in _CALL_ARGS[len(args[:3]):]]
+            T = x.numel() // x.shape[-1]
+            rec[_i].append((x.detach().reshape(T, x.shape[-1]), idx.detach().reshape(T, -1), w.detach().reshape(T, -1)))
         hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         for ids in token_batches:
@@ -56,6 +59,16 @@ def calibrate(model: torch.nn.Module, token_batches: list[torch.Tensor], max_tok
     finally:
         for h in hooks:
             h.remove()
+    return rec
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, token_batches: list[torch.Tensor], max_tokens: int = 4096) -> list[LayerCalib]:
+    experts = find_experts_modules(model)
+    if not experts:
+        raise ValueError(f"{type(model).__name__} has no experts module decorated with use_experts_implementation")
+    calls = record_experts_calls(model, [m for _, m in experts], token_batches)
+    rec = {path: c for (path, _), c in zip(experts, calls)}
     out = []
     for path, m in experts:
         xs, idxs, ws = zip(*rec[path])

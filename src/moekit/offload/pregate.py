@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .calibrate import record_experts_calls
 from .prefetch import router_topk
 
 
@@ -30,20 +31,8 @@ def record_routing(model: torch.nn.Module, token_batches: list[torch.Tensor]) ->
     mods = _experts_modules(model)
     if not mods:
         raise ValueError(f"{type(model).__name__} has no experts module")
-    rec: list[list] = [[] for _ in mods]
-    hooks = []
-    for i, m in enumerate(mods):
-        def hook(mod, args, kwargs, _i=i):
-            x, idx = (list(args) + [kwargs.get("hidden_states"), kwargs.get("top_k_index")])[:2]
-            rec[_i].append((x.detach().reshape(-1, x.shape[-1]).float(), idx.detach().reshape(-1, idx.shape[-1])))
-        hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        for ids in token_batches:
-            model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [(torch.cat([x for x, _ in r]), torch.cat([i for _, i in r])) for r in rec]
+    calls = record_experts_calls(model, mods, token_batches)
+    return [(torch.cat([x.float() for x, _, _ in c]), torch.cat([i for _, i, _ in c])) for c in calls]
 
 
 def train_pregate(model: torch.nn.Module, token_batches: list[torch.Tensor], routers: dict[int, torch.nn.Module],
