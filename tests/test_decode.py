@@ -47,3 +47,40 @@ def test_decode_path_is_taken_and_reads_only_touched_experts(monkeypatch):
     with pytest.raises(AssertionError, match="grouped"):  # more rows than the decode path takes
         with torch.no_grad():
             layer(torch.randn(bank_mod.DECODE_MAX_ROWS, D))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M", [1, 2, 5])
+@pytest.mark.parametrize("out_dim", [24, 13])  # 13: no block count > 1 divides it (falls back to one matmul)
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_linear_equals_linear(threads, M, out_dim, bias):
+    """``small_linear`` (row blocks in one bmm for one row, weight-left for a few) equals ``F.linear`` in float64 to
+    1e-12, for every thread count (the block count follows the threads), and for a non-contiguous weight."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(M)
+        x = torch.randn(M, 7, dtype=torch.float64)
+        w = torch.randn(out_dim, 7, dtype=torch.float64)
+        b = torch.randn(out_dim, dtype=torch.float64) if bias else None
+        ref = torch.nn.functional.linear(x, w, b)
+        torch.testing.assert_close(bank_mod.small_linear(x, w, b), ref, atol=1e-12, rtol=0)
+        w_strided = torch.randn(7, out_dim, dtype=torch.float64).T  # not contiguous: the plain matmul path
+        torch.testing.assert_close(bank_mod.small_linear(x, w_strided, b),
+                                   torch.nn.functional.linear(x, w_strided, b), atol=1e-12, rtol=0)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_decode_layer_with_two_threads_equals_reference():
+    """The decode path at two threads (one-row experts take the row-block bmm) equals the per-token reference."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        layer = MoE(D, E, router=TopK(k=2), experts=SwiGLU(hidden_dim=16)).double().eval()
+        x = torch.randn(1, D, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), moe_reference(layer, x), atol=1e-12, rtol=0)
+    finally:
+        torch.set_num_threads(old)

@@ -120,7 +120,8 @@ class Assignment:
     ) -> "Assignment":
         """Pairs from a (T, K) top-k grid, slot-major: every token's first choice, then every second choice."""
         T, K = idx_TK.shape
-        token_N = torch.arange(T, device=idx_TK.device).repeat(K)
+        token_N = torch.arange(T * K, device=idx_TK.device)
+        token_N = token_N % T if T > 0 else token_N  # 0..T-1, K times (cheaper than arange(T).repeat(K))
         return Assignment(
             token_N=token_N,
             expert_N=idx_TK.t().reshape(-1),

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..assignment import Assignment
+from ..experts.bank import DECODE_MAX_ROWS
 from ..ops.permute import gather_replicated, permute_rows
 from ..spec import Spec, register_spec
 from .plan import DispatchPlan
@@ -41,7 +42,7 @@ class LocalDispatcher(nn.Module):
     def plan(self, a: Assignment, group_size: int | None = None) -> DispatchPlan:
         routed_E = expert_counts(a.expert_N, a.num_experts)
         keep = self.keep_mask(a, group_size)
-        if keep is None and a.num_slots is not None:
+        if keep is None and a.num_slots is not None and not _few_pairs_no_grad(a):
             return _grid_plan(a, routed_E)
         return _sorted_plan(a, routed_E, keep)
 
@@ -64,6 +65,13 @@ class LocalDispatcher(nn.Module):
         y_ND = y_ND.to(acc) * plan.weight_N.unsqueeze(-1).to(acc)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
         return out_TD.index_add(0, plan.token_N, y_ND).to(dtype)
+
+
+def _few_pairs_no_grad(a: Assignment) -> bool:
+    """Decode (no autograd, at most ``DECODE_MAX_ROWS`` pairs): the grid plan's inverse permutation only pays off in
+    the backward pass, so the plain sorted plan (fewer small ops before and after the experts) is used."""
+    return (not torch.is_grad_enabled() and a.num_pairs <= DECODE_MAX_ROWS
+            and not torch.compiler.is_compiling())
 
 
 def _sorted_plan(a: Assignment, routed_E: Tensor, keep_N: Tensor | None) -> DispatchPlan:

@@ -71,6 +71,36 @@ class MLP(FFN):
 DECODE_MAX_ROWS = 16  # at most this many (token, expert) rows without autograd: the per-touched-expert decode path
 
 
+def _row_chunks(rows: int) -> int:
+    """How many row blocks :func:`small_linear` splits a weight into for one input row: twice the intra-op threads
+    (measured best on 2 cores; docs/performance.md), reduced until it divides ``rows``; 1 with one thread."""
+    c = 2 * torch.get_num_threads() if torch.get_num_threads() > 1 else 1
+    while c > 1 and rows % c:
+        c -= 1
+    return c
+
+
+def small_linear(x_MD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tensor:
+    """``x_MD @ w_OD.T (+ b_O)`` for a handful of rows (decode), reading the weight once at close to memory
+    bandwidth on CPU, where MKL's skinny GEMM/GEMV runs on one core:
+
+    - one row: the weight split into row blocks, one batched matmul (``bmm`` spreads the blocks over the threads);
+    - 2-16 rows: the weight as the left operand, ``w_OD @ x_MD.T`` with the rows of ``x`` contiguous (BLAS streams
+      the big operand ~2x better that way than ``x @ w.T``)."""
+    M, D = x_MD.shape
+    O = w_OD.shape[0]
+    if M == 1 and w_OD.is_contiguous():
+        c = _row_chunks(O)
+        if c > 1:
+            y_MO = torch.bmm(x_MD.expand(c, 1, D), w_OD.view(c, O // c, D).transpose(1, 2)).view(1, O)
+        else:
+            y_MO = torch.mm(x_MD, w_OD.T)
+        return y_MO if b_O is None else y_MO + b_O
+    xT_DM = x_MD.contiguous().T  # a transposed view of contiguous rows
+    yT_OM = torch.mm(w_OD, xT_DM) if b_O is None else torch.addmm(b_O.unsqueeze(1), w_OD, xT_DM)
+    return yT_OM.T
+
+
 def _init_bank(w: Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)
     nn.init.uniform_(w, -bound, bound)
@@ -189,17 +219,13 @@ class ExpertBank(nn.Module):
     def glu(self, h_N2F: Tensor) -> Tensor:
         """The GLU of the fused input projection ``(rows, 2F) -> (rows, F)``: ``act(gate) * up``. A bank subclass
         with another gating (``moekit.experts.clamped.ClampedSwiGLU``) overrides this one method."""
-        g_NF, u_NF = h_N2F.split(self.hidden_dim, dim=-1)
-        return self.act(g_NF) * u_NF
+        F = self.hidden_dim  # slicing, not Tensor.split: split's Python wrapper costs more than the op at decode
+        return self.act(h_N2F[..., :F]) * h_N2F[..., F:]
 
     def _decode(self, x_ND: Tensor, expert_N: Tensor) -> Tensor:
-        """Few rows, no autograd (serving): per *touched* expert, two matmuls with the expert's weight as the left
-        operand, ``h_FM = w_in[e] @ x_MD.T`` then ``y_DM = w2[e] @ h_FM``.
-
-        Each touched expert's weights are read once, in their stored (out, in) row-major layout; untouched experts
-        are not read and there is no grouped-kernel setup. The weight-left form matters on CPU: for M = 1 it is a
-        plain GEMV and for 2-16 rows BLAS streams the big operand far better than ``x @ w.T`` does (measured in
-        docs/performance.md). The row-to-expert map is read on the host (a CPU tensor: no device synchronisation);
+        """Few rows, no autograd (serving): per *touched* expert, two small matmuls (:func:`small_linear`) that read
+        the expert's weights once, in their stored (out, in) layout; untouched experts are not read and there is no
+        grouped-kernel setup. The row-to-expert map is read on the host (a CPU tensor: no device synchronisation);
         rows need not be sorted."""
         rows: dict[int, list[int]] = {}
         for n, e in enumerate(expert_N.tolist()):
@@ -209,14 +235,9 @@ class ExpertBank(nn.Module):
         for e, idx in rows.items():
             contiguous = idx[-1] - idx[0] + 1 == len(idx)  # sorted dispatch: the expert's rows are one slice
             sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=x_ND.device)
-            xT_DM = x_ND[sel].T  # a transposed view: rows of x stay contiguous (see below)
-            h = torch.mm(w_in[e], xT_DM) if b_in is None else torch.addmm(b_in[e].unsqueeze(1), w_in[e], xT_DM)
-            h_MF = self.glu(h.T) if self.spec.glu else self.act(h.T)  # the bank's own gating (ClampedSwiGLU...)
-            # BLAS is ~2x faster on a (K, M) right operand stored as M contiguous rows than on a contiguous (K, M):
-            # make the (small) hidden activations row-contiguous once.
-            hT_FM = h_MF.contiguous().T
-            y_DM = torch.mm(w2[e], hT_FM) if b2 is None else torch.addmm(b2[e].unsqueeze(1), w2[e], hT_FM)
-            out_ND[sel] = y_DM.T
+            h = small_linear(x_ND[sel], w_in[e], None if b_in is None else b_in[e])
+            h_MF = self.glu(h) if self.spec.glu else self.act(h)  # the bank's own gating (ClampedSwiGLU...)
+            out_ND[sel] = small_linear(h_MF, w2[e], None if b2 is None else b2[e])
         return out_ND
 
     def expert_forward(self, e: int, x_TD: Tensor) -> Tensor:

@@ -43,8 +43,12 @@ class _Permute(torch.autograd.Function):
 
 
 def gather_replicated(x_TD: Tensor, token_N: Tensor, inv_order_N: Tensor, num_slots: int) -> Tensor:
+    if not (torch.is_grad_enabled() and x_TD.requires_grad):  # nothing to differentiate: skip the Function
+        return x_TD.index_select(0, token_N)
     return _GatherReplicated.apply(x_TD, token_N, inv_order_N, num_slots)
 
 
 def permute_rows(src: Tensor, perm: Tensor, inv_perm: Tensor) -> Tensor:
+    if not (torch.is_grad_enabled() and src.requires_grad):
+        return src.index_select(0, perm)
     return _Permute.apply(src, perm, inv_perm)
