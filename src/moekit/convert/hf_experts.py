@@ -56,6 +56,7 @@ from torch import Tensor
 
 from ..assignment import Assignment
 from ..dispatch.local import LocalDispatcher
+from ..experts.bank import small_linear
 from ..ops.grouped import grouped_linear, grouped_mm_available
 
 NAME = "moekit"
@@ -158,8 +159,8 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
                     f"moekit experts implementation ({_where(m)}): top_k_index holds expert id {e}, outside "
                     f"[0, {E}) (the experts in the weights), and the module is not marked expert-parallel"
                 )
-            h = F.linear(x_1D, w_up[e], None if b_up is None else b_up[e])
-            y = F.linear(_gate(m, h), w_down[e], None if b_down is None else b_down[e])
+            h = small_linear(x_1D, w_up[e], None if b_up is None else b_up[e])
+            y = small_linear(_gate(m, h), w_down[e], None if b_down is None else b_down[e])
             if m.has_post_expert_norm:
                 y = m.post_expert_norm(y)
             out_1D = out_1D + y.to(acc) * w_TK[t, j].to(acc)
