@@ -41,3 +41,20 @@ def test_bandwidths_positive_and_floor_takes_the_larger():
     bw, name = memory_bandwidth()
     read, copy = (float(part.split()[-1]) for part in name.split(":")[1].split(","))
     assert abs(bw / 1e9 - max(read, copy)) < 0.06  # the description rounds to 0.1 GB/s
+
+
+def test_summary_names_the_best_hf_block_and_the_memory_floor():
+    from moekit.bench.layer_bench import summary
+
+    def row(shape, impl, ratio, ms):
+        return {"shape": shape, "dtype": "float32", "threads": 2, "mode": "fwd", "impl": impl, "ratio": ratio,
+                "ratio_iqr": [ratio - 0.01, ratio + 0.01], "median_ms": ms}
+
+    rows = [row("train", "dense-floor", 1.0, 10.0), row("train", "moekit", 1.05, 10.5),
+            row("train", "hf-mixtral-eager", 1.30, 13.0), row("train", "hf-qwen3moe-grouped_mm", 1.20, 12.0),
+            row("decode", "moekit", 2.0, 4.0), row("decode", "hf-mixtral-eager", 2.5, 5.0)]
+    lines = summary(rows).splitlines()
+    assert len(lines) == 4
+    assert "**1.05 (1.04-1.06)**" in lines[2] and "1.20 (1.19-1.21) qwen3moe-grouped_mm" in lines[2]
+    assert "| 10.0 |" in lines[2]
+    assert "memory 2.00" in lines[3] and "mixtral-eager" in lines[3]

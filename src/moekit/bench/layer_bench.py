@@ -243,6 +243,31 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per (shape, dtype, threads, mode): moekit, compiled moekit, the per-expert loop and the best Hugging
+    Face block (named), each as the median ratio to the floor (IQR)."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        key = (r["shape"], r.get("dtype", "float32"), r.get("threads", ""), r["mode"])
+        groups.setdefault(key, {})[r["impl"]] = r
+
+    def cell(r: dict | None) -> str:
+        return "–" if r is None else f"{r['ratio']:.2f} ({r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f})"
+
+    lines = ["| shape | dtype | threads | mode | floor ms | **moekit** | moekit compiled | per-expert loop | best HF |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (shape, dtype, threads, mode), impls in groups.items():
+        hf = {n: r for n, r in impls.items() if n.startswith("hf-")}
+        best = min(hf, key=lambda n: hf[n]["ratio"]) if hf else None
+        mk = impls.get("moekit")
+        floor = impls.get("dense-floor")
+        floor_ms = f"{floor['median_ms']:.1f}" if floor else f"memory {mk['median_ms'] / mk['ratio']:.2f}" if mk else "–"
+        lines.append(f"| {shape} | {dtype} | {threads} | {mode} | {floor_ms} | **{cell(mk)}** | "
+                     f"{cell(impls.get('moekit-compiled'))} | {cell(impls.get('per-expert-loop'))} | "
+                     f"{cell(hf.get(best)) + ' ' + best.removeprefix('hf-') if best else '–'} |")
+    return "\n".join(lines)
+
+
 def write_jsonl(path: str, rows: list[dict], env: dict, run: int) -> None:
     with open(path, "a") as f:
         for r in rows:

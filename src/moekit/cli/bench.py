@@ -85,6 +85,8 @@ def run(args) -> int:
                         bar.close()
         print(f"\n## run {run_i + 1}\n")
         print(lb.markdown(rows))
+        print(f"\n## run {run_i + 1}: summary (ratio to the floor, median (IQR))\n")
+        print(lb.summary(rows))
         if args.out:
             lb.write_jsonl(args.out, rows, env, run_i + 1)
     return 0
