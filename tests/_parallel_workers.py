@@ -132,6 +132,9 @@ CASES_2 = [
     dict(dtype=torch.float64, k=1, E=4, skew=True, shared=True),
     dict(dtype=torch.float32, k=2, shared=True),  # grouped_mm expert path
     dict(dtype=torch.float32, k=3, E=4, dispatch=Capacity(factor=1.0, per_sequence=True)),
+    # the router weight on the expert input (Llama 4): scaled before the all-to-all, summed unweighted after it
+    dict(dtype=torch.float64, k=2, score="sigmoid", dispatch=Dropless(weight_at="input"), shared=True),
+    dict(dtype=torch.float64, k=2, dispatch=Capacity(factor=0.75, per_sequence=True, weight_at="input")),
     # other routers of the core: MoE++ (compute-free experts stay on the token's rank), top-p, and expert choice
     # (experts choose among the tokens of each rank's call, so the reference runs per rank-chunk)
     dict(dtype=torch.float64, router=MoEPP(k=2, router_hidden_mult=None), shared=True),

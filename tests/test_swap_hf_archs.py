@@ -1,11 +1,13 @@
-"""Full swaps (router and experts onto moekit) of gpt-oss, ERNIE-4.5-MoE, Hunyuan-MoE V1, PhiMoE and LongCat-Flash:
+"""Full swaps (router and experts onto moekit) of gpt-oss, ERNIE-4.5-MoE, Hunyuan-MoE V1, PhiMoE, LongCat-Flash and
+Llama 4:
 tiny random causal LMs built from transformers' config classes (no download), on CPU.
 
 Tolerances: logits within 1e-5 (float32) and 1e-10 (float64) of HF's eager experts; greedy tokens identical; the
 gradient of every parameter within 1e-5 / 1e-10 (float32 / float64) relative to its largest entry; revert restores
 the very same module objects and bit-identical logits. The configs make each architecture's special case bite:
 gpt-oss's clamp (a small ``swiglu_limit``), PhiMoE's sparsemixer window (a wide ``router_jitter_noise``), LongCat's
-zero-computation experts (2 of 8 ids), ERNIE's and LongCat's selection bias (random, not zero).
+zero-computation experts (2 of 8 ids), ERNIE's and LongCat's selection bias (random, not zero), Llama 4's router weight
+on the expert input (a different function from weighting the output, checked).
 """
 
 from __future__ import annotations
@@ -47,12 +49,15 @@ def _config(name: str):
                                     n_routed_experts=6, zero_expert_num=2, moe_topk=2, kv_lora_rank=16,
                                     q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
                                     routed_scaling_factor=1.5)
+    if name == "llama4":  # every layer MoE (interleave step 1), a shared expert, the weight scales the expert input
+        return t.Llama4TextConfig(**COMMON, num_hidden_layers=2, head_dim=16, intermediate_size=32,
+                                  intermediate_size_mlp=64, num_local_experts=4, num_experts_per_tok=2)
     raise AssertionError(name)
 
 
 CLASSES = {"gpt_oss": "GptOssForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
            "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "phimoe": "PhimoeForCausalLM",
-           "longcat_flash": "LongcatFlashForCausalLM"}
+           "longcat_flash": "LongcatFlashForCausalLM", "llama4": "Llama4ForCausalLM"}
 MODELS = list(CLASSES)
 
 
@@ -148,7 +153,7 @@ def test_block_round_trip_through_config(name):
     x = torch.randn(2, 5, 64)
     out = block(x)
     out = out[0] if isinstance(out, tuple) else out
-    torch.testing.assert_close(layer(x), out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer(x), out.view(x.shape), atol=1e-5, rtol=0)  # Llama 4's block flattens tokens
     back = to_hf(layer, model.config).eval()
     back_out = back(x)
     back_out = back_out[0] if isinstance(back_out, tuple) else back_out
@@ -179,6 +184,21 @@ def test_routing_exercises_each_special_case():
     w = layer.forward_with_aux(torch.randn(64, 64)).assignment.weight_N
     assert (w < 0.999).any() and (w > 0.999).any()  # some windows hold one expert, some several
 
+    m = _model("llama4")  # weighting the input is not weighting the output: the same layer with weight_at="output"
+    block = m.model.layers[0].feed_forward
+    layer = from_hf(block)
+    assert layer.dispatcher.weight_at == "input"
+    x = torch.randn(64, 64)
+    as_output = copy.deepcopy(layer)
+    as_output.dispatcher.weight_at = "output"
+    assert float((as_output(x) - block(x)[0]).abs().max()) > 1e-3
+    torch.testing.assert_close(layer(x), block(x)[0], atol=1e-5, rtol=0)
+    adapter = swap_hf_moe(m).swapped[0].adapter
+    y, logits = adapter(torch.randn(2, 3, 64))
+    assert y.shape == (6, 64) and logits.shape == (6, 4)  # returns what Llama4TextMoe returns
+    with pytest.raises(ValueError, match="Llama4TextMoe dispatches as .*weight_at='input'"):
+        to_hf(as_output, copy.deepcopy(block))
+
 
 def test_phimoe_training_mode_matches_hf_under_one_seed():
     """In training SparseMixer samples (Gumbel) and uses Heun's gradient estimate; with the same seed the swapped
@@ -202,7 +222,7 @@ def test_phimoe_training_mode_matches_hf_under_one_seed():
 
 def test_swapped_model_post_init_and_router_logits():
     """HF's init reaches the moekit tensors through the views (gpt-oss's biases too); router logits still reported."""
-    for name in ("gpt_oss", "longcat_flash"):
+    for name in ("gpt_oss", "longcat_flash", "llama4"):
         model = _model(name)
         ids = _ids()
         with torch.no_grad():
@@ -220,16 +240,20 @@ def test_swapped_model_post_init_and_router_logits():
             assert torch.count_nonzero(model.model.layers[0].mlp.moe.experts.b13_E2F) == 0  # zeroed by HF's init
 
 
-def test_errors_name_the_architecture_and_what_is_missing():
+def test_errors_name_the_architecture_and_what_is_missing(monkeypatch):
+    from moekit.convert import hf as hf_convert
+
     t = transformers
-    cfg = t.Llama4TextConfig(vocab_size=97, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64,
-                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                             num_local_experts=4, num_experts_per_tok=1)
-    model = t.Llama4ForCausalLM(cfg)
-    with pytest.raises(ValueError, match="Llama4TextMoe.*scales the expert input"):
-        swap_hf_moe(model)
-    with pytest.raises(ValueError, match="Llama4TextMoe.*scales the expert input"):
-        from_hf(model.model.layers[0].feed_forward)
+    dense = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no supported MoE block"):
+        swap_hf_moe(dense)
+    with pytest.raises(ValueError, match="LlamaMLP is not a supported transformers MoE block"):
+        from_hf(dense.model.layers[0].mlp)
+    # a block known not to convert is named with what moekit lacks for it (none in this transformers: simulated)
+    monkeypatch.setitem(hf_convert.NOT_CONVERTIBLE, "LlamaMLP", "is dense")
+    with pytest.raises(ValueError, match="LlamaMLP is dense"):
+        swap_hf_moe(dense)
 
     ernie = _model("ernie4_5_moe")
     block = ernie.model.layers[0].mlp

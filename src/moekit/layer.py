@@ -116,7 +116,8 @@ class MoE(MoELayerBase):
         shared_experts: an FFN spec every token passes through (DeepSeekMoE, Qwen-MoE); its ``hidden_dim`` is the
             total hidden size of the shared experts.
         shared_gate: scale the shared output by sigmoid(x w) (Qwen2-MoE's ``shared_expert_gate``).
-        dispatch: ``Dropless()`` or ``Capacity(factor=1.25)``.
+        dispatch: ``Dropless()`` or ``Capacity(factor=1.25)``; ``weight_at="input"`` on either scales each token by
+            its router weight before the experts instead of after (Llama 4).
         balance: one balance spec or a sequence: ``SwitchLoss(coef)``, ``ZLoss(coef)``, ``CV2Loss(coef)``,
             ``AuxFree(rate)``.
         check_inputs: raise on NaN or Inf in the input (costs a reduction per call).
@@ -176,6 +177,11 @@ class MoE(MoELayerBase):
         self.dispatcher = dispatch.build(num_experts) if isinstance(dispatch, Spec) else dispatch
         if is_spec and self.reads_experts:
             self.router.bind_experts(self.experts)
+        if self.free_experts is not None and getattr(self.dispatcher, "weight_at", "output") != "output":
+            raise ValueError(
+                f"MoE: dispatch weight_at={self.dispatcher.weight_at!r} cannot be combined with compute-free experts "
+                f"({type(self.router).__name__}); they weight their outputs, so use weight_at='output'"
+            )
         self.losses = losses
         self.aux_free = aux_free
         self.balancer = aux_free.build(num_experts) if aux_free is not None else None

@@ -127,3 +127,41 @@ def test_correction_bias_changes_selection_not_weights():
     assert (a.expert_N == 0).all()
     probs = a.scores_TE[:, 0]
     assert torch.allclose(a.weight_N, probs)  # weights are the unbiased probabilities
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity", "score"])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_weight_at_input_equals_reference(dispatch, k, dtype):
+    """weight_at="input" (Llama 4): y_t = sum_e f_e(w_te x_t), on the grid plan (dropless), the sorted plan
+    (capacity) and the decode path (no_grad, few rows); outputs and every gradient against the per-token loop."""
+    spec = {"dropless": Dropless(weight_at="input"), "capacity": Capacity(factor=0.75, weight_at="input"),
+            "score": Capacity(factor=0.75, drop="score", weight_at="input")}[dispatch]
+    layer = MoE(8, 4, router=TopK(k=k, score="sigmoid", normalize=False), experts=SwiGLU(hidden_dim=8),
+                shared_experts=SwiGLU(hidden_dim=4), dispatch=spec).to(dtype).eval()
+    assert layer.dispatcher.weight_at == "input"
+    _compare(layer, torch.randn(2, 7, 8, dtype=dtype), TOL[dtype])
+    with torch.no_grad():  # the decode path
+        x = torch.randn(1, 3, 8, dtype=dtype)
+        torch.testing.assert_close(layer(x), moe_reference(layer, x), atol=TOL[dtype], rtol=0)
+        # and it is a different function from weighting the outputs
+        as_output = MoE.from_config({**layer.config.to_dict(), "dispatch": Dropless().to_dict()}).to(dtype).eval()
+        as_output.load_state_dict(layer.state_dict())
+        x = torch.randn(2, 7, 8, dtype=dtype)
+        if dispatch == "dropless":
+            assert (as_output(x) - layer(x)).abs().max() > 1e-3
+
+
+def test_weight_at_validation_and_round_trip():
+    from moekit.routers.topk_free import TopKFree
+
+    with pytest.raises(ValueError, match="weight_at must be one of 'output', 'input'"):
+        Dropless(weight_at="middle")
+    with pytest.raises(ValueError, match="Capacity: weight_at"):
+        Capacity(weight_at="both")
+    layer = MoE(8, 4, dispatch=Capacity(factor=2.0, weight_at="input"))
+    again = MoE.from_config(layer.config.to_dict())
+    assert again.config.dispatch == Capacity(factor=2.0, weight_at="input") and again.dispatcher.weight_at == "input"
+    assert "weight_at=input" in repr(again.dispatcher)
+    with pytest.raises(ValueError, match="weight_at='input' cannot be combined with compute-free experts"):
+        MoE(8, 4, router=TopKFree(k=2, copy=1), dispatch=Dropless(weight_at="input"))

@@ -32,11 +32,13 @@ HunYuanMoEV1Moe               TopK(k, softmax, normalize=True) (float32 router) 
 PhimoeSparseMoeBlock          SparseMixer(k=2, eps=router_jitter_noise) + SwiGLU experts
 LongcatFlashMoE               TopKFree(k, softmax, normalize=False, scale, correction_bias=True, copy=zero_expert_num)
                               + SwiGLU experts; the zero-computation experts are moekit's compute-free copy experts
+Llama4TextMoe                 TopK(k, sigmoid, normalize=False) + SwiGLU + shared SwiGLU, Dropless(weight_at="input"):
+                              the router weight scales each expert's *input* (gate_up_proj stored (E, D, 2F))
 ============================  =================================================================================
 
 Blocks that are another row's verbatim are rows of their own: MiniMax (Mixtral's), Qwen3-Next and Qwen4-Exp
 (Qwen2-MoE's), FlexOlmo (OLMoE's), Mellum (Qwen3-MoE's), Granite MoE-shared and -SWA (Granite MoE's), GLM-4-MoE,
-dots1, DeepSeek-V3.2, GLM-4.7-Flash, GLM-4.5V, Solar Open and GLM-5 DSA (DeepSeek-V3's), Unlimited-OCR's text tower
+dots1, DeepSeek-V3.2, GLM-4.7-Flash, GLM-4.5V, Solar Open, GLM-5 DSA and MiniCPM-5-MoE (DeepSeek-V3's), Unlimited-OCR's text tower
 (DeepSeek-V2's); Qwen3-VL-MoE, Qwen3-Omni (thinker) and Qwen3.5-MoE are Qwen-MoE blocks whose router always
 renormalises. The newer rows are *described*
 by a :class:`_Layout` (paths of the router weight, biases, shared MLP, the bank layout, and the router/expert specs).
@@ -173,8 +175,12 @@ def _check_experts(layer: MoE, glu: bool, bias: bool, activation: str, block_nam
 
 def _check_dispatch(layer: MoE, expected: Any, block_name: str) -> None:
     disp = layer.dispatcher
-    got = disp.spec if isinstance(disp, CapacityDispatcher) else Dropless()
-    ok = got == expected if isinstance(expected, Capacity) else not isinstance(disp, CapacityDispatcher)
+    if isinstance(disp, CapacityDispatcher):
+        got = disp.spec
+    else:
+        got = Dropless(weight_at=getattr(disp, "weight_at", "output"))
+    ok = got == expected if isinstance(expected, Capacity) else (not isinstance(disp, CapacityDispatcher)
+                                                                 and got.weight_at == expected.weight_at)
     if not ok:
         raise ValueError(f"to_hf: a {block_name} dispatches as {expected}, the layer as {got}")
 
@@ -437,7 +443,9 @@ class _Layout:
     ``router`` and ``experts`` map the block to moekit specs; the paths are dotted attribute paths inside the block.
     ``bank``: ``"stacked"``: ``gate_up_proj`` (E', 2F, D) as ``[gate; up]`` (only the first E rows are FFN experts
     when E' > E, LongCat-Flash), ``down_proj`` (E, D, F); ``"transposed"``: gpt-oss's ``gate_up_proj`` (E, D, 2F)
-    with interleaved gate/up columns and ``down_proj`` (E, F, D), plus ``gate_up_proj_bias`` / ``down_proj_bias``.
+    with interleaved gate/up columns and ``down_proj`` (E, F, D), plus ``gate_up_proj_bias`` / ``down_proj_bias``;
+    ``"transposed_concat"``: Llama 4's ``gate_up_proj`` (E, D, 2F) as ``[gate | up]`` columns and ``down_proj``
+    (E, F, D), no biases. ``dispatch`` is the layer's dispatch spec (where the router weight applies).
     """
 
     router: Callable[[nn.Module], RouterSpec]
@@ -447,6 +455,7 @@ class _Layout:
     selection_bias: str | None = None  # a score-correction bias used for selection only (-> router.bias_E)
     shared: str | None = None  # a gate_proj/up_proj/down_proj MLP every token passes through
     bank: str = "stacked"
+    dispatch: Dropless = Dropless()
 
 
 def _path(root: nn.Module, path: str) -> Any:
@@ -463,6 +472,8 @@ def _bank_tensors(block: nn.Module, lay: _Layout) -> dict[str, Tensor]:
     if lay.bank == "transposed":
         return {"w13_E2FD": ex.gate_up_proj.transpose(1, 2), "w2_EDF": ex.down_proj.transpose(1, 2),
                 "b13_E2F": ex.gate_up_proj_bias, "b2_ED": ex.down_proj_bias}
+    if lay.bank == "transposed_concat":
+        return {"w13_E2FD": ex.gate_up_proj.transpose(1, 2), "w2_EDF": ex.down_proj.transpose(1, 2)}
     gate_up = ex.gate_up_proj if ex.gate_up_proj.shape[0] == E else ex.gate_up_proj[:E]
     return {"w13_E2FD": gate_up, "w2_EDF": ex.down_proj}
 
@@ -478,7 +489,8 @@ def _adopt(owner: nn.Module, name: str, src: Tensor, share: bool) -> None:
 
 
 def _shared_spec(mlp: nn.Module) -> SwiGLU:
-    return SwiGLU(hidden_dim=mlp.gate_proj.out_features, activation=_activation(mlp.act_fn),
+    act = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Llama 4's MLP names it activation_fn
+    return SwiGLU(hidden_dim=mlp.gate_proj.out_features, activation=_activation(act),
                   bias=mlp.gate_proj.bias is not None)
 
 
@@ -493,7 +505,7 @@ def _reader(lay: _Layout) -> Callable[[nn.Module, bool], MoE]:
     def read(block: nn.Module, share: bool) -> MoE:
         bank = _bank_tensors(block, lay)
         E, D = bank["w2_EDF"].shape[:2]
-        kw: dict[str, Any] = dict(router=lay.router(block), experts=lay.experts(block))
+        kw: dict[str, Any] = dict(router=lay.router(block), experts=lay.experts(block), dispatch=lay.dispatch)
         mlp = _path(block, lay.shared) if lay.shared is not None else None
         if mlp is not None:
             kw["shared_experts"] = _shared_spec(mlp)
@@ -523,7 +535,7 @@ def _writer(lay: _Layout, block_name: str) -> Callable[[MoE, nn.Module], None]:
         expected = lay.experts(block)
         _check_experts(layer, glu=expected.glu, bias=expected.bias, activation=expected.activation,
                        block_name=block_name, expected=expected)
-        _check_dispatch(layer, Dropless(), block_name)
+        _check_dispatch(layer, lay.dispatch, block_name)
         mlp = _path(block, lay.shared) if lay.shared is not None else None
         if (layer.shared is None) != (mlp is None):
             raise ValueError(f"to_hf: a {block_name} has shared experts: {mlp is not None}; the layer: "
@@ -546,6 +558,17 @@ def _writer(lay: _Layout, block_name: str) -> Callable[[MoE, nn.Module], None]:
 def _silu_bank(block: nn.Module) -> SwiGLU:
     ex = block.experts
     return SwiGLU(hidden_dim=ex.down_proj.shape[2], activation=_activation(ex.act_fn))
+
+
+def _llama4_bank(block: nn.Module) -> SwiGLU:
+    ex = block.experts  # down_proj is (E, F, D)
+    return SwiGLU(hidden_dim=ex.down_proj.shape[1], activation=_activation(ex.act_fn))
+
+
+def _llama4_router(block: nn.Module) -> TopK:
+    # logits in the input dtype, top-k of the logits, sigmoid of the k selected in float32 (cast back), no
+    # renormalisation; the weights scale the expert *inputs* (the layout's dispatch)
+    return TopK(k=block.router.top_k, score="sigmoid", normalize=False, fp32=False, score_dtype="float32")
 
 
 def _gpt_oss_router(block: nn.Module) -> TopKSoftmax:
@@ -583,7 +606,7 @@ def _phimoe_router(block: nn.Module) -> SparseMixer:
 
 def _longcat_router(block: nn.Module) -> TopKFree:
     r = block.router
-    zero = r.n_routed_experts - block.experts.num_routed_experts
+    zero = r.n_routed_experts - block.experts.down_proj.shape[0]  # router ids past the FFN experts: identities
     return TopKFree(k=r.top_k, score="softmax", normalize=False, scale=float(r.routed_scaling_factor),
                     correction_bias=True, logits_dtype="float32", copy=zero)
 
@@ -593,6 +616,8 @@ _ERNIE = _Layout(_ernie_router, _silu_bank, "gate.weight", selection_bias="gate.
                  shared="shared_experts")
 _HUNYUAN = _Layout(_hunyuan_router, _silu_bank, "gate.wg.weight", shared="shared_mlp")
 _PHIMOE = _Layout(_phimoe_router, _silu_bank, "router.weight")
+_LLAMA4 = _Layout(_llama4_router, _llama4_bank, "router.weight", shared="shared_expert", bank="transposed_concat",
+                  dispatch=Dropless(weight_at="input"))
 _LONGCAT = _Layout(_longcat_router, _silu_bank, "router.classifier.weight",
                    selection_bias="router.e_score_correction_bias")
 
@@ -611,6 +636,7 @@ class _Arch:
     # the block's children -> the moekit part each one follows (dtype/device alignment on sync and revert)
     parts: tuple[tuple[str, str], ...] = (("gate", "router"), ("experts", "experts"))
     returns_tuple: bool = False  # the block returns (hidden, router output) (gpt-oss)
+    flat_output: bool = False  # the block returns (T, D) hidden states whatever its input's shape (Llama 4)
 
     def block_type(self) -> type:
         module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
@@ -667,15 +693,15 @@ _ARCHS = (
           parts=(("router", "router"), ("experts", "experts"))),
     _Arch("UnlimitedOcrTextMoe", "unlimited_ocr", "unlimited_ocr", _read_deepseek_v2, _write_deepseek_v2,  # V2's
           parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared"))),
-    # DeepSeek-V3's block (as GLM-4-MoE's) in DeepSeek-V3.2, GLM-4.7-Flash (lite), GLM-4.5V's text tower, Solar Open
-    # and GLM-5 (DSA)
+    # DeepSeek-V3's block (as GLM-4-MoE's) in DeepSeek-V3.2, GLM-4.7-Flash (lite), GLM-4.5V's text tower, Solar Open,
+    # GLM-5 (DSA) and MiniCPM-5-MoE (its router returns the top-k itself; same function)
     *(_Arch(block, package, package, _read_deepseek, _write_deepseek,
             router_fields=(("weight", "router.gate.weight"), ("e_score_correction_bias", "router.bias_E")),
             parts=(("gate", "router"), ("experts", "experts"), ("shared_experts", "shared")))
       for block, package in (("DeepseekV32MoE", "deepseek_v32"), ("Glm4MoeLiteMoE", "glm4_moe_lite"),
                              ("Glm4vMoeTextMoE", "glm4v_moe"), ("SolarOpenMoE", "solar_open"),
-                             ("GlmMoeDsaMoE", "glm_moe_dsa"))),
-    # described by data (_Layout): gpt-oss, ERNIE-4.5-MoE, Hunyuan-MoE V1, PhiMoE, LongCat-Flash
+                             ("GlmMoeDsaMoE", "glm_moe_dsa"), ("MiniCPM5MoeMoE", "minicpm5_moe"))),
+    # described by data (_Layout): gpt-oss, ERNIE-4.5-MoE, Hunyuan-MoE V1, PhiMoE, LongCat-Flash, Llama 4
     _Arch("GptOssMLP", "gpt_oss", "gpt_oss", _reader(_GPT_OSS), _writer(_GPT_OSS, "GptOssMLP"), router_attr="router",
           router_fields=(("weight", "router.gate.weight"), ("bias", "router.gate.bias")),
           parts=(("router", "router"), ("experts", "experts")), returns_tuple=True),
@@ -693,6 +719,10 @@ _ARCHS = (
           router_attr="router",
           router_fields=(("classifier", "router.gate"), ("e_score_correction_bias", "router.bias_E")),
           parts=(("router", "router"), ("experts", "experts"))),
+    _Arch("Llama4TextMoe", "llama4", "llama4_text", _reader(_LLAMA4), _writer(_LLAMA4, "Llama4TextMoe"),
+          router_attr="router", router_fields=(("weight", "router.gate.weight"), ("bias", "router.gate.bias")),
+          parts=(("router", "router"), ("experts", "experts"), ("shared_expert", "shared")), returns_tuple=True,
+          flat_output=True),
     _Arch("SwitchTransformersSparseMLP", "switch_transformers", "switch_transformers", _read_switch, _write_switch,
           flat_logits=False, router_attr="router", router_fields=(("classifier", "router.gate"),),
           parts=(("router", "router"), ("experts", "experts"))),
@@ -708,11 +738,8 @@ def _arch_of(block: nn.Module) -> _Arch | None:
     return None
 
 
-# MoE blocks of the installed transformers that no row converts, with what moekit lacks for them
-NOT_CONVERTIBLE = {
-    "Llama4TextMoe": "scales the expert input by its router's weights (a sigmoid of the top-k logits), not the "
-                     "output; moekit's MoE layer has no input-scaling combine yet",
-}
+# MoE blocks of the installed transformers that no row converts, with what moekit lacks for them (none in 5.25)
+NOT_CONVERTIBLE: dict[str, str] = {}
 
 
 def _unsupported(what: str) -> ValueError:

@@ -123,11 +123,12 @@ class HFBlockAdapter(nn.Module):
     ``moe`` is the :class:`moekit.MoE`; ``logits_tap`` (when present) is a parameter-free view of the HF router class
     that re-emits the router logits for transformers' ``output_router_logits`` and lets HF's ``_init_weights`` reach
     the moekit router; ``experts_view`` likewise lets it reach the expert bank; ``returns_tuple`` wraps the output as
-    ``(hidden, router_logits)`` for blocks that return a tuple.
+    ``(hidden, router_logits)`` for blocks that return a tuple; ``flat_output`` returns (T, D) hidden states, as
+    blocks that flatten their tokens do (Llama 4).
     """
 
     def __init__(self, moe: MoE, block_class: str, logits_tap: nn.Module | None = None, *, flat_logits: bool = True,
-                 returns_tuple: bool = False, experts_view: nn.Module | None = None) -> None:
+                 returns_tuple: bool = False, experts_view: nn.Module | None = None, flat_output: bool = False) -> None:
         super().__init__()
         self.moe = moe
         self.block_class = block_class
@@ -135,6 +136,7 @@ class HFBlockAdapter(nn.Module):
         self.experts_view = experts_view
         self.flat_logits = flat_logits
         self.returns_tuple = returns_tuple
+        self.flat_output = flat_output
 
     def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         out = self.moe.forward_with_aux(hidden_states)
@@ -143,7 +145,8 @@ class HFBlockAdapter(nn.Module):
             logits = logits.reshape(*hidden_states.shape[:-1], logits.shape[-1])
         if self.logits_tap is not None and logits is not None and getattr(self.logits_tap, "index", None) is not None:
             self.logits_tap(logits)
-        return (out.y, logits) if self.returns_tuple else out.y
+        y = out.y.reshape(-1, out.y.shape[-1]) if self.flat_output else out.y
+        return (y, logits) if self.returns_tuple else y
 
     def extra_repr(self) -> str:
         return f"replaces={self.block_class}"
@@ -406,7 +409,8 @@ def swap_hf_moe(model: nn.Module, *, share: bool = True) -> SwapHandle:
         refs = _experts_refs(layer, block)
         experts_view = _hf_view(block.experts, refs) if refs is not None else None
         adapter = HFBlockAdapter(layer, type(block).__name__, tap, flat_logits=arch.flat_logits,
-                                 returns_tuple=arch.returns_tuple, experts_view=experts_view)
+                                 returns_tuple=arch.returns_tuple, experts_view=experts_view,
+                                 flat_output=arch.flat_output)
         adapter.train(block.training)
         initialised = bool(getattr(block, "_is_hf_initialized", False))
         for m in adapter.modules():  # HF's init skips what was initialised (as it would skip the original block)

@@ -19,6 +19,13 @@ from ..spec import Spec, register_spec
 from .plan import DispatchPlan
 
 _DROP_POLICIES = ("position", "score")
+_WEIGHT_AT = ("output", "input")
+
+
+def _check_weight_at(owner: str, weight_at: str) -> str:
+    if weight_at not in _WEIGHT_AT:
+        raise ValueError(f"{owner}: weight_at must be one of {', '.join(map(repr, _WEIGHT_AT))}, got {weight_at!r}")
+    return weight_at
 
 
 def expert_counts(expert_N: Tensor, num_experts: int) -> Tensor:
@@ -34,7 +41,16 @@ class LocalDispatcher(nn.Module):
     """Sort-based grouping on one process; subclasses decide which pairs to keep (:meth:`keep_mask`).
 
     ``plan(a, group_size) -> DispatchPlan``; ``dispatch(x_TD, plan) -> (x_ND, handle)``; ``combine(y_ND, plan,
-    handle) -> y_TD``. The handle is None: nothing has to be carried from dispatch to combine on one process."""
+    handle) -> y_TD``. The handle is None: nothing has to be carried from dispatch to combine on one process.
+
+    ``weight_at`` says where a pair's router weight applies: ``"output"`` (y_t = sum_e w_te f_e(x_t), every MoE
+    paper) or ``"input"`` (y_t = sum_e f_e(w_te x_t), Llama 4): ``dispatch`` then scales each gathered row by its
+    weight and ``combine`` sums the expert outputs unweighted. An expert-parallel dispatcher wrapping this one
+    inherits the rule, since it gathers and combines through it."""
+
+    def __init__(self, weight_at: str = "output") -> None:
+        super().__init__()
+        self.weight_at = _check_weight_at(type(self).__name__, weight_at)
 
     def keep_mask(self, a: Assignment, group_size: int | None) -> Tensor | None:
         return None  # dropless: keep every pair
@@ -48,23 +64,40 @@ class LocalDispatcher(nn.Module):
 
     def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, None]:
         if plan.inv_order_N is not None:
-            return gather_replicated(x_TD, plan.token_N, plan.inv_order_N, plan.num_slots), None
-        return x_TD.index_select(0, plan.token_N), None
+            x_ND = gather_replicated(x_TD, plan.token_N, plan.inv_order_N, plan.num_slots)
+        else:
+            x_ND = x_TD.index_select(0, plan.token_N)
+        if self.weight_at == "input":
+            x_ND = x_ND * sorted_weights(plan).unsqueeze(-1).to(x_ND.dtype)
+        return x_ND, None
 
     def combine(self, y_ND: Tensor, plan: DispatchPlan, handle: None) -> Tensor:
         """Weighted sum of each token's expert outputs. Half-precision outputs are weighted and summed in float32
         and rounded once (as Hugging Face's MoE blocks do)."""
         dtype = y_ND.dtype
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        weighted = self.weight_at == "output"  # else the weights were applied to the inputs in dispatch
         if plan.inv_order_N is not None:
             # weight_N is in grid order here: (K, T) after the pairs are put back in grid order
             D = y_ND.shape[-1]  # explicit, so that an empty batch (T = 0) reshapes too
             y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, D)
-            w_KT1 = plan.weight_N.to(acc).view(plan.num_slots, plan.num_tokens, 1)
-            return (y_KTD.to(acc) * w_KT1).sum(0).to(dtype)
-        y_ND = y_ND.to(acc) * plan.weight_N.unsqueeze(-1).to(acc)
+            y_KTD = y_KTD.to(acc)
+            if weighted:
+                y_KTD = y_KTD * plan.weight_N.to(acc).view(plan.num_slots, plan.num_tokens, 1)
+            return y_KTD.sum(0).to(dtype)
+        y_ND = y_ND.to(acc)
+        if weighted:
+            y_ND = y_ND * plan.weight_N.unsqueeze(-1).to(acc)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
         return out_TD.index_add(0, plan.token_N, y_ND).to(dtype)
+
+    def extra_repr(self) -> str:
+        return "" if self.weight_at == "output" else "weight_at=input"
+
+
+def sorted_weights(plan: DispatchPlan) -> Tensor:
+    """The router weight of each row the bank receives from this process (the plan's pairs in expert order)."""
+    return plan.weight_N if plan.order_N is None else plan.weight_N.index_select(0, plan.order_N)
 
 
 def _few_pairs_no_grad(a: Assignment) -> bool:
@@ -101,10 +134,21 @@ def _grid_plan(a: Assignment, routed_E: Tensor) -> DispatchPlan:
 @register_spec("dropless", "dispatch")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Dropless(Spec):
-    """Every (token, expert) pair is computed; experts get uneven loads."""
+    """Every (token, expert) pair is computed; experts get uneven loads.
+
+    Args:
+        weight_at: ``"output"`` (default): a token's output is the router-weighted sum of its experts' outputs;
+            ``"input"``: each expert sees the token scaled by its router weight and the outputs are summed
+            unweighted (Llama 4's MoE).
+    """
+
+    weight_at: str = "output"
+
+    def __post_init__(self) -> None:
+        _check_weight_at("Dropless", self.weight_at)
 
     def build(self, num_experts: int) -> LocalDispatcher:
-        return LocalDispatcher()
+        return LocalDispatcher(self.weight_at)
 
 
 @register_spec("capacity", "dispatch")
@@ -120,12 +164,14 @@ class Capacity(Spec):
         drop: which pairs lose when an expert is full. ``"position"``: pairs keep the router's priority order
             (all first choices before all second choices, then token position; GShard/Switch). ``"score"``: the
             pairs with the highest combine weight win (batch-prioritised routing, Riquelme et al. 2021).
+        weight_at: where the router weight applies, ``"output"`` or ``"input"`` (see :class:`Dropless`).
     """
 
     factor: float | None = 1.25
     capacity: int | None = None
     per_sequence: bool = False
     drop: str = "position"
+    weight_at: str = "output"
 
     def __post_init__(self) -> None:
         if self.capacity is not None:
@@ -135,6 +181,7 @@ class Capacity(Spec):
             raise ValueError(f"Capacity: capacity factor must be > 0, got {self.factor}")
         if self.drop not in _DROP_POLICIES:
             raise ValueError(f"Capacity: unknown drop policy {self.drop!r}; valid choices: {', '.join(_DROP_POLICIES)}")
+        _check_weight_at("Capacity", self.weight_at)
 
     def build(self, num_experts: int) -> "CapacityDispatcher":
         return CapacityDispatcher(self)
@@ -142,7 +189,7 @@ class Capacity(Spec):
 
 class CapacityDispatcher(LocalDispatcher):
     def __init__(self, spec: Capacity) -> None:
-        super().__init__()
+        super().__init__(spec.weight_at)
         self.spec = spec
 
     def capacity_for(self, pairs_per_group: int, num_experts: int) -> int:

@@ -110,12 +110,13 @@ def moe_reference(layer, x: Tensor) -> Tensor:
             used[key] = used.get(key, 0) + 1
             keep[(t, j)] = used[key] <= C
 
+    at_input = getattr(disp, "weight_at", "output") == "input"  # Llama 4: the weight scales the expert's input
     out = []
     for t in range(T):
         y = torch.zeros_like(x_TD[t])
         for j, (e, w) in enumerate(zip(*routes[t])):
             if keep[(t, j)]:
-                y = y + w * _expert(layer, e, x_TD[t])
+                y = y + (_expert(layer, e, w * x_TD[t]) if at_input else w * _expert(layer, e, x_TD[t]))
         if layer.shared is not None:
             y = y + _shared(layer, x_TD[t])
         out.append(y)
