@@ -25,6 +25,11 @@ def tiny_config(name: str):
     if name == "gpt_oss":
         return t.GptOssConfig(**COMMON, head_dim=8, intermediate_size=16, num_local_experts=6, num_experts_per_tok=2,
                               sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    if name == "longcat_flash":  # 6 FFN experts + 2 zero-computation (identity) ids; MLA attention
+        return t.LongcatFlashConfig(**{**COMMON, "hidden_size": 64}, num_layers=2, head_dim=8, ffn_hidden_size=64,
+                                    expert_ffn_hidden_size=32, n_routed_experts=6, zero_expert_num=2, moe_topk=2,
+                                    kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                    v_head_dim=16, routed_scaling_factor=1.5)
     raise AssertionError(name)
 
 

@@ -64,6 +64,28 @@ def test_greedy_tokens_identical_at_every_budget(ckpts, name):
 
 
 @torch.no_grad()
+def test_longcat_zero_computation_experts_offload(tmp_path):
+    """LongCat-Flash (transformers >= 5.25 decorates its experts): identity ids reach the experts module re-pointed at
+    FFN experts with weight 0; offloaded, they fetch (and cache) those experts and the tokens stay the model's."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.offload.loader import find_experts_modules
+
+    save_tiny("longcat_flash", tmp_path)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    if not find_experts_modules(ref):
+        pytest.skip("this transformers' LongcatFlashExperts is not an experts-implementation class")
+    ids = _ids()
+    want_logits, want = ref(ids).logits, ref.generate(ids, max_new_tokens=8, do_sample=False)
+    for budget, inner in [("100%", "grouped_mm"), ("30%", "eager"), ("40%", "moekit")]:
+        om = load_offloaded(tmp_path, budget, inner=inner)
+        torch.testing.assert_close(om.model(ids).logits, want_logits, atol=1e-5, rtol=0)
+        assert torch.equal(om.model.generate(ids, max_new_tokens=8, do_sample=False), want), budget
+        assert om.stats()["cache"]["misses"] > 0
+        om.close()
+
+
+@torch.no_grad()
 def test_working_groups_split_prefill_and_stay_close(ckpts):
     """A working set of one expert forces the grouped path (order of sums differs: 1e-5, tokens identical)."""
     from transformers import AutoModelForCausalLM
