@@ -11,7 +11,7 @@ each corpus), exactly as ``moekit train-lm`` splits it, so none of it was traine
 
 Calibration sequences for pruning / merging come from the training side of the same split.
 
-    python benchmarks/offload_quality.py /work/artifacts/lm/moe --out /tmp/moekit_quality \
+    python benchmarks/offload_quality.py /work/artifacts/lm30/moe --out /tmp/moekit_quality \
         --plot docs/img/offload_quality.png
 """
 
