@@ -50,7 +50,8 @@ TINY: dict[str, Any] = {
 }
 # Per-architecture additions / corrections to TINY (model-type folder name -> kwargs).
 OVERRIDES: dict[str, dict[str, Any]] = {
-    "kolibri1_1": {"head_dim": 16, "index_num_heads": 1, "index_topk": 8, "index_pool_size": 16,  # NVFP4 K/V: head_dim % 16
+    # Kolibri-1.1: NVFP4 key/value rounding needs head_dim % 16 == 0; one indexer head per key head
+    "kolibri1_1": {"head_dim": 16, "index_num_heads": 1, "index_topk": 8, "index_pool_size": 16,
                    "index_compression": 2, "index_num_local_tokens": 4, "index_num_sink_tokens": 1},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 1, "expert_layer_offset": 0},
     "zaya": {"num_experts_per_tok": 1},  # the config accepts top-1 only
