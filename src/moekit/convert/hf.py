@@ -40,7 +40,8 @@ Blocks that are another row's verbatim are rows of their own: MiniMax (Mixtral's
 (Qwen2-MoE's), FlexOlmo (OLMoE's), Mellum (Qwen3-MoE's), Granite MoE-shared and -SWA (Granite MoE's), GLM-4-MoE,
 dots1, DeepSeek-V3.2, GLM-4.7-Flash, GLM-4.5V, Solar Open, GLM-5 DSA and MiniCPM-5-MoE (DeepSeek-V3's),
 Unlimited-OCR's text tower (DeepSeek-V2's); Qwen3-VL-MoE, Qwen3-Omni (thinker) and Qwen3.5-MoE are Qwen-MoE blocks
-whose router always renormalises. The newer rows are *described* by a :class:`_Layout` (paths of the router weight, biases, shared MLP, the bank layout, and the router/expert specs).
+whose router always renormalises. The newer rows are *described* by a :class:`_Layout` (paths of the router weight,
+biases, shared MLP, the bank layout, and the router/expert specs).
 
 The router's precision policy is copied too (``TopK.logits_dtype`` / ``score_dtype``): Mixtral, Qwen-MoE and OLMoE
 take the softmax of input-dtype logits in float32, DeepSeek-V3 and SwitchTransformers compute the router in float32.
