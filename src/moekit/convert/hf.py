@@ -70,7 +70,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..dispatch.local import Capacity, CapacityDispatcher, Dropless
+from ..dispatch.local import Capacity, Dropless
 from ..experts.bank import FFN, MLP, SwiGLU
 from ..experts.clamped import ClampedSwiGLU
 from ..layer import MoE
@@ -174,14 +174,8 @@ def _check_experts(layer: MoE, glu: bool, bias: bool, activation: str, block_nam
 
 
 def _check_dispatch(layer: MoE, expected: Any, block_name: str) -> None:
-    disp = layer.dispatcher
-    if isinstance(disp, CapacityDispatcher):
-        got = disp.spec
-    else:
-        got = Dropless(weight_at=getattr(disp, "weight_at", "output"))
-    ok = got == expected if isinstance(expected, Capacity) else (not isinstance(disp, CapacityDispatcher)
-                                                                 and got.weight_at == expected.weight_at)
-    if not ok:
+    got = getattr(layer.dispatcher, "spec", Dropless())  # a dispatcher module built without a spec counts as dropless
+    if got != expected:
         raise ValueError(f"to_hf: a {block_name} dispatches as {expected}, the layer as {got}")
 
 
@@ -442,10 +436,10 @@ class _Layout:
 
     ``router`` and ``experts`` map the block to moekit specs; the paths are dotted attribute paths inside the block.
     ``bank``: ``"stacked"``: ``gate_up_proj`` (E', 2F, D) as ``[gate; up]`` (only the first E rows are FFN experts
-    when E' > E, LongCat-Flash), ``down_proj`` (E, D, F); ``"transposed"``: gpt-oss's ``gate_up_proj`` (E, D, 2F)
-    with interleaved gate/up columns and ``down_proj`` (E, F, D), plus ``gate_up_proj_bias`` / ``down_proj_bias``;
-    ``"transposed_concat"``: Llama 4's ``gate_up_proj`` (E, D, 2F) as ``[gate | up]`` columns and ``down_proj``
-    (E, F, D), no biases. ``dispatch`` is the layer's dispatch spec (where the router weight applies).
+    when E' > E, LongCat-Flash), ``down_proj`` (E, D, F); ``"transposed"``: ``gate_up_proj`` (E, D, 2F)
+    and ``down_proj`` (E, F, D), plus ``gate_up_proj_bias`` / ``down_proj_bias`` where the block has them (gpt-oss;
+    Llama 4 has none); whether gate/up columns are interleaved (gpt-oss) or ``[gate | up]`` (Llama 4) is the experts
+    spec's business. ``dispatch`` is the layer's dispatch spec (where the router weight applies).
     """
 
     router: Callable[[nn.Module], RouterSpec]
@@ -470,10 +464,10 @@ def _bank_tensors(block: nn.Module, lay: _Layout) -> dict[str, Tensor]:
     ex = block.experts
     E = ex.down_proj.shape[0]
     if lay.bank == "transposed":
-        return {"w13_E2FD": ex.gate_up_proj.transpose(1, 2), "w2_EDF": ex.down_proj.transpose(1, 2),
-                "b13_E2F": ex.gate_up_proj_bias, "b2_ED": ex.down_proj_bias}
-    if lay.bank == "transposed_concat":
-        return {"w13_E2FD": ex.gate_up_proj.transpose(1, 2), "w2_EDF": ex.down_proj.transpose(1, 2)}
+        bank = {"w13_E2FD": ex.gate_up_proj.transpose(1, 2), "w2_EDF": ex.down_proj.transpose(1, 2)}
+        if getattr(ex, "gate_up_proj_bias", None) is not None:
+            bank |= {"b13_E2F": ex.gate_up_proj_bias, "b2_ED": ex.down_proj_bias}
+        return bank
     gate_up = ex.gate_up_proj if ex.gate_up_proj.shape[0] == E else ex.gate_up_proj[:E]
     return {"w13_E2FD": gate_up, "w2_EDF": ex.down_proj}
 
@@ -616,7 +610,7 @@ _ERNIE = _Layout(_ernie_router, _silu_bank, "gate.weight", selection_bias="gate.
                  shared="shared_experts")
 _HUNYUAN = _Layout(_hunyuan_router, _silu_bank, "gate.wg.weight", shared="shared_mlp")
 _PHIMOE = _Layout(_phimoe_router, _silu_bank, "router.weight")
-_LLAMA4 = _Layout(_llama4_router, _llama4_bank, "router.weight", shared="shared_expert", bank="transposed_concat",
+_LLAMA4 = _Layout(_llama4_router, _llama4_bank, "router.weight", shared="shared_expert", bank="transposed",
                   dispatch=Dropless(weight_at="input"))
 _LONGCAT = _Layout(_longcat_router, _silu_bank, "router.classifier.weight",
                    selection_bias="router.e_score_correction_bias")

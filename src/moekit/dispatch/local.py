@@ -22,10 +22,9 @@ _DROP_POLICIES = ("position", "score")
 _WEIGHT_AT = ("output", "input")
 
 
-def _check_weight_at(owner: str, weight_at: str) -> str:
+def _check_weight_at(owner: str, weight_at: str) -> None:
     if weight_at not in _WEIGHT_AT:
         raise ValueError(f"{owner}: weight_at must be one of {', '.join(map(repr, _WEIGHT_AT))}, got {weight_at!r}")
-    return weight_at
 
 
 def expert_counts(expert_N: Tensor, num_experts: int) -> Tensor:
@@ -46,11 +45,15 @@ class LocalDispatcher(nn.Module):
     ``weight_at`` says where a pair's router weight applies: ``"output"`` (y_t = sum_e w_te f_e(x_t), every MoE
     paper) or ``"input"`` (y_t = sum_e f_e(w_te x_t), Llama 4): ``dispatch`` then scales each gathered row by its
     weight and ``combine`` sums the expert outputs unweighted. An expert-parallel dispatcher wrapping this one
-    inherits the rule, since it gathers and combines through it."""
+    inherits the rule, since it gathers and combines through it. ``spec`` is the dispatch spec it was built from."""
 
-    def __init__(self, weight_at: str = "output") -> None:
+    def __init__(self, spec: "Dropless | Capacity | None" = None) -> None:
         super().__init__()
-        self.weight_at = _check_weight_at(type(self).__name__, weight_at)
+        self.spec = spec if spec is not None else Dropless()
+
+    @property
+    def weight_at(self) -> str:
+        return self.spec.weight_at
 
     def keep_mask(self, a: Assignment, group_size: int | None) -> Tensor | None:
         return None  # dropless: keep every pair
@@ -148,7 +151,7 @@ class Dropless(Spec):
         _check_weight_at("Dropless", self.weight_at)
 
     def build(self, num_experts: int) -> LocalDispatcher:
-        return LocalDispatcher(self.weight_at)
+        return LocalDispatcher(self)
 
 
 @register_spec("capacity", "dispatch")
@@ -189,8 +192,7 @@ class Capacity(Spec):
 
 class CapacityDispatcher(LocalDispatcher):
     def __init__(self, spec: Capacity) -> None:
-        super().__init__(spec.weight_at)
-        self.spec = spec
+        super().__init__(spec)
 
     def capacity_for(self, pairs_per_group: int, num_experts: int) -> int:
         if self.spec.capacity is not None:
