@@ -69,6 +69,14 @@ class Assignment:
         )
         return bank, free
 
+    def with_counts(self, routed_E: Tensor | None, token_mask_T: Tensor | None) -> "Assignment":
+        """This assignment with ``routed_E`` and ``token_mask_T`` set (``dataclasses.replace`` without re-running
+        ``__init__``: the layer calls it on every forward)."""
+        new = object.__new__(Assignment)
+        new.__dict__.update(self.__dict__)
+        new.__dict__["routed_E"], new.__dict__["token_mask_T"] = routed_E, token_mask_T
+        return new
+
     def counts_E(self) -> Tensor:
         """Pairs per expert before any dropping, over the real (unmasked) tokens."""
         if self.token_mask_T is not None:
@@ -120,12 +128,16 @@ class Assignment:
     ) -> "Assignment":
         """Pairs from a (T, K) top-k grid, slot-major: every token's first choice, then every second choice."""
         T, K = idx_TK.shape
-        token_N = torch.arange(T * K, device=idx_TK.device)
-        token_N = token_N % T if T > 0 else token_N  # 0..T-1, K times (cheaper than arange(T).repeat(K))
+        if T == 1:  # one token (decode): its K pairs, no transpose needed
+            token_N, expert_N, weight_N = idx_TK.new_zeros(K), idx_TK.reshape(K), weight_TK.reshape(K)
+        else:
+            token_N = torch.arange(T * K, device=idx_TK.device)
+            token_N = token_N % T if T > 0 else token_N  # 0..T-1, K times (cheaper than arange(T).repeat(K))
+            expert_N, weight_N = idx_TK.t().reshape(-1), weight_TK.t().reshape(-1)
         return Assignment(
             token_N=token_N,
-            expert_N=idx_TK.t().reshape(-1),
-            weight_N=weight_TK.t().reshape(-1),
+            expert_N=expert_N,
+            weight_N=weight_N,
             num_tokens=T,
             num_experts=num_experts,
             scores_TE=scores_TE,

@@ -284,6 +284,9 @@ class MoE(MoELayerBase):
 
     def param_dtype(self) -> torch.dtype | None:
         """The dtype of the expert bank's first parameter (None for a bank without parameters)."""
+        w_in = getattr(self.experts, "w_in", None)  # an ExpertBank: its input projection, without a module walk
+        if isinstance(w_in, Tensor):
+            return w_in.dtype
         for p in self.experts.parameters():
             return p.dtype
         return None
@@ -334,7 +337,7 @@ class MoE(MoELayerBase):
         """The assignment with the plan's counts over all E experts (bank, then compute-free) and the token mask, so
         that balance losses do not recount."""
         routed_E = routed_bank_E if free is None else torch.cat([routed_bank_E, free.counts_E()])
-        return dataclasses.replace(a, routed_E=routed_E, token_mask_T=mask_T)
+        return a.with_counts(routed_E, mask_T)
 
     @staticmethod
     def _stats(a: Assignment, plan: DispatchPlan) -> RoutingStats:

@@ -1,4 +1,4 @@
-"""Two numeric rules every router and balance loss shares (one definition each)."""
+"""Numeric rules every router, balance loss and dispatcher shares (one definition each)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def at_least_fp32(t: Tensor) -> Tensor:
     """The routing precision rule: float16 / bfloat16 tensors are computed in float32, others as they are."""
     return t.float() if t.dtype in HALF_DTYPES else t
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it is already ``dtype`` (a no-op ``.to`` still costs a dispatch, which
+    counts in the one-token decode path)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def renormalize(w: Tensor, dim: int = -1, eps: float = 1e-20) -> Tensor:

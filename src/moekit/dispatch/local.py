@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..assignment import Assignment
 from ..experts.bank import DECODE_MAX_ROWS
+from ..numerics import as_dtype
 from ..ops.permute import gather_replicated, permute_rows
 from ..spec import Spec, register_spec
 from .plan import DispatchPlan
@@ -68,6 +69,8 @@ class LocalDispatcher(nn.Module):
     def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, None]:
         if plan.inv_order_N is not None:
             x_ND = gather_replicated(x_TD, plan.token_N, plan.inv_order_N, plan.num_slots)
+        elif plan.num_tokens == 1 and not torch.is_grad_enabled():
+            x_ND = x_TD.expand(plan.token_N.shape[0], x_TD.shape[-1])  # every row is the one token: a view
         else:
             x_ND = x_TD.index_select(0, plan.token_N)
         if self.weight_at == "input":
@@ -84,15 +87,19 @@ class LocalDispatcher(nn.Module):
             # weight_N is in grid order here: (K, T) after the pairs are put back in grid order
             D = y_ND.shape[-1]  # explicit, so that an empty batch (T = 0) reshapes too
             y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, D)
-            y_KTD = y_KTD.to(acc)
+            y_KTD = as_dtype(y_KTD, acc)
             if weighted:
-                y_KTD = y_KTD * plan.weight_N.to(acc).view(plan.num_slots, plan.num_tokens, 1)
-            return y_KTD.sum(0).to(dtype)
-        y_ND = y_ND.to(acc)
+                y_KTD = y_KTD * as_dtype(plan.weight_N, acc).view(plan.num_slots, plan.num_tokens, 1)
+            return as_dtype(y_KTD.sum(0), dtype)
+        y_ND = as_dtype(y_ND, acc)
+        if plan.num_tokens == 1 and y_ND.shape[0] > 0:  # one token: the weighted sum of its rows is one product
+            if weighted:
+                return as_dtype(torch.mm(as_dtype(plan.weight_N, acc).unsqueeze(0), y_ND), dtype)
+            return as_dtype(y_ND.sum(0, keepdim=True), dtype)
         if weighted:
-            y_ND = y_ND * plan.weight_N.unsqueeze(-1).to(acc)
+            y_ND = y_ND * as_dtype(plan.weight_N, acc).unsqueeze(-1)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
-        return out_TD.index_add(0, plan.token_N, y_ND).to(dtype)
+        return as_dtype(out_TD.index_add(0, plan.token_N, y_ND), dtype)
 
     def extra_repr(self) -> str:
         return "" if self.weight_at == "output" else "weight_at=input"
@@ -118,6 +125,10 @@ def _sorted_plan(a: Assignment, routed_E: Tensor, keep_N: Tensor | None) -> Disp
         kept_E = expert_counts(expert_N, a.num_experts)
     else:
         kept_E = routed_E
+    if a.num_tokens == 1 and keep_N is None:  # one token (decode): its token ids are all 0, so only two ops
+        expert_N, order = expert_N.sort(stable=True)
+        return DispatchPlan(token_N=token_N, weight_N=weight_N[order], num_tokens=1, counts_E=kept_E,
+                            expert_N=expert_N, routed_E=routed_E, kept_E=kept_E)
     order = torch.argsort(expert_N, stable=True)
     return DispatchPlan(token_N=token_N[order], weight_N=weight_N[order], num_tokens=a.num_tokens,
                         counts_E=kept_E, expert_N=expert_N[order], routed_E=routed_E, kept_E=kept_E)

@@ -69,12 +69,15 @@ class MLP(FFN):
 
 
 DECODE_MAX_ROWS = 16  # at most this many (token, expert) rows without autograd: the per-touched-expert decode path
+SPLIT_MIN_BYTES = 1 << 20  # one-row matmuls split their weight over the threads from this size (below: one mm)
 
 
-def _row_chunks(rows: int) -> int:
+def _row_chunks(rows: int, nbytes: int) -> int:
     """How many row blocks :func:`small_linear` splits a weight into for one input row: twice the intra-op threads
-    (measured best on 2 cores; docs/performance.md), reduced until it divides ``rows``; 1 with one thread."""
-    c = 2 * torch.get_num_threads() if torch.get_num_threads() > 1 else 1
+    (measured best on 2 cores; docs/performance.md), reduced until it divides ``rows``; 1 with one thread or a
+    weight under ``SPLIT_MIN_BYTES`` (a parallel region costs more than the split saves on a cache-sized weight)."""
+    threads = torch.get_num_threads()
+    c = 2 * threads if threads > 1 and nbytes >= SPLIT_MIN_BYTES else 1
     while c > 1 and rows % c:
         c -= 1
     return c
@@ -84,18 +87,18 @@ def small_linear(x_MD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tenso
     """``x_MD @ w_OD.T (+ b_O)`` for a handful of rows (decode), reading the weight once at close to memory
     bandwidth on CPU, where MKL's skinny GEMM/GEMV runs on one core:
 
-    - one row: the weight split into row blocks, one batched matmul (``bmm`` spreads the blocks over the threads);
+    - one row: a (contiguous) weight of at least ``SPLIT_MIN_BYTES`` split into row blocks, one batched matmul
+      (``bmm`` spreads the blocks over the threads); a smaller or transposed one in a single ``mm`` / ``addmm``;
     - 2-16 rows: the weight as the left operand, ``w_OD @ x_MD.T`` with the rows of ``x`` contiguous (BLAS streams
       the big operand ~2x better that way than ``x @ w.T``)."""
     M, D = x_MD.shape
     O = w_OD.shape[0]
-    if M == 1 and w_OD.is_contiguous():
-        c = _row_chunks(O)
+    if M == 1:
+        c = _row_chunks(O, O * D * w_OD.element_size()) if w_OD.is_contiguous() else 1
         if c > 1:
             y_MO = torch.bmm(x_MD.expand(c, 1, D), w_OD.view(c, O // c, D).transpose(1, 2)).view(1, O)
-        else:
-            y_MO = torch.mm(x_MD, w_OD.T)
-        return y_MO if b_O is None else y_MO + b_O
+            return y_MO if b_O is None else y_MO + b_O
+        return torch.mm(x_MD, w_OD.T) if b_O is None else torch.addmm(b_O, x_MD, w_OD.T)
     xT_DM = x_MD.contiguous().T  # a transposed view of contiguous rows
     yT_OM = torch.mm(w_OD, xT_DM) if b_O is None else torch.addmm(b_O.unsqueeze(1), w_OD, xT_DM)
     return yT_OM.T
@@ -191,10 +194,15 @@ class ExpertBank(nn.Module):
                 nn.init.zeros_(b)
 
     # ------------------------------------------------------------------------------------------- compute
-    def forward(self, x_ND: Tensor, counts_E: Tensor, expert_N: Tensor | None = None) -> Tensor:
+    def decodes(self, x_ND: Tensor) -> bool:
+        """Whether ``forward`` takes the per-touched-expert decode path for these rows (no autograd, CPU, at most
+        ``DECODE_MAX_ROWS`` rows, ``impl="auto"``)."""
         # (the shape test last: under compile / export it would add a guard on the token count)
-        if (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and expert_N is not None
-                and self.spec.impl == "auto" and x_ND.device.type == "cpu" and 0 < x_ND.shape[0] <= DECODE_MAX_ROWS):
+        return (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and self.spec.impl == "auto"
+                and x_ND.device.type == "cpu" and 0 < x_ND.shape[0] <= DECODE_MAX_ROWS)
+
+    def forward(self, x_ND: Tensor, counts_E: Tensor, expert_N: Tensor | None = None) -> Tensor:
+        if expert_N is not None and self.decodes(x_ND):
             return self._decode(x_ND, expert_N)
         impl = self.spec.impl
         offsets_E = counts_list = None
@@ -225,18 +233,35 @@ class ExpertBank(nn.Module):
     def _decode(self, x_ND: Tensor, expert_N: Tensor) -> Tensor:
         """Few rows, no autograd (serving): per *touched* expert, two small matmuls (:func:`small_linear`) that read
         the expert's weights once, in their stored (out, in) layout; untouched experts are not read and there is no
-        grouped-kernel setup. The row-to-expert map is read on the host (a CPU tensor: no device synchronisation);
-        rows need not be sorted."""
-        rows: dict[int, list[int]] = {}
+        grouped-kernel setup. The row-to-expert map is read on the host (a CPU tensor: no device synchronisation).
+        Rows need not be sorted: when each expert's rows are one run (sorted rows, or a single token's pairs), the
+        gating runs once over all rows and the outputs are concatenated (fewest ops per call); otherwise each expert
+        gathers and scatters its rows."""
+        runs: list[list[int]] = []  # [expert, first row, end row] per run of equal experts
         for n, e in enumerate(expert_N.tolist()):
-            rows.setdefault(e, []).append(n)
+            if runs and runs[-1][0] == e:
+                runs[-1][2] = n + 1
+            else:
+                runs.append([e, n, n + 1])
+        w_in, w2, b_in, b2 = self.w_in, self.w2_EDF, self.b_in, self.b2_ED
+        if len({r[0] for r in runs}) < len(runs):
+            return self._decode_scattered(x_ND, runs)
+        h = [small_linear(x_ND[a:b], w_in[e], None if b_in is None else b_in[e]) for e, a, b in runs]
+        h_N2F = h[0] if len(h) == 1 else torch.cat(h)
+        h_NF = self.glu(h_N2F) if self.spec.glu else self.act(h_N2F)  # the bank's own gating (ClampedSwiGLU...)
+        y = [small_linear(h_NF[a:b], w2[e], None if b2 is None else b2[e]) for e, a, b in runs]
+        return y[0] if len(y) == 1 else torch.cat(y)
+
+    def _decode_scattered(self, x_ND: Tensor, runs: list[list[int]]) -> Tensor:
+        rows: dict[int, list[int]] = {}
+        for e, a, b in runs:
+            rows.setdefault(e, []).extend(range(a, b))
         out_ND = x_ND.new_empty(x_ND.shape[0], self.dim)
         w_in, w2, b_in, b2 = self.w_in, self.w2_EDF, self.b_in, self.b2_ED
         for e, idx in rows.items():
-            contiguous = idx[-1] - idx[0] + 1 == len(idx)  # sorted dispatch: the expert's rows are one slice
-            sel = slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx, device=x_ND.device)
+            sel = torch.tensor(idx, device=x_ND.device)
             h = small_linear(x_ND[sel], w_in[e], None if b_in is None else b_in[e])
-            h_MF = self.glu(h) if self.spec.glu else self.act(h)  # the bank's own gating (ClampedSwiGLU...)
+            h_MF = self.glu(h) if self.spec.glu else self.act(h)
             out_ND[sel] = small_linear(h_MF, w2[e], None if b2 is None else b2[e])
         return out_ND
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..assignment import Assignment
-from ..numerics import HALF_DTYPES, renormalize
+from ..numerics import HALF_DTYPES, as_dtype, renormalize
 from ..spec import register_spec
 from ..protocols import RouteContext
 from .base import Router, RouterSpec
@@ -140,7 +140,7 @@ class TopKRouter(Router):
             weight, bias = self.gate.weight, self.gate.bias
         if self.training and s.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - s.jitter, 1.0 + s.jitter)
-        logits_TE = F.linear(x_TD, weight.to(x_TD.dtype), None if bias is None else bias.to(x_TD.dtype))
+        logits_TE = F.linear(x_TD, as_dtype(weight, x_TD.dtype), None if bias is None else as_dtype(bias, x_TD.dtype))
         if self.training and s.noise_std > 0:
             logits_TE = logits_TE + s.noise_std * torch.randn_like(logits_TE)
         if self.training and self.noise is not None:
@@ -167,18 +167,30 @@ class TopKRouter(Router):
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         return choice_TE.topk(s.k, dim=-1).indices
 
+    def top(self, scores_TE: Tensor, ctx: RouteContext, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        """``(idx_TK, scores_TE at idx_TK)``: the chosen experts (:meth:`select`, or the replayed choices) and their
+        scores, differentiable. Without a selection bias or group limits the choice is a plain top-k, whose values
+        are the gathered scores (one op fewer per call)."""
+        if ctx.replay_idx_TK is not None:
+            idx_TK = self._replayed(ctx.replay_idx_TK, x_TD)
+        elif self.bias_E is None and self.spec.n_group is None and type(self).select is TopKRouter.select:
+            values_TK, idx_TK = scores_TE.topk(self.spec.k, dim=-1)
+            return idx_TK, values_TK
+        else:
+            idx_TK = self.select(scores_TE)
+        return idx_TK, scores_TE.gather(1, idx_TK)
+
     def route(self, x_TD: Tensor, ctx: RouteContext) -> Assignment:
         s = self.spec
         logits_TE = self.logits(x_TD)
         z_TE = logits_TE if s.score_dtype is None else logits_TE.to(getattr(torch, s.score_dtype))
         scores_TE = z_TE.softmax(-1) if s.score == "softmax" else z_TE.sigmoid()
-        idx_TK = self.select(scores_TE) if ctx.replay_idx_TK is None else self._replayed(ctx.replay_idx_TK, x_TD)
-        weight_TK = scores_TE.gather(1, idx_TK)
+        idx_TK, weight_TK = self.top(scores_TE, ctx, x_TD)
         if s.normalize:
             weight_TK = renormalize(weight_TK)
         if s.scale != 1.0:
             weight_TK = weight_TK * s.scale
-        return Assignment.from_topk(idx_TK, weight_TK.to(x_TD.dtype), self.num_experts, scores_TE, logits_TE)
+        return Assignment.from_topk(idx_TK, as_dtype(weight_TK, x_TD.dtype), self.num_experts, scores_TE, logits_TE)
 
     def _replayed(self, idx_TK: Tensor, x_TD: Tensor) -> Tensor:
         expected = (x_TD.shape[0], self.spec.k)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..assignment import Assignment
+from ..numerics import as_dtype
 from ..protocols import RouteContext
 from ..spec import register_spec
 from .topk import TopK, TopKRouter
@@ -48,9 +49,9 @@ class TopKSoftmaxRouter(TopKRouter):
         s = self.spec
         logits_TE = self.logits(x_TD)
         z_TE = logits_TE if s.score_dtype is None else logits_TE.to(getattr(torch, s.score_dtype))
-        idx_TK = self.select(z_TE) if ctx.replay_idx_TK is None else self._replayed(ctx.replay_idx_TK, x_TD)
-        weight_TK = z_TE.gather(1, idx_TK).softmax(-1)
+        idx_TK, top_TK = self.top(z_TE, ctx, x_TD)
+        weight_TK = top_TK.softmax(-1)
         if s.scale != 1.0:
             weight_TK = weight_TK * s.scale
         scores_TE = z_TE.softmax(-1)
-        return Assignment.from_topk(idx_TK, weight_TK.to(x_TD.dtype), self.num_experts, scores_TE, logits_TE)
+        return Assignment.from_topk(idx_TK, as_dtype(weight_TK, x_TD.dtype), self.num_experts, scores_TE, logits_TE)
