@@ -100,7 +100,7 @@ def test_one_token_call_stays_lean(k):
     """Decode is bound by per-op dispatch cost on CPU (a few microseconds each), so a one-token call's op count is
     part of the contract: routing, a two-op plan (no argsort), a view for the dispatch, two matmuls per touched
     expert with one gating over all rows, and a one-product combine. Measured 2026-12-07: 34 / 44 / 60 ops at
-    k = 1 / 2 / 4 (profiler, top level, views included; 80 / 106 before); the bound leaves a few ops of room."""
+    k = 1 / 2 / 4 (profiler, top level, views included; 55 / 75 / 113 before); the bound leaves a few ops of room."""
     layer = MoE(D, E, router=TopK(k=k), experts=SwiGLU(hidden_dim=16)).eval()
     x = torch.randn(1, D)
     with torch.no_grad():
