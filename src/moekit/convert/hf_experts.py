@@ -57,6 +57,7 @@ from torch import Tensor
 from ..assignment import Assignment
 from ..dispatch.local import LocalDispatcher
 from ..experts.bank import small_linear
+from ..numerics import as_dtype
 from ..ops.grouped import grouped_linear, grouped_mm_available
 
 NAME = "moekit"
@@ -143,14 +144,15 @@ FEW_PAIRS = 16
 
 def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: Tensor, w_down: Tensor,
                        b_up: Tensor | None, b_down: Tensor | None) -> Tensor:
-    """``sum_k w * expert(x)`` pair by pair, summed in float32 for half-precision inputs (as the grouped path)."""
+    """``sum_k w * expert(x)`` token by token, summed in float32 for half-precision inputs (as the grouped path).
+    Per token: one input matmul per chosen expert, the gating once over the token's k rows, one output matmul per
+    expert, and the weighted sum as one product (decode is bound by the number of ops per call)."""
     E = w_up.shape[0]
     acc = torch.float32 if x_TD.dtype in (torch.float16, torch.bfloat16) else x_TD.dtype
     ep = getattr(m, "_is_expert_parallel", False)
     rows = []
     for t, experts in enumerate(idx_TK.tolist()):
-        x_1D = x_TD[t:t + 1]
-        out_1D = x_TD.new_zeros((1, w_down.shape[1]), dtype=acc)
+        kept = []  # (slot, expert)
         for j, e in enumerate(experts):
             if not 0 <= e < E:
                 if ep:
@@ -159,13 +161,21 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
                     f"moekit experts implementation ({_where(m)}): top_k_index holds expert id {e}, outside "
                     f"[0, {E}) (the experts in the weights), and the module is not marked expert-parallel"
                 )
-            h = small_linear(x_1D, w_up[e], None if b_up is None else b_up[e])
-            y = small_linear(_gate(m, h), w_down[e], None if b_down is None else b_down[e])
-            if m.has_post_expert_norm:
-                y = m.post_expert_norm(y)
-            out_1D = out_1D + y.to(acc) * w_TK[t, j].to(acc)
-        rows.append(out_1D)
-    return torch.cat(rows)
+            kept.append((j, e))
+        if not kept:
+            rows.append(x_TD.new_zeros((1, w_down.shape[1]), dtype=acc))
+            continue
+        x_1D = x_TD[t:t + 1]
+        h = [small_linear(x_1D, w_up[e], None if b_up is None else b_up[e]) for _, e in kept]
+        g_KF = _gate(m, h[0] if len(h) == 1 else torch.cat(h))
+        y = [small_linear(g_KF[i:i + 1], w_down[e], None if b_down is None else b_down[e])
+             for i, (_, e) in enumerate(kept)]
+        y_KD = y[0] if len(y) == 1 else torch.cat(y)
+        if m.has_post_expert_norm:
+            y_KD = m.post_expert_norm(y_KD)  # a norm over D: the same per row on the stacked rows
+        w_K = w_TK[t] if len(kept) == len(experts) else w_TK[t, [j for j, _ in kept]]
+        rows.append(torch.mm(as_dtype(w_K, acc).unsqueeze(0), as_dtype(y_KD, acc)))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def moekit_experts_forward(
