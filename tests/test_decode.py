@@ -53,21 +53,48 @@ def test_decode_path_is_taken_and_reads_only_touched_experts(monkeypatch):
 @pytest.mark.parametrize("M", [1, 2, 5])
 @pytest.mark.parametrize("out_dim", [24, 13])  # 13: no block count > 1 divides it (falls back to one matmul)
 @pytest.mark.parametrize("bias", [False, True])
-def test_small_linear_equals_linear(threads, M, out_dim, bias):
-    """``small_linear`` (row blocks in one bmm for one row, weight-left for a few) equals ``F.linear`` in float64 to
-    1e-12, for every thread count (the block count follows the threads), and for a non-contiguous weight."""
+@pytest.mark.parametrize("split", [True, False], ids=["split", "unsplit"])
+def test_small_linear_equals_linear(threads, M, out_dim, bias, split, monkeypatch):
+    """``small_linear`` (row blocks of an (out, in) weight or reduction blocks of an (in, out) one in one bmm for one
+    row, weight-left for a few) equals ``F.linear`` in float64 to 1e-12, for every thread count (the block count
+    follows the threads), split (the size threshold lowered to 0 so these small weights split) or not."""
+    if split:
+        monkeypatch.setattr(bank_mod, "SPLIT_MIN_BYTES", 0)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(M)
-        x = torch.randn(M, 7, dtype=torch.float64)
-        w = torch.randn(out_dim, 7, dtype=torch.float64)
+        D = 8  # divisible by 2, 4: the reduction split of a transposed weight applies
+        x = torch.randn(M, D, dtype=torch.float64)
+        w = torch.randn(out_dim, D, dtype=torch.float64)
         b = torch.randn(out_dim, dtype=torch.float64) if bias else None
         ref = torch.nn.functional.linear(x, w, b)
         torch.testing.assert_close(bank_mod.small_linear(x, w, b), ref, atol=1e-12, rtol=0)
-        w_strided = torch.randn(7, out_dim, dtype=torch.float64).T  # not contiguous: the plain matmul path
-        torch.testing.assert_close(bank_mod.small_linear(x, w_strided, b),
-                                   torch.nn.functional.linear(x, w_strided, b), atol=1e-12, rtol=0)
+        w_in_out = torch.randn(D, out_dim, dtype=torch.float64).T  # an (in, out) weight seen as (out, in)
+        torch.testing.assert_close(bank_mod.small_linear(x, w_in_out, b),
+                                   torch.nn.functional.linear(x, w_in_out, b), atol=1e-12, rtol=0)
+        x_expanded = x[:1].expand(1, D)  # a dispatched single token is a stride-0 view
+        torch.testing.assert_close(bank_mod.small_linear(x_expanded, w_in_out, b),
+                                   torch.nn.functional.linear(x[:1], w_in_out, b), atol=1e-12, rtol=0)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_small_linear_splits_only_large_weights(monkeypatch):
+    """Two threads: a one-row matmul runs as one bmm over blocks from SPLIT_MIN_BYTES of weight, as one mm below."""
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(a[0].shape) or real_bmm(*a, **k))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(1, 64)
+        bank_mod.small_linear(x, torch.randn(128, 64))  # 32 KB
+        assert calls == []
+        big = torch.randn(bank_mod.SPLIT_MIN_BYTES // (64 * 4), 64)  # exactly the threshold
+        bank_mod.small_linear(x, big)
+        bank_mod.small_linear(x, torch.randn(64, big.shape[0]).T)  # (in, out) storage: reduction blocks
+        assert len(calls) == 2 and calls[0][0] == 4 and calls[1][0] == 4
     finally:
         torch.set_num_threads(old)
 

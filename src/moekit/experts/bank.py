@@ -87,16 +87,22 @@ def small_linear(x_MD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tenso
     """``x_MD @ w_OD.T (+ b_O)`` for a handful of rows (decode), reading the weight once at close to memory
     bandwidth on CPU, where MKL's skinny GEMM/GEMV runs on one core:
 
-    - one row: a (contiguous) weight of at least ``SPLIT_MIN_BYTES`` split into row blocks, one batched matmul
-      (``bmm`` spreads the blocks over the threads); a smaller or transposed one in a single ``mm`` / ``addmm``;
+    - one row: a weight of at least ``SPLIT_MIN_BYTES`` split into blocks, one batched matmul (``bmm`` spreads the
+      blocks over the threads): row blocks of an (out, in) weight, or reduction blocks of an (in, out) one (a
+      transposed view) whose partial rows are then added; a smaller weight in a single ``mm`` / ``addmm``;
     - 2-16 rows: the weight as the left operand, ``w_OD @ x_MD.T`` with the rows of ``x`` contiguous (BLAS streams
       the big operand ~2x better that way than ``x @ w.T``)."""
     M, D = x_MD.shape
     O = w_OD.shape[0]
     if M == 1:
-        c = _row_chunks(O, O * D * w_OD.element_size()) if w_OD.is_contiguous() else 1
-        if c > 1:
+        nbytes = O * D * w_OD.element_size()
+        if w_OD.is_contiguous() and (c := _row_chunks(O, nbytes)) > 1:
             y_MO = torch.bmm(x_MD.expand(c, 1, D), w_OD.view(c, O // c, D).transpose(1, 2)).view(1, O)
+            return y_MO if b_O is None else y_MO + b_O
+        if w_OD.stride() == (1, O) and (c := _row_chunks(D, nbytes)) > 1:
+            # an (in, out) weight (a transposed view, e.g. a swap sharing HF's gate_up_proj): split the reduction
+            # dimension into contiguous (D/c, O) blocks and add the c partial rows
+            y_MO = torch.bmm(x_MD.reshape(c, 1, D // c), w_OD.T.view(c, D // c, O)).sum(0)
             return y_MO if b_O is None else y_MO + b_O
         return torch.mm(x_MD, w_OD.T) if b_O is None else torch.addmm(b_O, x_MD, w_OD.T)
     xT_DM = x_MD.contiguous().T  # a transposed view of contiguous rows
