@@ -72,7 +72,7 @@ class Assignment:
     def with_counts(self, routed_E: Tensor | None, token_mask_T: Tensor | None) -> "Assignment":
         """This assignment with ``routed_E`` and ``token_mask_T`` set (``dataclasses.replace`` without re-running
         ``__init__``: the layer calls it on every forward)."""
-        new = object.__new__(Assignment)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__["routed_E"], new.__dict__["token_mask_T"] = routed_E, token_mask_T
         return new

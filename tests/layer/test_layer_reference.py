@@ -141,7 +141,7 @@ def test_weight_at_input_equals_reference(dispatch, k, dtype):
                 shared_experts=SwiGLU(hidden_dim=4), dispatch=spec).to(dtype).eval()
     assert layer.dispatcher.weight_at == "input"
     _compare(layer, torch.randn(2, 7, 8, dtype=dtype), TOL[dtype])
-    with torch.no_grad():  # the decode path: a few tokens, and one token (view dispatch, one-product combine)
+    with torch.no_grad():  # the decode path: a few tokens, and one token (two-op plan, one-product combine)
         for x in (torch.randn(1, 3, 8, dtype=dtype), torch.randn(1, 1, 8, dtype=dtype)):
             torch.testing.assert_close(layer(x), moe_reference(layer, x), atol=TOL[dtype], rtol=0)
         # and it is a different function from weighting the outputs

@@ -69,8 +69,6 @@ class LocalDispatcher(nn.Module):
     def dispatch(self, x_TD: Tensor, plan: DispatchPlan) -> tuple[Tensor, None]:
         if plan.inv_order_N is not None:
             x_ND = gather_replicated(x_TD, plan.token_N, plan.inv_order_N, plan.num_slots)
-        elif plan.num_tokens == 1 and not torch.is_grad_enabled():
-            x_ND = x_TD.expand(plan.token_N.shape[0], x_TD.shape[-1])  # every row is the one token: a view
         else:
             x_ND = x_TD.index_select(0, plan.token_N)
         if self.weight_at == "input":
