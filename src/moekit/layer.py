@@ -284,9 +284,6 @@ class MoE(MoELayerBase):
 
     def param_dtype(self) -> torch.dtype | None:
         """The dtype of the expert bank's first parameter (None for a bank without parameters)."""
-        w_in = getattr(self.experts, "w_in", None)  # an ExpertBank: its input projection, without a module walk
-        if isinstance(w_in, Tensor):
-            return w_in.dtype
         for p in self.experts.parameters():
             return p.dtype
         return None

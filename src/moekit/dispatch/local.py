@@ -80,22 +80,22 @@ class LocalDispatcher(nn.Module):
         and rounded once (as Hugging Face's MoE blocks do)."""
         dtype = y_ND.dtype
         acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-        weighted = self.weight_at == "output"  # else the weights were applied to the inputs in dispatch
+        # the weights, or None where they were applied to the inputs in dispatch
+        w_N = as_dtype(plan.weight_N, acc) if self.weight_at == "output" else None
         if plan.inv_order_N is not None:
             # weight_N is in grid order here: (K, T) after the pairs are put back in grid order
             D = y_ND.shape[-1]  # explicit, so that an empty batch (T = 0) reshapes too
             y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, D)
             y_KTD = as_dtype(y_KTD, acc)
-            if weighted:
-                y_KTD = y_KTD * as_dtype(plan.weight_N, acc).view(plan.num_slots, plan.num_tokens, 1)
+            if w_N is not None:
+                y_KTD = y_KTD * w_N.view(plan.num_slots, plan.num_tokens, 1)
             return as_dtype(y_KTD.sum(0), dtype)
         y_ND = as_dtype(y_ND, acc)
         if plan.num_tokens == 1 and y_ND.shape[0] > 0:  # one token: the weighted sum of its rows is one product
-            if weighted:
-                return as_dtype(torch.mm(as_dtype(plan.weight_N, acc).unsqueeze(0), y_ND), dtype)
-            return as_dtype(y_ND.sum(0, keepdim=True), dtype)
-        if weighted:
-            y_ND = y_ND * as_dtype(plan.weight_N, acc).unsqueeze(-1)
+            y_1D = y_ND.sum(0, keepdim=True) if w_N is None else torch.mm(w_N.unsqueeze(0), y_ND)
+            return as_dtype(y_1D, dtype)
+        if w_N is not None:
+            y_ND = y_ND * w_N.unsqueeze(-1)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[-1])
         return as_dtype(out_TD.index_add(0, plan.token_N, y_ND), dtype)
 

@@ -95,19 +95,27 @@ def small_linear(x_MD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tenso
     M, D = x_MD.shape
     O = w_OD.shape[0]
     if M == 1:
-        nbytes = O * D * w_OD.element_size()
-        if w_OD.is_contiguous() and (c := _row_chunks(O, nbytes)) > 1:
-            y_MO = torch.bmm(x_MD.expand(c, 1, D), w_OD.view(c, O // c, D).transpose(1, 2)).view(1, O)
-            return y_MO if b_O is None else y_MO + b_O
-        if w_OD.stride() == (1, O) and (c := _row_chunks(D, nbytes)) > 1:
-            # an (in, out) weight (a transposed view, e.g. a swap sharing HF's gate_up_proj): split the reduction
-            # dimension into contiguous (D/c, O) blocks and add the c partial rows
-            y_MO = torch.bmm(x_MD.reshape(c, 1, D // c), w_OD.T.view(c, D // c, O)).sum(0)
-            return y_MO if b_O is None else y_MO + b_O
-        return torch.mm(x_MD, w_OD.T) if b_O is None else torch.addmm(b_O, x_MD, w_OD.T)
+        y_MO = _one_row_split(x_MD, w_OD)
+        if y_MO is None:
+            return torch.mm(x_MD, w_OD.T) if b_O is None else torch.addmm(b_O, x_MD, w_OD.T)
+        return y_MO if b_O is None else y_MO + b_O
     xT_DM = x_MD.contiguous().T  # a transposed view of contiguous rows
     yT_OM = torch.mm(w_OD, xT_DM) if b_O is None else torch.addmm(b_O.unsqueeze(1), w_OD, xT_DM)
     return yT_OM.T
+
+
+def _one_row_split(x_1D: Tensor, w_OD: Tensor) -> Tensor | None:
+    """``x_1D @ w_OD.T`` as one ``bmm`` over blocks of the weight (spread over the threads), or None where no split
+    applies (one thread, a weight under ``SPLIT_MIN_BYTES``, no block count dividing it, or another layout). An
+    (out, in) weight splits into row blocks; an (in, out) one (a transposed view, e.g. a swap sharing HF's
+    ``gate_up_proj``) into contiguous reduction blocks whose partial rows are added."""
+    O, D = w_OD.shape
+    nbytes = O * D * w_OD.element_size()
+    if w_OD.is_contiguous() and (c := _row_chunks(O, nbytes)) > 1:
+        return torch.bmm(x_1D.expand(c, 1, D), w_OD.view(c, O // c, D).transpose(1, 2)).view(1, O)
+    if w_OD.stride() == (1, O) and (c := _row_chunks(D, nbytes)) > 1:
+        return torch.bmm(x_1D.reshape(c, 1, D // c), w_OD.T.view(c, D // c, O)).sum(0)
+    return None
 
 
 def _init_bank(w: Tensor, fan_in: int) -> None:
@@ -249,9 +257,9 @@ class ExpertBank(nn.Module):
                 runs[-1][2] = n + 1
             else:
                 runs.append([e, n, n + 1])
-        w_in, w2, b_in, b2 = self.w_in, self.w2_EDF, self.b_in, self.b2_ED
         if len({r[0] for r in runs}) < len(runs):
             return self._decode_scattered(x_ND, runs)
+        w_in, w2, b_in, b2 = self.w_in, self.w2_EDF, self.b_in, self.b2_ED
         h = [small_linear(x_ND[a:b], w_in[e], None if b_in is None else b_in[e]) for e, a, b in runs]
         h_N2F = h[0] if len(h) == 1 else torch.cat(h)
         h_NF = self.glu(h_N2F) if self.spec.glu else self.act(h_N2F)  # the bank's own gating (ClampedSwiGLU...)
