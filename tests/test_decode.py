@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moekit.experts.bank as bank_mod
+from moekit.ops import native
 from moekit import Capacity, Dropless, MoE
 from moekit.experts import MLP, SwiGLU
 from moekit.reference.loop import moe_reference
@@ -81,7 +82,9 @@ def test_small_linear_equals_linear(threads, M, out_dim, bias, split, monkeypatc
 
 
 def test_small_linear_splits_only_large_weights(monkeypatch):
-    """Two threads: a one-row matmul runs as one bmm over blocks from SPLIT_MIN_BYTES of weight, as one mm below."""
+    """Two threads, torch path (native kernels off): a one-row matmul runs as one bmm over blocks from
+    SPLIT_MIN_BYTES of weight, as one mm below."""
+    monkeypatch.setattr(native, "available", lambda: False)
     calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(a[0].shape) or real_bmm(*a, **k))

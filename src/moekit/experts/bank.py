@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..ops import native
 from ..ops.grouped import IMPLS, grouped_linear, grouped_mm_available
 from ..spec import Spec, register_spec
 from .activations import ACTIVATIONS
@@ -91,9 +92,17 @@ def small_linear(x_MD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tenso
       blocks over the threads): row blocks of an (out, in) weight, or reduction blocks of an (in, out) one (a
       transposed view) whose partial rows are then added; a smaller weight in a single ``mm`` / ``addmm``;
     - 2-16 rows: the weight as the left operand, ``w_OD @ x_MD.T`` with the rows of ``x`` contiguous (BLAS streams
-      the big operand ~2x better that way than ``x @ w.T``)."""
+      the big operand ~2x better that way than ``x @ w.T``).
+
+    float32 without autograd takes moekit's native kernel instead where it is built (:mod:`moekit.ops.native`:
+    every row count on an (out, in) weight, 2-16 rows on an (in, out) one), which reads the weight at 1.1-2x the
+    speed of the BLAS forms above."""
     M, D = x_MD.shape
     O = w_OD.shape[0]
+    if x_MD.dtype == torch.float32 and M <= native.MAX_ROWS and native.takes_rows(x_MD):
+        w_1OD, b_1O = w_OD.unsqueeze(0), None if b_O is None else b_O.unsqueeze(0)
+        if native.takes_weight(w_1OD, b_1O, M):
+            return native.grouped_rows(x_MD, w_1OD, b_1O, _ZERO, [0, M], list(range(M)))
     if M == 1:
         y_MO = _one_row_split(x_MD, w_OD)
         if y_MO is None:
@@ -102,6 +111,9 @@ def small_linear(x_MD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tenso
     xT_DM = x_MD.contiguous().T  # a transposed view of contiguous rows
     yT_OM = torch.mm(w_OD, xT_DM) if b_O is None else torch.addmm(b_O.unsqueeze(1), w_OD, xT_DM)
     return yT_OM.T
+
+
+_ZERO = [0]
 
 
 def _one_row_split(x_1D: Tensor, w_OD: Tensor) -> Tensor | None:
@@ -251,8 +263,13 @@ class ExpertBank(nn.Module):
         Rows need not be sorted: when each expert's rows are one run (sorted rows, or a single token's pairs), the
         gating runs once over all rows and the outputs are concatenated (fewest ops per call); otherwise each expert
         gathers and scatters its rows."""
+        ids = expert_N.tolist()
+        if x_ND.dtype == torch.float32 and native.takes_rows(x_ND):
+            y = self._decode_native(x_ND, ids)
+            if y is not None:
+                return y
         runs: list[list[int]] = []  # [expert, first row, end row] per run of equal experts
-        for n, e in enumerate(expert_N.tolist()):
+        for n, e in enumerate(ids):
             if runs and runs[-1][0] == e:
                 runs[-1][2] = n + 1
             else:
@@ -265,6 +282,28 @@ class ExpertBank(nn.Module):
         h_NF = self.glu(h_N2F) if self.spec.glu else self.act(h_N2F)  # the bank's own gating (ClampedSwiGLU...)
         y = [small_linear(h_NF[a:b], w2[e], None if b2 is None else b2[e]) for e, a, b in runs]
         return y[0] if len(y) == 1 else torch.cat(y)
+
+    def _decode_native(self, x_ND: Tensor, ids: list[int]) -> Tensor | None:
+        """The decode path on :mod:`moekit.ops.native`: one kernel call for every touched expert's input projection,
+        the bank's gating once over all rows, one call for the output projections (rows in any order). None where
+        the kernel does not take these weights (then the torch path runs)."""
+        groups: dict[int, list[int]] = {}
+        for n, e in enumerate(ids):
+            groups.setdefault(e, []).append(n)
+        most = max(len(r) for r in groups.values())
+        if not (native.takes_weight(self.w_in, self.b_in, most) and native.takes_weight(self.w2_EDF, self.b2_ED, most)):
+            return None
+        experts = list(groups)
+        offsets = [0]
+        rows: list[int] = []
+        for e in experts:
+            rows += groups[e]
+            offsets.append(len(rows))
+        h_N2F = native.grouped_rows(x_ND, self.w_in, self.b_in, experts, offsets, rows)
+        h_NF = self.glu(h_N2F) if self.spec.glu else self.act(h_N2F)
+        if not native.takes_rows(h_NF):  # a gating that returns a strided view
+            h_NF = h_NF.contiguous()
+        return native.grouped_rows(h_NF, self.w2_EDF, self.b2_ED, experts, offsets, rows)
 
     def _decode_scattered(self, x_ND: Tensor, runs: list[list[int]]) -> Tensor:
         rows: dict[int, list[int]] = {}

@@ -1,0 +1,167 @@
+"""Native decode kernels (``native_decode.c``): few rows per expert times that expert's weight, for CPU decode.
+
+BLAS runs a one-row product (GEMV) on one core and a 2-16-row one through a packing GEMM; on the 2-core machine of
+docs/performance.md both read the weight at about half the memory bandwidth. These kernels read each touched
+expert's weight once, spread over torch's threads, at close to a streaming read.
+
+The C source is compiled on first use with the system's C compiler (``$CC`` or ``cc``, ``-O3 -march=native
+-fopenmp``) into a cache directory (``$MOEKIT_CACHE_DIR``, default ``~/.cache/moekit``), keyed by the source, the
+compiler and the CPU's flags; loading uses the OpenMP runtime torch already loaded. Without a compiler, or with
+``MOEKIT_NATIVE=0``, :func:`available` is False and callers keep their torch path (one warning says why).
+
+:func:`grouped_rows` is the entry point (float32 CPU tensors, no autograd); :func:`takes_rows` and
+:func:`takes_weight` say when it applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+MAX_ROWS = 16  # rows per group (native_decode.c: MAX_ROWS)
+_SOURCE = Path(__file__).with_name("native_decode.c")
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOEKIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "moekit")
+    return Path(root) / "native"
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC or install gcc)")
+    source = _SOURCE.read_bytes()
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), str(version).encode(),
+                                     _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"native_decode-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            res = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {res.stderr.strip()[-2000:]}")
+            os.replace(out, target)  # atomic: a concurrent build or a crash never leaves a partial library
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name in ("moekit_rows_f32", "moekit_cols_f32"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    if os.environ.get("MOEKIT_NATIVE", "1") == "0":
+        _failed = "disabled by MOEKIT_NATIVE=0"
+        return None
+    try:
+        _lib = _build()
+    except Exception as e:  # no compiler, a failed build, an unloadable library: keep the torch path, say why once
+        _failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"moekit: native decode kernels unavailable ({_failed}); decode uses torch matmuls",
+                      RuntimeWarning, stacklevel=3)
+    return _lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (builds them on the first call)."""
+    return _load() is not None
+
+
+def why_unavailable() -> str | None:
+    """The reason :func:`available` is False (None when it is True or not yet asked)."""
+    return _failed
+
+
+def takes_rows(x_ND: Tensor) -> bool:
+    """Whether :func:`grouped_rows` takes these input rows: a float32 CPU matrix with unit stride along each row,
+    no autograd needed, and the kernels available (built on the first call)."""
+    return (x_ND.dtype == torch.float32 and x_ND.device.type == "cpu" and x_ND.dim() == 2 and x_ND.stride(1) == 1
+            and not (x_ND.requires_grad and torch.is_grad_enabled()) and available())
+
+
+def takes_weight(w_EOD: Tensor, b_EO: Tensor | None, max_rows: int) -> bool:
+    """Whether :func:`grouped_rows` takes this weight and bias, and is the faster choice for at most ``max_rows``
+    rows per expert: float32 on CPU, unit stride along one of the weight's inner dims, no autograd needed. An
+    (out, in) weight always; an (in, out) one (a transposed view) from two rows: for one row torch's reduction
+    split in ``small_linear`` reads it as fast."""
+    if w_EOD.dtype != torch.float32 or w_EOD.device.type != "cpu" or w_EOD.dim() != 3:
+        return False
+    grad = torch.is_grad_enabled()
+    if grad and (w_EOD.requires_grad or (b_EO is not None and b_EO.requires_grad)):
+        return False
+    if b_EO is not None and (b_EO.dtype != torch.float32 or b_EO.dim() != 2 or b_EO.stride(1) != 1):
+        return False
+    return w_EOD.stride(2) == 1 or (w_EOD.stride(1) == 1 and max_rows > 1)
+
+
+def grouped_rows(x_ND: Tensor, w_EOD: Tensor, b_EO: Tensor | None, experts: list[int], offsets: list[int],
+                 rows: list[int], out_rows: int | None = None, threads: int | None = None) -> Tensor:
+    """``y[n] = x[n] @ w_EOD[e].T (+ b_EO[e])`` for the rows ``n`` of each group: group ``g`` is expert
+    ``experts[g]`` with rows ``rows[offsets[g]:offsets[g + 1]]`` (at most ``MAX_ROWS``). Returns ``y`` of shape
+    (``out_rows`` or N, O); rows in no group are left uninitialised. Check :func:`takes_rows` and
+    :func:`takes_weight` first."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    N, D = x_ND.shape
+    E, O, Dw = w_EOD.shape
+    if Dw != D:
+        raise ValueError(f"grouped_rows: x has {D} columns but the weight takes {Dw}")
+    G = len(experts)
+    if len(offsets) != G + 1 or offsets[0] != 0 or offsets[-1] != len(rows):
+        raise ValueError(f"grouped_rows: offsets must run from 0 to len(rows) with one entry per group + 1, got "
+                         f"{offsets} for {G} groups and {len(rows)} rows")
+    if any(not 0 <= e < E for e in experts) or any(b - a > MAX_ROWS or b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"grouped_rows: experts must lie in [0, {E}) and groups hold at most {MAX_ROWS} rows")
+    y = torch.empty(out_rows if out_rows is not None else N, O, dtype=torch.float32)
+    if any(not 0 <= r < min(N, y.shape[0]) for r in rows):
+        raise ValueError(f"grouped_rows: row ids must lie in [0, {min(N, y.shape[0])})")
+    cols = w_EOD.stride(2) != 1
+    ldw = w_EOD.stride(2) if cols else w_EOD.stride(1)
+    nbytes = G * O * D * 4
+    if threads is None:
+        threads = torch.get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
+    exp_a = (ctypes.c_int64 * max(G, 1))(*experts)
+    off_a = (ctypes.c_int64 * (G + 1))(*offsets)
+    row_a = (ctypes.c_int64 * max(len(rows), 1))(*rows)
+    fn = lib.moekit_cols_f32 if cols else lib.moekit_rows_f32
+    status = fn(x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), G, exp_a, off_a, row_a,
+                w_EOD.data_ptr(), w_EOD.stride(0), ldw, O, D,
+                None if b_EO is None else b_EO.data_ptr(), 0 if b_EO is None else b_EO.stride(0), threads)
+    if status:
+        raise MemoryError("grouped_rows: the native kernel could not allocate its work buffers")
+    return y
+
+
+_PARALLEL_MIN_BYTES = 1 << 18  # below this many weight bytes in one call, one thread (a parallel region costs more)

@@ -1,0 +1,152 @@
+/* moekit's native decode kernels: y = x @ W_e^T (+ b_e) for a few rows per expert, reading each touched expert's
+ * weight once at close to memory bandwidth (CPU decode; BLAS runs such skinny products on one core or through a
+ * packing GEMM). Built on first use by moekit/ops/native.py (gcc -O3 -march=native -fopenmp) and called through
+ * ctypes; the OpenMP runtime is the one torch already loaded (libgomp.so.1), so the threads are torch's.
+ *
+ * Groups: group g multiplies rows rows[offs[g]:offs[g+1]] of x by expert experts[g]'s weight and writes the same
+ * rows of y (row n of the input gives row n of the output). Expert e's weight element (o, d) is at
+ *   rows layout: w[e*sE + o*ldw + d]   (an (out, in) weight, rows contiguous: moekit's banks)
+ *   cols layout: w[e*sE + d*ldw + o]   (an (in, out) weight: a transposed view, e.g. HF's gpt-oss gate_up_proj)
+ * b (may be NULL): b[e*sbE + o]. At most MAX_ROWS rows per group. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+typedef int64_t i64;
+#define MAX_ROWS 16
+#define OBLOCK 64 /* output rows per work item (rows layout) */
+
+static inline float bias_at(const float *b, i64 o) { return b ? b[o] : 0.0f; }
+
+/* Output rows [o0, o1) of one expert for M input rows: blocks of 4 weight rows x 2 input rows (8 independent
+ * accumulators hide the FMA latency; the 4 weight rows stay in L1 across the input rows). */
+static void rows_block(const float *x, i64 ldx, const i64 *rows, i64 M, const float *w, i64 ldw, i64 D, i64 o0,
+                       i64 o1, const float *b, float *y, i64 ldy) {
+    i64 o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        const float *w0 = w + o * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        i64 m = 0;
+        for (; m + 2 <= M; m += 2) {
+            const float *xa = x + m * ldx, *xb = x + (m + 1) * ldx;
+            float a0 = 0, a1 = 0, a2 = 0, a3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, c0, c1, c2, c3)
+            for (i64 d = 0; d < D; d++) {
+                float u = xa[d], v = xb[d];
+                a0 += w0[d] * u;
+                a1 += w1[d] * u;
+                a2 += w2[d] * u;
+                a3 += w3[d] * u;
+                c0 += w0[d] * v;
+                c1 += w1[d] * v;
+                c2 += w2[d] * v;
+                c3 += w3[d] * v;
+            }
+            float *ya = y + rows[m] * ldy + o, *yb = y + rows[m + 1] * ldy + o;
+            ya[0] = a0 + bias_at(b, o), ya[1] = a1 + bias_at(b, o + 1);
+            ya[2] = a2 + bias_at(b, o + 2), ya[3] = a3 + bias_at(b, o + 3);
+            yb[0] = c0 + bias_at(b, o), yb[1] = c1 + bias_at(b, o + 1);
+            yb[2] = c2 + bias_at(b, o + 2), yb[3] = c3 + bias_at(b, o + 3);
+        }
+        for (; m < M; m++) {
+            const float *xm = x + m * ldx;
+            float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (i64 d = 0; d < D; d++) {
+                float xv = xm[d];
+                a0 += w0[d] * xv;
+                a1 += w1[d] * xv;
+                a2 += w2[d] * xv;
+                a3 += w3[d] * xv;
+            }
+            float *ym = y + rows[m] * ldy + o;
+            ym[0] = a0 + bias_at(b, o), ym[1] = a1 + bias_at(b, o + 1);
+            ym[2] = a2 + bias_at(b, o + 2), ym[3] = a3 + bias_at(b, o + 3);
+        }
+    }
+    for (; o < o1; o++) {
+        const float *w0 = w + o * ldw;
+        for (i64 m = 0; m < M; m++) {
+            const float *xm = x + m * ldx;
+            float a0 = 0;
+#pragma omp simd reduction(+ : a0)
+            for (i64 d = 0; d < D; d++) a0 += w0[d] * xm[d];
+            y[rows[m] * ldy + o] = a0 + bias_at(b, o);
+        }
+    }
+}
+
+/* Output rows: rows_block reads input row m of a group at xp + m * ldp, a packed copy of the group's rows whose
+ * stride is padded off a multiple of 4 KiB (rows 4 KiB apart share L1 sets with the weight rows and evict them). */
+int moekit_rows_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
+                    const i64 *rows, const float *w, i64 sE, i64 ldw, i64 O, i64 D, const float *b, i64 sbE,
+                    int threads) {
+    i64 R = offs[G], ldp = ((D + 15) / 16) * 16 + 16;
+    float *xp = (float *)aligned_alloc(64, sizeof(float) * (size_t)(R > 0 ? R : 1) * ldp);
+    if (!xp) return 1;
+    for (i64 r = 0; r < R; r++) memcpy(xp + r * ldp, x + rows[r] * ldx, sizeof(float) * (size_t)D);
+    i64 blocks = (O + OBLOCK - 1) / OBLOCK;
+    i64 items = G * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (i64 it = 0; it < items; it++) {
+        i64 g = it / blocks, blk = it % blocks;
+        i64 e = experts[g];
+        i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < O ? o0 + OBLOCK : O;
+        rows_block(xp + offs[g] * ldp, ldp, rows + offs[g], offs[g + 1] - offs[g], w + e * sE, ldw, D, o0, o1,
+                   b ? b + e * sbE : NULL, y, ldy);
+    }
+    free(xp);
+    return 0;
+}
+
+/* cols layout: each thread takes a contiguous slice of the reduction and, per chunk of OCHUNK outputs, walks the
+ * slice's weight rows accumulating all M input rows in L1 (the chunk's partial outputs); then the threads add the
+ * partials over disjoint output ranges. */
+#define OCHUNK 128
+int moekit_cols_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
+                    const i64 *rows, const float *w, i64 sE, i64 ldw, i64 O, i64 D, const float *b, i64 sbE,
+                    int threads) {
+    if (threads < 1) threads = 1;
+    float *parts = (float *)malloc(sizeof(float) * (size_t)threads * MAX_ROWS * (size_t)O);
+    if (!parts) return 1;
+    for (i64 g = 0; g < G; g++) {
+        i64 M = offs[g + 1] - offs[g];
+        const i64 *rg = rows + offs[g];
+        const float *we = w + experts[g] * sE;
+        const float *be = b ? b + experts[g] * sbE : NULL;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            int t = omp_get_thread_num(), T = omp_get_num_threads();
+            float *part = parts + (size_t)t * MAX_ROWS * O;
+            i64 d0 = D * t / T, d1 = D * (t + 1) / T;
+            float acc[MAX_ROWS][OCHUNK];
+            for (i64 c0 = 0; c0 < O; c0 += OCHUNK) {
+                i64 n = O - c0 < OCHUNK ? O - c0 : OCHUNK;
+                for (i64 m = 0; m < M; m++) memset(acc[m], 0, sizeof(float) * OCHUNK);
+                for (i64 d = d0; d < d1; d++) {
+                    const float *wd = we + d * ldw + c0;
+                    for (i64 m = 0; m < M; m++) {
+                        float xv = x[rg[m] * ldx + d];
+                        float *am = acc[m];
+#pragma omp simd
+                        for (i64 j = 0; j < n; j++) am[j] += xv * wd[j];
+                    }
+                }
+                for (i64 m = 0; m < M; m++) memcpy(part + m * O + c0, acc[m], sizeof(float) * n);
+            }
+#pragma omp barrier
+            i64 q0 = O * t / T, q1 = O * (t + 1) / T;
+            for (i64 m = 0; m < M; m++) {
+                float *ym = y + rg[m] * ldy;
+                for (i64 o = q0; o < q1; o++) ym[o] = bias_at(be, o);
+                for (int s = 0; s < T; s++) {
+                    const float *pm = parts + (size_t)s * MAX_ROWS * O + m * O;
+#pragma omp simd
+                    for (i64 o = q0; o < q1; o++) ym[o] += pm[o];
+                }
+            }
+        }
+    }
+    free(parts);
+    return 0;
+}

@@ -1,0 +1,175 @@
+"""moekit.ops.native: the compiled few-rows-per-expert kernels against torch's matmul, their fallbacks and errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moekit import MoE
+from moekit.experts import MLP, SwiGLU
+from moekit.ops import native
+from moekit.reference.loop import moe_reference
+from moekit.routers import TopK
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
+                                                               f"{native.why_unavailable()}")
+
+
+def _reference(x, w_EOD, b_EO, experts, offsets, rows):
+    y = torch.full((x.shape[0], w_EOD.shape[1]), float("nan"), dtype=torch.float64)
+    for g, e in enumerate(experts):
+        for r in rows[offsets[g]:offsets[g + 1]]:
+            y[r] = x[r].double() @ w_EOD[e].double().T + (0 if b_EO is None else b_EO[e].double())
+    return y
+
+
+def _groups(ids):
+    groups = {}
+    for n, e in enumerate(ids):
+        groups.setdefault(e, []).append(n)
+    experts, offsets, rows = list(groups), [0], []
+    for e in experts:
+        rows += groups[e]
+        offsets.append(len(rows))
+    return experts, offsets, rows
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("N", [1, 2, 5, 16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("O,D", [(70, 37), (8, 16), (133, 64)])  # odd sizes: every vector and block remainder
+def test_grouped_rows_equals_matmul(layout, threads, N, bias, O, D):
+    """Every group's rows times its expert's weight (+ bias) equal a float64 matmul to 1e-5 relative to the scale,
+    for both weight layouts, unsorted and repeated expert ids, any thread count; rows keep their positions."""
+    torch.manual_seed(N * 7 + O)
+    E = 5
+    w = torch.randn(E, O, D) if layout == "rows" else torch.randn(E, D, O).transpose(1, 2)
+    b = torch.randn(E, O) if bias else None
+    x = torch.randn(N, D)
+    ids = torch.randint(0, E, (N,)).tolist()
+    experts, offsets, rows = _groups(ids)
+    y = native.grouped_rows(x, w, b, experts, offsets, rows, threads=threads)
+    ref = _reference(x, w, b, experts, offsets, rows)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5 * D ** 0.5, rtol=1e-5)
+
+
+@needs_native
+def test_grouped_rows_strided_inputs_and_out_rows():
+    """Input rows with a row stride larger than D (a slice of a wider matrix) and an output taller than the input."""
+    x_wide = torch.randn(6, 40)
+    x = x_wide[:, 4:36]  # stride (40, 1)
+    w = torch.randn(3, 20, 32)
+    y = native.grouped_rows(x, w, None, [2, 0], [0, 2, 6], [5, 1, 0, 2, 3, 4], out_rows=9)
+    assert y.shape == (9, 20)
+    ref = _reference(x, w, None, [2, 0], [0, 2, 6], [5, 1, 0, 2, 3, 4])
+    torch.testing.assert_close(y[:6].double(), ref, atol=1e-4, rtol=1e-5)
+
+
+@needs_native
+def test_grouped_rows_rejects_bad_groups():
+    x, w = torch.randn(4, 8), torch.randn(3, 5, 8)
+    with pytest.raises(ValueError, match="offsets"):
+        native.grouped_rows(x, w, None, [0], [0, 3], [0, 1])
+    with pytest.raises(ValueError, match="experts must lie"):
+        native.grouped_rows(x, w, None, [3], [0, 1], [0])
+    with pytest.raises(ValueError, match="row ids"):
+        native.grouped_rows(x, w, None, [0], [0, 1], [4])
+    with pytest.raises(ValueError, match="columns"):
+        native.grouped_rows(torch.randn(4, 7), w, None, [0], [0, 1], [0])
+    big = torch.randn(native.MAX_ROWS + 1, 8)
+    with pytest.raises(ValueError, match="at most"):
+        native.grouped_rows(big, w, None, [0], [0, native.MAX_ROWS + 1], list(range(native.MAX_ROWS + 1)))
+
+
+def test_takes_only_what_it_supports():
+    """float32 CPU only, unit inner stride, no autograd: anything else keeps the torch path."""
+    x = torch.randn(2, 8)
+    assert not native.takes_rows(x.double())
+    assert not native.takes_rows(x.t().contiguous().t())  # column-major rows
+    w = torch.randn(3, 5, 8)
+    assert not native.takes_weight(w.double(), None, 2)
+    assert not native.takes_weight(w[:, :, ::2], None, 2)  # no unit inner stride
+    assert not native.takes_weight(torch.randn(3, 8, 5).transpose(1, 2), None, 1)  # (in, out), one row: torch
+    assert native.takes_weight(torch.randn(3, 8, 5).transpose(1, 2), None, 2)
+    w.requires_grad_(True)
+    assert not native.takes_weight(w, None, 2)
+    with torch.no_grad():
+        assert native.takes_weight(w, None, 2)
+
+
+@needs_native
+@pytest.mark.parametrize("experts", [SwiGLU(hidden_dim=24), SwiGLU(hidden_dim=24, bias=True), MLP(hidden_dim=24)],
+                         ids=["swiglu", "swiglu-bias", "mlp"])
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_layer_decode_on_native_kernels_equals_torch_path_and_reference(experts, T, monkeypatch):
+    """float32 decode (no autograd) runs on the native kernels; equal to the torch decode path and the reference."""
+    torch.manual_seed(T)
+    layer = MoE(16, 6, router=TopK(k=2), experts=experts).eval()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(T, 16)
+    calls = []
+    real = native.grouped_rows
+    monkeypatch.setattr(native, "grouped_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        y_native = layer(x)
+    assert len(calls) == 2  # one call per projection, every touched expert at once
+    monkeypatch.setattr(native, "available", lambda: False)
+    with torch.no_grad():
+        y_torch = layer(x)
+    torch.testing.assert_close(y_native, y_torch, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_native, moe_reference(layer, x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_disabled_by_environment(tmp_path):
+    code = ("from moekit.ops import native; print(native.available(), native.why_unavailable())")
+    res = _python(code, MOEKIT_NATIVE="0", MOEKIT_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False disabled by MOEKIT_NATIVE=0"
+
+
+def test_failed_build_warns_once_and_falls_back(tmp_path):
+    """A compiler that fails: one RuntimeWarning naming the cause, no library left in the cache, and the layer still
+    decodes (torch path) to the reference."""
+    code = (
+        "import warnings, torch\n"
+        "from moekit import MoE\nfrom moekit.ops import native\nfrom moekit.reference.loop import moe_reference\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    layer = MoE(8, 4).eval(); x = torch.randn(2, 8)\n"
+        "    with torch.no_grad(): y = layer(x); layer(x)\n"
+        "msgs = [str(m.message) for m in w if 'native decode kernels unavailable' in str(m.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "torch.testing.assert_close(y, moe_reference(layer, x), atol=1e-5, rtol=1e-5)\n"
+        "print(native.available())\n"
+    )
+    res = _python(code, CC="false", MOEKIT_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_native
+def test_build_is_cached(tmp_path):
+    """The first use builds one library into the cache directory (keyed by source, compiler and CPU); a second process
+    loads it without building."""
+    code = "from moekit.ops import native; assert native.available(), native.why_unavailable()"
+    assert _python(code, MOEKIT_CACHE_DIR=str(tmp_path)).returncode == 0
+    built = list(tmp_path.rglob("*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    res = _python(code, MOEKIT_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert list(tmp_path.rglob("*.so")) == built and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
