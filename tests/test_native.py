@@ -11,6 +11,7 @@ import torch
 
 from moekit import MoE
 from moekit.experts import MLP, SwiGLU
+from moekit.experts.clamped import ClampedSwiGLU
 from moekit.ops import native
 from moekit.reference.loop import moe_reference
 from moekit.routers import TopK
@@ -104,11 +105,17 @@ def test_takes_only_what_it_supports():
 
 
 @needs_native
-@pytest.mark.parametrize("experts", [SwiGLU(hidden_dim=24), SwiGLU(hidden_dim=24, bias=True), MLP(hidden_dim=24)],
-                         ids=["swiglu", "swiglu-bias", "mlp"])
+@pytest.mark.parametrize("experts,fused", [
+    (SwiGLU(hidden_dim=24), True), (SwiGLU(hidden_dim=24, bias=True), True), (MLP(hidden_dim=24), True),
+    (SwiGLU(hidden_dim=24, activation="gelu_tanh"), True), (MLP(hidden_dim=24, activation="relu"), True),
+    (MLP(hidden_dim=24, activation="gelu_table"), False),  # no native form: two projections around torch's gating
+    (ClampedSwiGLU(hidden_dim=24, bias=True), False),  # the bank overrides glu
+], ids=["swiglu", "swiglu-bias", "mlp-gelu", "swiglu-gelu-tanh", "mlp-relu", "mlp-gelu-table", "clamped-swiglu"])
 @pytest.mark.parametrize("T", [1, 3, 8])
-def test_layer_decode_on_native_kernels_equals_torch_path_and_reference(experts, T, monkeypatch):
-    """float32 decode (no autograd) runs on the native kernels; equal to the torch decode path and the reference."""
+def test_layer_decode_on_native_kernels_equals_torch_path_and_reference(experts, fused, T, monkeypatch):
+    """float32 decode (no autograd) runs on the native kernels: one fused FFN call where the gating has a native
+    form, else one call per projection (every touched expert at once); equal to the torch decode path and the
+    per-token reference to 1e-5."""
     torch.manual_seed(T)
     layer = MoE(16, 6, router=TopK(k=2), experts=experts).eval()
     with torch.no_grad():
@@ -116,16 +123,47 @@ def test_layer_decode_on_native_kernels_equals_torch_path_and_reference(experts,
             p.normal_(0, 0.3)
     x = torch.randn(T, 16)
     calls = []
-    real = native.grouped_rows
-    monkeypatch.setattr(native, "grouped_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("grouped_rows", "ffn"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     with torch.no_grad():
         y_native = layer(x)
-    assert len(calls) == 2  # one call per projection, every touched expert at once
+    assert calls == (["ffn"] if fused else ["grouped_rows", "grouped_rows"])
     monkeypatch.setattr(native, "available", lambda: False)
     with torch.no_grad():
         y_torch = layer(x)
     torch.testing.assert_close(y_native, y_torch, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y_native, moe_reference(layer, x).detach(), atol=1e-5, rtol=1e-5)
+    if not isinstance(experts, ClampedSwiGLU):  # the loop reference knows only the plain gating
+        torch.testing.assert_close(y_native, moe_reference(layer, x).detach(), atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("activation", list(native.ACTIVATIONS))
+@pytest.mark.parametrize("glu", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_ffn_equals_torch(activation, glu, threads):
+    """``native.ffn`` equals the three torch steps in float64 to 1e-5 (each activation's C form included)."""
+    from moekit.experts.activations import ACTIVATIONS
+
+    torch.manual_seed(3)
+    E, D, F, N = 4, 40, 27, 7
+    w_in = torch.randn(E, 2 * F if glu else F, D) * 0.3
+    b_in = torch.randn(E, w_in.shape[1])
+    w2, b2 = torch.randn(E, 19, F) * 0.3, torch.randn(E, 19)
+    x = torch.randn(N, D)
+    experts, offsets, rows = _groups([1, 3, 1, 0, 3, 3, 2])
+    y = native.ffn(x, w_in, b_in, w2, b2, glu, activation, experts, offsets, rows, threads=threads)
+    act = ACTIVATIONS.get(activation)
+    ref = torch.empty(N, 19, dtype=torch.float64)
+    for n, e in enumerate([1, 3, 1, 0, 3, 3, 2]):
+        h = x[n].double() @ w_in[e].double().T + b_in[e].double()
+        g = act(h[:F]) * h[F:] if glu else act(h)
+        ref[n] = g @ w2[e].double().T + b2[e].double()
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no native form"):
+        native.ffn(x, w_in, b_in, w2, b2, glu, "gelu_table", experts, offsets, rows)
+    with pytest.raises(ValueError, match="do not chain"):
+        native.ffn(x, w_in, b_in, w2[:, :, :-1], b2, glu, activation, experts, offsets, rows)
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

@@ -58,6 +58,7 @@ from ..assignment import Assignment
 from ..dispatch.local import LocalDispatcher
 from ..experts.bank import small_linear
 from ..numerics import as_dtype
+from ..ops import native
 from ..ops.grouped import grouped_linear, grouped_mm_available
 
 NAME = "moekit"
@@ -150,6 +151,10 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
     E = w_up.shape[0]
     acc = torch.float32 if x_TD.dtype in (torch.float16, torch.bfloat16) else x_TD.dtype
     ep = getattr(m, "_is_expert_parallel", False)
+    if x_TD.dtype == torch.float32 and native.takes_rows(x_TD):
+        y = _few_pairs_native(m, x_TD, idx_TK, w_TK, w_up, w_down, b_up, b_down, ep)
+        if y is not None:
+            return y
     rows = []
     for t, experts in enumerate(idx_TK.tolist()):
         kept = []  # (slot, expert)
@@ -176,6 +181,67 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
         w_K = w_TK[t] if len(kept) == len(experts) else w_TK[t, [j for j, _ in kept]]
         rows.append(torch.mm(as_dtype(w_K, acc).unsqueeze(0), as_dtype(y_KD, acc)))
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _native_activation(m: Any) -> str | None:
+    """The name in ``moekit.ops.native.ACTIVATIONS`` of the module's gating, where it is transformers' default
+    concatenated gate over an activation the fused kernel has; None otherwise."""
+    if not (m.has_gate and m.is_concatenated and _uses_default_gate(m)):
+        return None
+    act = getattr(m, "act_fn", None)
+    return {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "GELUTanh": "gelu_tanh"}.get(type(act).__name__)
+
+
+def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: Tensor, w_down: Tensor,
+                      b_up: Tensor | None, b_down: Tensor | None, ep: bool) -> Tensor | None:
+    """The few-pairs path on moekit's native kernels (float32 CPU, no autograd): every (token, expert) pair as a
+    row, grouped by expert; the whole FFN in one kernel call where the gating has a native form
+    (:func:`_native_activation`), else one call per projection around the module's own gating; the weighted sum
+    per token as one product. None where the kernels do not take these weights."""
+    E = w_up.shape[0]
+    T, K = idx_TK.shape
+    groups: dict[int, list[int]] = {}
+    token_P: list[int] = []
+    slot_P: list[int] = []
+    for t, experts in enumerate(idx_TK.tolist()):
+        for j, e in enumerate(experts):
+            if not 0 <= e < E:
+                if ep:
+                    continue  # another rank's expert
+                raise ValueError(
+                    f"moekit experts implementation ({_where(m)}): top_k_index holds expert id {e}, outside "
+                    f"[0, {E}) (the experts in the weights), and the module is not marked expert-parallel"
+                )
+            groups.setdefault(e, []).append(len(token_P))
+            token_P.append(t)
+            slot_P.append(t * K + j)
+    P = len(token_P)
+    if P == 0:
+        return x_TD.new_zeros((T, w_down.shape[1]))
+    most = max(len(r) for r in groups.values())
+    if not (native.takes_weight(w_up, b_up, most) and native.takes_weight(w_down, b_down, most)):
+        return None
+    experts = list(groups)
+    offsets, rows = [0], []
+    for e in experts:
+        rows += groups[e]
+        offsets.append(len(rows))
+    x_PD = x_TD.expand(P, -1) if T == 1 else x_TD[token_P]
+    act = _native_activation(m)
+    if act is not None and w_up.stride(2) == 1 and w_down.stride(2) == 1:
+        y_PD = native.ffn(x_PD, w_up, b_up, w_down, b_down, True, act, experts, offsets, rows)
+    else:
+        g_PF = _gate(m, native.grouped_rows(x_PD, w_up, b_up, experts, offsets, rows))
+        y_PD = native.grouped_rows(g_PF if native.takes_rows(g_PF) else g_PF.contiguous(), w_down, b_down, experts,
+                                   offsets, rows)
+    if m.has_post_expert_norm:
+        y_PD = m.post_expert_norm(y_PD)  # a norm over D: the same per row
+    if T == 1:  # the combine as one product: weights (1, P) @ rows (P, D)
+        w_1P = w_TK if P == K else w_TK.reshape(-1)[slot_P].unsqueeze(0)
+        return torch.mm(w_1P.to(torch.float32), y_PD)
+    w_TP = x_TD.new_zeros((T, P))
+    w_TP[token_P, list(range(P))] = w_TK.reshape(-1)[slot_P].to(torch.float32)
+    return torch.mm(w_TP, y_PD)
 
 
 def moekit_experts_forward(

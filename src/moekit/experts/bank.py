@@ -284,9 +284,11 @@ class ExpertBank(nn.Module):
         return y[0] if len(y) == 1 else torch.cat(y)
 
     def _decode_native(self, x_ND: Tensor, ids: list[int]) -> Tensor | None:
-        """The decode path on :mod:`moekit.ops.native`: one kernel call for every touched expert's input projection,
-        the bank's gating once over all rows, one call for the output projections (rows in any order). None where
-        the kernel does not take these weights (then the torch path runs)."""
+        """The decode path on :mod:`moekit.ops.native`, rows in any order: the whole FFN of every touched expert in
+        one kernel call where the bank's gating has a native form (the plain ``glu``, an activation of
+        ``native.ACTIVATIONS``, (out, in) weights); else one call for the input projections, the bank's own gating
+        over all rows, one call for the output projections. None where the kernel does not take these weights
+        (then the torch path runs)."""
         groups: dict[int, list[int]] = {}
         for n, e in enumerate(ids):
             groups.setdefault(e, []).append(n)
@@ -299,11 +301,18 @@ class ExpertBank(nn.Module):
         for e in experts:
             rows += groups[e]
             offsets.append(len(rows))
+        if self._fuses_natively():
+            return native.ffn(x_ND, self.w_in, self.b_in, self.w2_EDF, self.b2_ED, self.spec.glu,
+                              self.spec.activation, experts, offsets, rows)
         h_N2F = native.grouped_rows(x_ND, self.w_in, self.b_in, experts, offsets, rows)
         h_NF = self.glu(h_N2F) if self.spec.glu else self.act(h_N2F)
         if not native.takes_rows(h_NF):  # a gating that returns a strided view
             h_NF = h_NF.contiguous()
         return native.grouped_rows(h_NF, self.w2_EDF, self.b2_ED, experts, offsets, rows)
+
+    def _fuses_natively(self) -> bool:
+        return (type(self).glu is ExpertBank.glu and self.spec.activation in native.ACTIVATIONS
+                and self.w_in.stride(2) == 1 and self.w2_EDF.stride(2) == 1)
 
     def _decode_scattered(self, x_ND: Tensor, runs: list[list[int]]) -> Tensor:
         rows: dict[int, list[int]] = {}

@@ -56,6 +56,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
     source = _SOURCE.read_bytes()
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+    libs = ["-lm"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), str(version).encode(),
                                      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
@@ -64,7 +65,7 @@ def _build() -> ctypes.CDLL:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            res = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True)
+            res = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(out), *libs], capture_output=True, text=True)
             if res.returncode != 0:
                 raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {res.stderr.strip()[-2000:]}")
             os.replace(out, target)  # atomic: a concurrent build or a crash never leaves a partial library
@@ -74,6 +75,9 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
+    lib.moekit_ffn_f32.restype = ctypes.c_int
+    lib.moekit_ffn_f32.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64,
+                                   ptr, i64, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -125,6 +129,67 @@ def takes_weight(w_EOD: Tensor, b_EO: Tensor | None, max_rows: int) -> bool:
     return w_EOD.stride(2) == 1 or (w_EOD.stride(1) == 1 and max_rows > 1)
 
 
+ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the fused FFN's activations
+
+
+def _check_groups(N: int, E: int, experts: list[int], offsets: list[int], rows: list[int], out_rows: int) -> None:
+    G = len(experts)
+    if len(offsets) != G + 1 or offsets[0] != 0 or offsets[-1] != len(rows):
+        raise ValueError(f"moekit.ops.native: offsets must run from 0 to len(rows) with one entry per group + 1, got "
+                         f"{offsets} for {G} groups and {len(rows)} rows")
+    if any(not 0 <= e < E for e in experts) or any(b - a > MAX_ROWS or b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"moekit.ops.native: experts must lie in [0, {E}) and groups hold at most {MAX_ROWS} rows")
+    if any(not 0 <= r < min(N, out_rows) for r in rows):
+        raise ValueError(f"moekit.ops.native: row ids must lie in [0, {min(N, out_rows)})")
+
+
+def _arrays(experts: list[int], offsets: list[int], rows: list[int]):
+    c64 = ctypes.c_int64
+    return (c64 * max(len(experts), 1))(*experts), (c64 * len(offsets))(*offsets), (c64 * max(len(rows), 1))(*rows)
+
+
+def _threads(nbytes: int, threads: int | None) -> int:
+    if threads is not None:
+        return threads
+    return torch.get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
+
+
+def ffn(x_ND: Tensor, w_in_EHD: Tensor, b_in_EH: Tensor | None, w2_EDF: Tensor, b2_ED: Tensor | None, glu: bool,
+        activation: str, experts: list[int], offsets: list[int], rows: list[int], threads: int | None = None) -> Tensor:
+    """A whole expert FFN in one call, grouped as :func:`grouped_rows`: ``h = x @ w_in[e].T (+ b_in[e])``, then
+    ``act(h[:, :F]) * h[:, F:]`` (``glu``, ``H = 2F``) or ``act(h)``, then ``@ w2[e].T (+ b2[e])``. Both weights
+    (out, in) with unit inner stride; ``activation`` a key of :data:`ACTIVATIONS`."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    N, D = x_ND.shape
+    E, H, Dw = w_in_EHD.shape
+    F = H // 2 if glu else H
+    if Dw != D or w2_EDF.shape[0] != E or w2_EDF.shape[2] != F or (glu and H % 2):
+        raise ValueError(f"moekit.ops.native.ffn: shapes do not chain: x {tuple(x_ND.shape)}, w_in "
+                         f"{tuple(w_in_EHD.shape)}, w2 {tuple(w2_EDF.shape)}, glu={glu}")
+    if w_in_EHD.stride(2) != 1 or w2_EDF.stride(2) != 1:
+        raise ValueError("moekit.ops.native.ffn: both weights need unit stride along their input dim")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moekit.ops.native.ffn: activation {activation!r} has no native form; "
+                         f"valid: {', '.join(ACTIVATIONS)}")
+    _check_groups(N, E, experts, offsets, rows, N)
+    Dout = w2_EDF.shape[1]
+    y = torch.empty(N, Dout, dtype=torch.float32)
+    exp_a, off_a, row_a = _arrays(experts, offsets, rows)
+    nbytes = len(experts) * (H * D + Dout * F) * 4
+    status = lib.moekit_ffn_f32(
+        x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), len(experts), exp_a, off_a, row_a,
+        w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H, D,
+        None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
+        w2_EDF.data_ptr(), w2_EDF.stride(0), w2_EDF.stride(1), Dout,
+        None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0),
+        int(glu), ACTIVATIONS[activation], _threads(nbytes, threads))
+    if status:
+        raise MemoryError("moekit.ops.native.ffn: the native kernel could not allocate its work buffers")
+    return y
+
+
 def grouped_rows(x_ND: Tensor, w_EOD: Tensor, b_EO: Tensor | None, experts: list[int], offsets: list[int],
                  rows: list[int], out_rows: int | None = None, threads: int | None = None) -> Tensor:
     """``y[n] = x[n] @ w_EOD[e].T (+ b_EO[e])`` for the rows ``n`` of each group: group ``g`` is expert
@@ -137,26 +202,15 @@ def grouped_rows(x_ND: Tensor, w_EOD: Tensor, b_EO: Tensor | None, experts: list
     N, D = x_ND.shape
     E, O, Dw = w_EOD.shape
     if Dw != D:
-        raise ValueError(f"grouped_rows: x has {D} columns but the weight takes {Dw}")
-    G = len(experts)
-    if len(offsets) != G + 1 or offsets[0] != 0 or offsets[-1] != len(rows):
-        raise ValueError(f"grouped_rows: offsets must run from 0 to len(rows) with one entry per group + 1, got "
-                         f"{offsets} for {G} groups and {len(rows)} rows")
-    if any(not 0 <= e < E for e in experts) or any(b - a > MAX_ROWS or b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"grouped_rows: experts must lie in [0, {E}) and groups hold at most {MAX_ROWS} rows")
+        raise ValueError(f"moekit.ops.native.grouped_rows: x has {D} columns but the weight takes {Dw}")
     y = torch.empty(out_rows if out_rows is not None else N, O, dtype=torch.float32)
-    if any(not 0 <= r < min(N, y.shape[0]) for r in rows):
-        raise ValueError(f"grouped_rows: row ids must lie in [0, {min(N, y.shape[0])})")
+    _check_groups(N, E, experts, offsets, rows, y.shape[0])
     cols = w_EOD.stride(2) != 1
     ldw = w_EOD.stride(2) if cols else w_EOD.stride(1)
-    nbytes = G * O * D * 4
-    if threads is None:
-        threads = torch.get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
-    exp_a = (ctypes.c_int64 * max(G, 1))(*experts)
-    off_a = (ctypes.c_int64 * (G + 1))(*offsets)
-    row_a = (ctypes.c_int64 * max(len(rows), 1))(*rows)
+    exp_a, off_a, row_a = _arrays(experts, offsets, rows)
+    threads = _threads(len(experts) * O * D * 4, threads)
     fn = lib.moekit_cols_f32 if cols else lib.moekit_rows_f32
-    status = fn(x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), G, exp_a, off_a, row_a,
+    status = fn(x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), len(experts), exp_a, off_a, row_a,
                 w_EOD.data_ptr(), w_EOD.stride(0), ldw, O, D,
                 None if b_EO is None else b_EO.data_ptr(), 0 if b_EO is None else b_EO.stride(0), threads)
     if status:

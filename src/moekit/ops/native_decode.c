@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 
 typedef int64_t i64;
@@ -148,5 +149,71 @@ int moekit_cols_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64
         }
     }
     free(parts);
+    return 0;
+}
+
+/* A whole expert FFN for few rows, fused: h = x @ W_in^T (+ b_in); g = act(h[:, :F]) * h[:, F:] (glu) or act(h);
+ * y = g @ W2^T (+ b2). Both weights in the rows layout: W_in (E, H, D) with H = 2F (glu) or F, W2 (E, D', F).
+ * act: 0 silu, 1 gelu (erf), 2 gelu (tanh approximation), 3 relu. One parallel region, the phases separated by
+ * barriers; h and g live in packed buffers (padded strides). */
+static inline float act_fn(float v, int act) {
+    switch (act) {
+    case 0: return v / (1.0f + expf(-v));
+    case 1: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case 2: return 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+    default: return v > 0.0f ? v : 0.0f;
+    }
+}
+
+static inline i64 padded(i64 n) { return ((n + 15) / 16) * 16 + 16; }
+
+int moekit_ffn_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
+                   const i64 *rows, const float *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D, const float *b_in,
+                   i64 sb_in, const float *w2, i64 sE2, i64 ld2, i64 Dout, const float *b2, i64 sb2, int glu, int act,
+                   int threads) {
+    i64 R = offs[G], F = glu ? H / 2 : H;
+    i64 ldp = padded(D), ldh = padded(H), ldg = padded(F);
+    size_t n1 = (size_t)(R > 0 ? R : 1);
+    float *xp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldp);
+    float *h = (float *)aligned_alloc(64, sizeof(float) * n1 * ldh);
+    float *gbuf = (float *)aligned_alloc(64, sizeof(float) * n1 * ldg);
+    i64 *pos = (i64 *)malloc(sizeof(i64) * n1);
+    if (!xp || !h || !gbuf || !pos) {
+        free(xp), free(h), free(gbuf), free(pos);
+        return 1;
+    }
+    for (i64 r = 0; r < R; r++) {
+        memcpy(xp + r * ldp, x + rows[r] * ldx, sizeof(float) * (size_t)D);
+        pos[r] = r;
+    }
+    i64 blocks1 = (H + OBLOCK - 1) / OBLOCK, blocks2 = (Dout + OBLOCK - 1) / OBLOCK;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (i64 it = 0; it < G * blocks1; it++) {
+            i64 g = it / blocks1, blk = it % blocks1, e = experts[g];
+            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < H ? o0 + OBLOCK : H;
+            rows_block(xp + offs[g] * ldp, ldp, pos + offs[g], offs[g + 1] - offs[g], w_in + e * sE_in, ld_in, D, o0,
+                       o1, b_in ? b_in + e * sb_in : NULL, h, ldh);
+        }
+        /* (implicit barrier) */
+#pragma omp for schedule(static)
+        for (i64 r = 0; r < R; r++) {
+            const float *hr = h + r * ldh;
+            float *gr = gbuf + r * ldg;
+            if (glu)
+                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act) * hr[F + j];
+            else
+                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act);
+        }
+#pragma omp for schedule(static)
+        for (i64 it = 0; it < G * blocks2; it++) {
+            i64 g = it / blocks2, blk = it % blocks2, e = experts[g];
+            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < Dout ? o0 + OBLOCK : Dout;
+            rows_block(gbuf + offs[g] * ldg, ldg, rows + offs[g], offs[g + 1] - offs[g], w2 + e * sE2, ld2, F, o0, o1,
+                       b2 ? b2 + e * sb2 : NULL, y, ldy);
+        }
+    }
+    free(xp), free(h), free(gbuf), free(pos);
     return 0;
 }
