@@ -50,7 +50,11 @@ def test_decode_equals_per_row_reference(spec, dtype, tol, layout):
 
 
 def test_decode_reads_each_touched_expert_once_weight_left(monkeypatch):
-    """Two matmuls per touched expert, each with an (out, in) expert weight on the left; untouched experts unread."""
+    """Torch path (native kernels off): two matmuls per touched expert, each with an (out, in) expert weight on the
+    left; untouched experts unread. (The native path: tests/test_native.py.)"""
+    from moekit.ops import native
+
+    monkeypatch.setattr(native, "available", lambda: False)
     bank = _bank(SwiGLU(hidden_dim=40), torch.float32)
     calls = []
     real_mm = torch.mm

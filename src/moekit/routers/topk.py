@@ -167,15 +167,21 @@ class TopKRouter(Router):
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         return choice_TE.topk(s.k, dim=-1).indices
 
+    def _plain_top(self, ctx: RouteContext) -> bool:
+        """A plain top-k of the scores: no replayed choices, no selection bias, no group limit, ``select`` not
+        overridden (the chosen scores then include each row's largest)."""
+        return (ctx.replay_idx_TK is None and self.bias_E is None and self.spec.n_group is None
+                and type(self).select is TopKRouter.select)
+
     def top(self, scores_TE: Tensor, ctx: RouteContext, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """``(idx_TK, scores_TE at idx_TK)``: the chosen experts (:meth:`select`, or the replayed choices) and their
         scores, differentiable. Without a selection bias or group limits the choice is a plain top-k, whose values
         are the gathered scores (one op fewer per call)."""
-        if ctx.replay_idx_TK is not None:
-            idx_TK = self._replayed(ctx.replay_idx_TK, x_TD)
-        elif self.bias_E is None and self.spec.n_group is None and type(self).select is TopKRouter.select:
+        if self._plain_top(ctx):
             values_TK, idx_TK = scores_TE.topk(self.spec.k, dim=-1)
             return idx_TK, values_TK
+        if ctx.replay_idx_TK is not None:
+            idx_TK = self._replayed(ctx.replay_idx_TK, x_TD)
         else:
             idx_TK = self.select(scores_TE)
         return idx_TK, scores_TE.gather(1, idx_TK)
@@ -187,7 +193,10 @@ class TopKRouter(Router):
         scores_TE = z_TE.softmax(-1) if s.score == "softmax" else z_TE.sigmoid()
         idx_TK, weight_TK = self.top(scores_TE, ctx, x_TD)
         if s.normalize:
-            weight_TK = renormalize(weight_TK)
+            # a plain top-k of a softmax holds each row's largest score (>= 1/E): its sum cannot be zero, so no eps
+            # (one op fewer per call, as HF's Mixtral and Qwen-MoE routers)
+            positive = s.score == "softmax" and self._plain_top(ctx)
+            weight_TK = renormalize(weight_TK, eps=0.0 if positive else 1e-20)
         if s.scale != 1.0:
             weight_TK = weight_TK * s.scale
         return Assignment.from_topk(idx_TK, as_dtype(weight_TK, x_TD.dtype), self.num_experts, scores_TE, logits_TE)
