@@ -94,14 +94,15 @@ def test_takes_only_what_it_supports():
     assert not native.takes_rows(x.double())
     assert not native.takes_rows(x.t().contiguous().t())  # column-major rows
     w = torch.randn(3, 5, 8)
-    assert not native.takes_weight(w.double(), None, 2)
-    assert not native.takes_weight(w[:, :, ::2], None, 2)  # no unit inner stride
-    assert not native.takes_weight(torch.randn(3, 8, 5).transpose(1, 2), None, 1)  # (in, out), one row: torch
-    assert native.takes_weight(torch.randn(3, 8, 5).transpose(1, 2), None, 2)
+    assert native.takes_weight(w, None) and native.takes_weight(w, torch.randn(3, 5))
+    assert not native.takes_weight(w.double(), None)
+    assert not native.takes_weight(w[:, :, ::2], None)  # no unit inner stride
+    assert not native.takes_weight(w, torch.randn(3, 5).double())
+    assert native.takes_weight(torch.randn(3, 8, 5).transpose(1, 2), None)  # (in, out) storage
     w.requires_grad_(True)
-    assert not native.takes_weight(w, None, 2)
+    assert not native.takes_weight(w, None)
     with torch.no_grad():
-        assert native.takes_weight(w, None, 2)
+        assert native.takes_weight(w, None)
 
 
 @needs_native

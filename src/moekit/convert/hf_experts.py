@@ -218,8 +218,7 @@ def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: 
     P = len(token_P)
     if P == 0:
         return x_TD.new_zeros((T, w_down.shape[1]))
-    most = max(len(r) for r in groups.values())
-    if not (native.takes_weight(w_up, b_up, most) and native.takes_weight(w_down, b_down, most)):
+    if not (native.takes_weight(w_up, b_up) and native.takes_weight(w_down, b_down)):
         return None
     experts = list(groups)
     offsets, rows = [0], []

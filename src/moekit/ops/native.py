@@ -114,11 +114,9 @@ def takes_rows(x_ND: Tensor) -> bool:
             and not (x_ND.requires_grad and torch.is_grad_enabled()) and available())
 
 
-def takes_weight(w_EOD: Tensor, b_EO: Tensor | None, max_rows: int) -> bool:
-    """Whether :func:`grouped_rows` takes this weight and bias, and is the faster choice for at most ``max_rows``
-    rows per expert: float32 on CPU, unit stride along one of the weight's inner dims, no autograd needed. An
-    (out, in) weight always; an (in, out) one (a transposed view) from two rows: for one row torch's reduction
-    split in ``small_linear`` reads it as fast."""
+def takes_weight(w_EOD: Tensor, b_EO: Tensor | None) -> bool:
+    """Whether :func:`grouped_rows` takes this weight and bias: float32 on CPU, unit stride along one of the
+    weight's inner dims ((out, in) storage, or (in, out) seen through a transposed view), no autograd needed."""
     if w_EOD.dtype != torch.float32 or w_EOD.device.type != "cpu" or w_EOD.dim() != 3:
         return False
     grad = torch.is_grad_enabled()
@@ -126,7 +124,7 @@ def takes_weight(w_EOD: Tensor, b_EO: Tensor | None, max_rows: int) -> bool:
         return False
     if b_EO is not None and (b_EO.dtype != torch.float32 or b_EO.dim() != 2 or b_EO.stride(1) != 1):
         return False
-    return w_EOD.stride(2) == 1 or (w_EOD.stride(1) == 1 and max_rows > 1)
+    return w_EOD.stride(2) == 1 or w_EOD.stride(1) == 1
 
 
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the fused FFN's activations

@@ -100,10 +100,10 @@ int moekit_rows_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64
     return 0;
 }
 
-/* cols layout: each thread takes a contiguous slice of the reduction and, per chunk of OCHUNK outputs, walks the
- * slice's weight rows accumulating all M input rows in L1 (the chunk's partial outputs); then the threads add the
- * partials over disjoint output ranges. */
-#define OCHUNK 128
+/* cols layout: each thread takes a contiguous slice of the reduction and sweeps it four weight rows at a time (four
+ * sequential streams), adding x[m, d..d+3] * W[d..d+3, :] into a full-width partial row per input row (the partial
+ * stays in L1/L2; the four weight rows in L2 across the input rows); then the threads add the partials over
+ * disjoint output ranges. */
 int moekit_cols_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
                     const i64 *rows, const float *w, i64 sE, i64 ldw, i64 O, i64 D, const float *b, i64 sbE,
                     int threads) {
@@ -120,20 +120,26 @@ int moekit_cols_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64
             int t = omp_get_thread_num(), T = omp_get_num_threads();
             float *part = parts + (size_t)t * MAX_ROWS * O;
             i64 d0 = D * t / T, d1 = D * (t + 1) / T;
-            float acc[MAX_ROWS][OCHUNK];
-            for (i64 c0 = 0; c0 < O; c0 += OCHUNK) {
-                i64 n = O - c0 < OCHUNK ? O - c0 : OCHUNK;
-                for (i64 m = 0; m < M; m++) memset(acc[m], 0, sizeof(float) * OCHUNK);
-                for (i64 d = d0; d < d1; d++) {
-                    const float *wd = we + d * ldw + c0;
-                    for (i64 m = 0; m < M; m++) {
-                        float xv = x[rg[m] * ldx + d];
-                        float *am = acc[m];
+            memset(part, 0, sizeof(float) * (size_t)M * O);
+            i64 d = d0;
+            for (; d + 4 <= d1; d += 4) {
+                const float *r0 = we + d * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+                for (i64 m = 0; m < M; m++) {
+                    const float *xm = x + rg[m] * ldx + d;
+                    float u0 = xm[0], u1 = xm[1], u2 = xm[2], u3 = xm[3];
+                    float *pm = part + m * O;
 #pragma omp simd
-                        for (i64 j = 0; j < n; j++) am[j] += xv * wd[j];
-                    }
+                    for (i64 o = 0; o < O; o++) pm[o] += u0 * r0[o] + u1 * r1[o] + u2 * r2[o] + u3 * r3[o];
                 }
-                for (i64 m = 0; m < M; m++) memcpy(part + m * O + c0, acc[m], sizeof(float) * n);
+            }
+            for (; d < d1; d++) {
+                const float *r0 = we + d * ldw;
+                for (i64 m = 0; m < M; m++) {
+                    float u0 = x[rg[m] * ldx + d];
+                    float *pm = part + m * O;
+#pragma omp simd
+                    for (i64 o = 0; o < O; o++) pm[o] += u0 * r0[o];
+                }
             }
 #pragma omp barrier
             i64 q0 = O * t / T, q1 = O * (t + 1) / T;
