@@ -15,6 +15,7 @@ compiler and the CPU's flags; loading uses the OpenMP runtime torch already load
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import os
@@ -71,12 +72,13 @@ def _build() -> ctypes.CDLL:
             os.replace(out, target)  # atomic: a concurrent build or a crash never leaves a partial library
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    groups = [i64, ptr, ptr, ptr, i64, i64, i64]  # G, experts, offsets, rows, R, E, nrows
     for name in ("moekit_rows_f32", "moekit_cols_f32"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
+        fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
     lib.moekit_ffn_f32.restype = ctypes.c_int
-    lib.moekit_ffn_f32.argtypes = [ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, i64,
+    lib.moekit_ffn_f32.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64,
                                    ptr, i64, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
 
@@ -130,20 +132,29 @@ def takes_weight(w_EOD: Tensor, b_EO: Tensor | None) -> bool:
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the fused FFN's activations
 
 
-def _check_groups(N: int, E: int, experts: list[int], offsets: list[int], rows: list[int], out_rows: int) -> None:
+def _groups(experts: list[int], offsets: list[int], rows: list[int]):
+    """The groups as one int64 array (kept alive by the caller through the call) and the kernel arguments that
+    locate its parts: ``(G, experts*, offsets*, rows*, R)``. The kernel checks them (:func:`_raise`)."""
     G = len(experts)
-    if len(offsets) != G + 1 or offsets[0] != 0 or offsets[-1] != len(rows):
-        raise ValueError(f"moekit.ops.native: offsets must run from 0 to len(rows) with one entry per group + 1, got "
-                         f"{offsets} for {G} groups and {len(rows)} rows")
-    if any(not 0 <= e < E for e in experts) or any(b - a > MAX_ROWS or b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"moekit.ops.native: experts must lie in [0, {E}) and groups hold at most {MAX_ROWS} rows")
-    if any(not 0 <= r < min(N, out_rows) for r in rows):
-        raise ValueError(f"moekit.ops.native: row ids must lie in [0, {min(N, out_rows)})")
+    if len(offsets) != G + 1:
+        raise ValueError(f"moekit.ops.native: offsets must have one entry per group + 1, got {len(offsets)} for "
+                         f"{G} groups")
+    buf = array.array("q", experts)
+    buf.extend(offsets)
+    buf.extend(rows)
+    a = buf.buffer_info()[0]
+    return buf, (G, a, a + 8 * G, a + 8 * (2 * G + 1), len(rows))
 
 
-def _arrays(experts: list[int], offsets: list[int], rows: list[int]):
-    c64 = ctypes.c_int64
-    return (c64 * max(len(experts), 1))(*experts), (c64 * len(offsets))(*offsets), (c64 * max(len(rows), 1))(*rows)
+def _raise(status: int, where: str, E: int, nrows: int, offsets: list[int]) -> None:
+    if status == 11:
+        raise ValueError(f"moekit.ops.native.{where}: offsets must run from 0 to len(rows) in order, got {offsets}")
+    if status == 12:
+        raise ValueError(f"moekit.ops.native.{where}: experts must lie in [0, {E}) and groups hold at most "
+                         f"{MAX_ROWS} rows (offsets {offsets})")
+    if status == 13:
+        raise ValueError(f"moekit.ops.native.{where}: row ids must lie in [0, {nrows})")
+    raise MemoryError(f"moekit.ops.native.{where}: the native kernel could not allocate its work buffers")
 
 
 def _threads(nbytes: int, threads: int | None) -> int:
@@ -171,20 +182,19 @@ def ffn(x_ND: Tensor, w_in_EHD: Tensor, b_in_EH: Tensor | None, w2_EDF: Tensor, 
     if activation not in ACTIVATIONS:
         raise ValueError(f"moekit.ops.native.ffn: activation {activation!r} has no native form; "
                          f"valid: {', '.join(ACTIVATIONS)}")
-    _check_groups(N, E, experts, offsets, rows, N)
+    keep, groups = _groups(experts, offsets, rows)
     Dout = w2_EDF.shape[1]
     y = torch.empty(N, Dout, dtype=torch.float32)
-    exp_a, off_a, row_a = _arrays(experts, offsets, rows)
     nbytes = len(experts) * (H * D + Dout * F) * 4
     status = lib.moekit_ffn_f32(
-        x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), len(experts), exp_a, off_a, row_a,
-        w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H, D,
+        x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, N, w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H, D,
         None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
         w2_EDF.data_ptr(), w2_EDF.stride(0), w2_EDF.stride(1), Dout,
         None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0),
         int(glu), ACTIVATIONS[activation], _threads(nbytes, threads))
+    del keep  # the group arrays lived through the call
     if status:
-        raise MemoryError("moekit.ops.native.ffn: the native kernel could not allocate its work buffers")
+        _raise(status, "ffn", E, N, offsets)
     return y
 
 
@@ -202,17 +212,17 @@ def grouped_rows(x_ND: Tensor, w_EOD: Tensor, b_EO: Tensor | None, experts: list
     if Dw != D:
         raise ValueError(f"moekit.ops.native.grouped_rows: x has {D} columns but the weight takes {Dw}")
     y = torch.empty(out_rows if out_rows is not None else N, O, dtype=torch.float32)
-    _check_groups(N, E, experts, offsets, rows, y.shape[0])
+    keep, groups = _groups(experts, offsets, rows)
     cols = w_EOD.stride(2) != 1
     ldw = w_EOD.stride(2) if cols else w_EOD.stride(1)
-    exp_a, off_a, row_a = _arrays(experts, offsets, rows)
     threads = _threads(len(experts) * O * D * 4, threads)
     fn = lib.moekit_cols_f32 if cols else lib.moekit_rows_f32
-    status = fn(x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), len(experts), exp_a, off_a, row_a,
-                w_EOD.data_ptr(), w_EOD.stride(0), ldw, O, D,
+    nrows = min(N, y.shape[0])
+    status = fn(x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, nrows, w_EOD.data_ptr(), w_EOD.stride(0), ldw, O, D,
                 None if b_EO is None else b_EO.data_ptr(), 0 if b_EO is None else b_EO.stride(0), threads)
+    del keep  # the group arrays lived through the call
     if status:
-        raise MemoryError("grouped_rows: the native kernel could not allocate its work buffers")
+        _raise(status, "grouped_rows", E, nrows, offsets)
     return y
 
 

@@ -18,6 +18,21 @@ typedef int64_t i64;
 #define MAX_ROWS 16
 #define OBLOCK 64 /* output rows per work item (rows layout) */
 
+/* Every entry point first checks its groups and returns, computing nothing: 11 where the offsets do not run from 0
+ * to R in order, 12 for an expert id outside [0, E) or a group of more than MAX_ROWS rows, 13 for a row id outside
+ * [0, nrows); 1 when a work buffer cannot be allocated; 0 on success. R = offs[G] is passed separately (the number
+ * of row ids the caller holds) so a wrong last offset is caught. */
+static int check_groups(i64 G, const i64 *experts, const i64 *offs, const i64 *rows, i64 R, i64 E, i64 nrows) {
+    if (offs[0] != 0 || offs[G] != R) return 1;
+    for (i64 g = 0; g < G; g++) {
+        if (offs[g + 1] < offs[g]) return 1;
+        if (experts[g] < 0 || experts[g] >= E || offs[g + 1] - offs[g] > MAX_ROWS) return 2;
+    }
+    for (i64 r = 0; r < R; r++)
+        if (rows[r] < 0 || rows[r] >= nrows) return 3;
+    return 0;
+}
+
 static inline float bias_at(const float *b, i64 o) { return b ? b[o] : 0.0f; }
 
 /* Output rows [o0, o1) of one expert for M input rows: blocks of 4 weight rows x 2 input rows (8 independent
@@ -80,9 +95,11 @@ static void rows_block(const float *x, i64 ldx, const i64 *rows, i64 M, const fl
 /* Output rows: rows_block reads input row m of a group at xp + m * ldp, a packed copy of the group's rows whose
  * stride is padded off a multiple of 4 KiB (rows 4 KiB apart share L1 sets with the weight rows and evict them). */
 int moekit_rows_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
-                    const i64 *rows, const float *w, i64 sE, i64 ldw, i64 O, i64 D, const float *b, i64 sbE,
-                    int threads) {
-    i64 R = offs[G], ldp = ((D + 15) / 16) * 16 + 16;
+                    const i64 *rows, i64 R, i64 E, i64 nrows, const float *w, i64 sE, i64 ldw, i64 O, i64 D,
+                    const float *b, i64 sbE, int threads) {
+    int bad = check_groups(G, experts, offs, rows, R, E, nrows);
+    if (bad) return 10 + bad;
+    i64 ldp = ((D + 15) / 16) * 16 + 16;
     float *xp = (float *)aligned_alloc(64, sizeof(float) * (size_t)(R > 0 ? R : 1) * ldp);
     if (!xp) return 1;
     for (i64 r = 0; r < R; r++) memcpy(xp + r * ldp, x + rows[r] * ldx, sizeof(float) * (size_t)D);
@@ -105,8 +122,10 @@ int moekit_rows_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64
  * stays in L1/L2; the four weight rows in L2 across the input rows); then the threads add the partials over
  * disjoint output ranges. */
 int moekit_cols_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
-                    const i64 *rows, const float *w, i64 sE, i64 ldw, i64 O, i64 D, const float *b, i64 sbE,
-                    int threads) {
+                    const i64 *rows, i64 R, i64 E, i64 nrows, const float *w, i64 sE, i64 ldw, i64 O, i64 D,
+                    const float *b, i64 sbE, int threads) {
+    int bad = check_groups(G, experts, offs, rows, R, E, nrows);
+    if (bad) return 10 + bad;
     if (threads < 1) threads = 1;
     float *parts = (float *)malloc(sizeof(float) * (size_t)threads * MAX_ROWS * (size_t)O);
     if (!parts) return 1;
@@ -174,10 +193,12 @@ static inline float act_fn(float v, int act) {
 static inline i64 padded(i64 n) { return ((n + 15) / 16) * 16 + 16; }
 
 int moekit_ffn_f32(const float *x, i64 ldx, float *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
-                   const i64 *rows, const float *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D, const float *b_in,
+                   const i64 *rows, i64 R, i64 E, i64 nrows, const float *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D, const float *b_in,
                    i64 sb_in, const float *w2, i64 sE2, i64 ld2, i64 Dout, const float *b2, i64 sb2, int glu, int act,
                    int threads) {
-    i64 R = offs[G], F = glu ? H / 2 : H;
+    int bad = check_groups(G, experts, offs, rows, R, E, nrows);
+    if (bad) return 10 + bad;
+    i64 F = glu ? H / 2 : H;
     i64 ldp = padded(D), ldh = padded(H), ldg = padded(F);
     size_t n1 = (size_t)(R > 0 ? R : 1);
     float *xp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldp);
