@@ -284,6 +284,9 @@ class MoE(MoELayerBase):
 
     def param_dtype(self) -> torch.dtype | None:
         """The dtype of the expert bank's first parameter (None for a bank without parameters)."""
+        for p in self.experts._parameters.values():  # the bank's own first: what parameters() yields first,
+            if p is not None:  # without its recursive walk (a few microseconds per call at decode)
+                return p.dtype
         for p in self.experts.parameters():
             return p.dtype
         return None
