@@ -212,3 +212,15 @@ def test_build_is_cached(tmp_path):
     res = _python(code, MOEKIT_CACHE_DIR=str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert list(tmp_path.rglob("*.so")) == built and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+@needs_native
+def test_damaged_cache_entry_is_rebuilt(tmp_path):
+    """A cached library that does not load (truncated by something else) is compiled again, not trusted."""
+    code = "from moekit.ops import native; assert native.available(), native.why_unavailable()"
+    assert _python(code, MOEKIT_CACHE_DIR=str(tmp_path)).returncode == 0
+    (built,) = tmp_path.rglob("*.so")
+    built.write_bytes(b"not a shared library")
+    res = _python(code, MOEKIT_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert built.read_bytes() != b"not a shared library"  # rebuilt (and it loaded: available() held)

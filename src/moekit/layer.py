@@ -341,19 +341,22 @@ class MoE(MoELayerBase):
 
     @staticmethod
     def _stats(a: Assignment, plan: DispatchPlan) -> RoutingStats:
-        if a.token_mask_T is None:
-            return RoutingStats(plan.kept_E.detach(), plan.routed_E.detach(), a.num_tokens)
+        if a.token_mask_T is None:  # counts are integer tensors, so they need no detach (an op per call) as a rule
+            return RoutingStats(_detached(plan.kept_E), _detached(plan.routed_E), a.num_tokens)
         nb = a.num_bank_experts  # padded tokens excluded: their pairs are neither routed nor computed load
         routed_E = a.counts_E()[:nb].detach()
         padded_E = plan.routed_E.detach() - routed_E
         return RoutingStats((plan.kept_E.detach() - padded_E).clamp_min(0), routed_E, a.num_real_tokens)
 
-    @torch.no_grad()
     def _record(self, stats: RoutingStats) -> None:
-        if self.balancer is not None and self.training:
-            self.balancer.record(stats.routed_per_expert_E)
-        if self.accumulate_stats:
-            self.stats_total = stats if self.stats_total is None else self.stats_total + stats
+        record = self.balancer is not None and self.training
+        if not (record or self.accumulate_stats):
+            return  # nothing to record: no grad-mode switch either (a few microseconds per call at decode)
+        with torch.no_grad():
+            if record:
+                self.balancer.record(stats.routed_per_expert_E)
+            if self.accumulate_stats:
+                self.stats_total = stats if self.stats_total is None else self.stats_total + stats
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -361,6 +364,10 @@ class MoE(MoELayerBase):
         last update, then clear them. A no-op for layers without ``AuxFree``."""
         if self.balancer is not None:
             self.balancer.step(self.router.bias_E)
+
+
+def _detached(t: Tensor) -> Tensor:
+    return t.detach() if t.requires_grad else t
 
 
 def _autocast_on(x: Tensor) -> bool:

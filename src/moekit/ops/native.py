@@ -62,7 +62,8 @@ def _build() -> ctypes.CDLL:
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), str(version).encode(),
                                      _cpu_flags().encode(), platform.machine().encode()])).hexdigest()[:16]
     target = _cache_dir() / f"native_decode-{key}.so"
-    if not target.exists():
+
+    def compile_into_cache() -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
@@ -70,7 +71,15 @@ def _build() -> ctypes.CDLL:
             if res.returncode != 0:
                 raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {res.stderr.strip()[-2000:]}")
             os.replace(out, target)  # atomic: a concurrent build or a crash never leaves a partial library
-    lib = ctypes.CDLL(str(target))
+
+    if not target.exists():
+        compile_into_cache()
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError:  # a damaged cache entry (not one of ours: ours are written atomically): build it again, once
+        target.unlink(missing_ok=True)
+        compile_into_cache()
+        lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     groups = [i64, ptr, ptr, ptr, i64, i64, i64]  # G, experts, offsets, rows, R, E, nrows
     for name in ("moekit_rows_f32", "moekit_cols_f32"):
