@@ -16,6 +16,7 @@ from ..ops import native
 from ..ops.grouped import IMPLS, grouped_linear, grouped_mm_available
 from ..spec import Spec, register_spec
 from .activations import ACTIVATIONS
+from .glu_fn import FUSED, fused_glu
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -252,6 +253,8 @@ class ExpertBank(nn.Module):
     def glu(self, h_N2F: Tensor) -> Tensor:
         """The GLU of the fused input projection ``(rows, 2F) -> (rows, F)``: ``act(gate) * up``. A bank subclass
         with another gating (``moekit.experts.clamped.ClampedSwiGLU``) overrides this one method."""
+        if h_N2F.requires_grad and self.spec.activation in FUSED and not torch.compiler.is_compiling():
+            return fused_glu(h_N2F, self.spec.activation)  # training: one buffer for the gradient of both halves
         F = self.hidden_dim  # slicing, not Tensor.split: split's Python wrapper costs more than the op at decode
         return self.act(h_N2F[..., :F]) * h_N2F[..., F:]
 
