@@ -57,6 +57,7 @@ from torch import Tensor
 from ..assignment import Assignment
 from ..dispatch.local import LocalDispatcher
 from ..experts.bank import small_linear
+from ..experts.glu_fn import FUSED, fused_glu
 from ..numerics import as_dtype
 from ..ops import native
 from ..ops.grouped import grouped_linear, grouped_mm_available
@@ -123,6 +124,10 @@ def _as_EOI(w: Tensor, transposed: bool) -> Tensor:
 
 
 def _default_gate(module: Any, gate_up_N2F: Tensor) -> Tensor:
+    if module.is_concatenated and gate_up_N2F.requires_grad and not torch.compiler.is_compiling():
+        name = _ACT_NAMES.get(type(getattr(module, "act_fn", None)).__name__)
+        if name in FUSED:  # training: the one-buffer backward of moekit's banks (moekit.experts.glu_fn)
+            return fused_glu(gate_up_N2F, name)
     if module.is_concatenated:
         gate, up = gate_up_N2F.chunk(2, dim=-1)
     else:
@@ -188,8 +193,11 @@ def _native_activation(m: Any) -> str | None:
     concatenated gate over an activation the fused kernel has; None otherwise."""
     if not (m.has_gate and m.is_concatenated and _uses_default_gate(m)):
         return None
-    act = getattr(m, "act_fn", None)
-    return {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "GELUTanh": "gelu_tanh"}.get(type(act).__name__)
+    return _ACT_NAMES.get(type(getattr(m, "act_fn", None)).__name__)
+
+
+# transformers' activation modules by class name -> moekit's activation names (fused and native forms)
+_ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "GELUTanh": "gelu_tanh"}
 
 
 def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: Tensor, w_down: Tensor,
