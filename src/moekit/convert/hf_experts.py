@@ -148,6 +148,25 @@ def _gate(m: Any, h_N: Tensor) -> Tensor:
 FEW_PAIRS = 16
 
 
+def _kept_pairs(m: Any, idx_TK: Tensor, E: int, ep: bool) -> list[list[tuple[int, int]]]:
+    """Per token, its (slot, expert) pairs with an expert in this module's weights; an id outside [0, E) is another
+    rank's expert under expert parallelism (skipped) and an error otherwise."""
+    out = []
+    for experts in idx_TK.tolist():
+        kept = []
+        for j, e in enumerate(experts):
+            if not 0 <= e < E:
+                if ep:
+                    continue  # another rank's expert
+                raise ValueError(
+                    f"moekit experts implementation ({_where(m)}): top_k_index holds expert id {e}, outside "
+                    f"[0, {E}) (the experts in the weights), and the module is not marked expert-parallel"
+                )
+            kept.append((j, e))
+        out.append(kept)
+    return out
+
+
 def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: Tensor, w_down: Tensor,
                        b_up: Tensor | None, b_down: Tensor | None) -> Tensor:
     """``sum_k w * expert(x)`` token by token, summed in float32 for half-precision inputs (as the grouped path).
@@ -161,17 +180,8 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
         if y is not None:
             return y
     rows = []
-    for t, experts in enumerate(idx_TK.tolist()):
-        kept = []  # (slot, expert)
-        for j, e in enumerate(experts):
-            if not 0 <= e < E:
-                if ep:
-                    continue  # another rank's expert
-                raise ValueError(
-                    f"moekit experts implementation ({_where(m)}): top_k_index holds expert id {e}, outside "
-                    f"[0, {E}) (the experts in the weights), and the module is not marked expert-parallel"
-                )
-            kept.append((j, e))
+    K = idx_TK.shape[1]
+    for t, kept in enumerate(_kept_pairs(m, idx_TK, E, ep)):
         if not kept:
             rows.append(x_TD.new_zeros((1, w_down.shape[1]), dtype=acc))
             continue
@@ -183,7 +193,7 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
         y_KD = y[0] if len(y) == 1 else torch.cat(y)
         if m.has_post_expert_norm:
             y_KD = m.post_expert_norm(y_KD)  # a norm over D: the same per row on the stacked rows
-        w_K = w_TK[t] if len(kept) == len(experts) else w_TK[t, [j for j, _ in kept]]
+        w_K = w_TK[t] if len(kept) == K else w_TK[t, [j for j, _ in kept]]
         rows.append(torch.mm(as_dtype(w_K, acc).unsqueeze(0), as_dtype(y_KD, acc)))
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
@@ -211,15 +221,8 @@ def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: 
     groups: dict[int, list[int]] = {}
     token_P: list[int] = []
     slot_P: list[int] = []
-    for t, experts in enumerate(idx_TK.tolist()):
-        for j, e in enumerate(experts):
-            if not 0 <= e < E:
-                if ep:
-                    continue  # another rank's expert
-                raise ValueError(
-                    f"moekit experts implementation ({_where(m)}): top_k_index holds expert id {e}, outside "
-                    f"[0, {E}) (the experts in the weights), and the module is not marked expert-parallel"
-                )
+    for t, kept in enumerate(_kept_pairs(m, idx_TK, E, ep)):
+        for j, e in kept:
             groups.setdefault(e, []).append(len(token_P))
             token_P.append(t)
             slot_P.append(t * K + j)
