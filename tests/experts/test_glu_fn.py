@@ -13,9 +13,10 @@ from moekit.routers import TopK
 
 
 @pytest.mark.parametrize("activation", sorted(FUSED))
-def test_gradcheck(activation):
+def test_gradcheck_and_second_derivatives(activation):
     h = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: fused_glu(t, activation), (h,))
+    assert torch.autograd.gradgradcheck(lambda t: fused_glu(t, activation), (h,))
 
 
 @pytest.mark.parametrize("activation", sorted(FUSED))

@@ -5,7 +5,8 @@ Autograd's own graph for the two slices, the activation and the product allocate
 slice's gradient, copies the half in and adds the two: five full passes over an (N, 2F) buffer per backward, 4-6% of
 a fine-grained layer's forward+backward on CPU (docs/performance.md). Here the backward computes
 ``d_up = grad * act(gate)`` and ``d_gate = act'(gate) * grad * up`` straight into the halves of one ``empty`` buffer,
-with aten's own activation backward kernels, so the numbers are those of the unfused graph.
+with aten's own activation backward kernels, so the numbers are those of the unfused graph. A backward that builds
+a graph (``create_graph=True``) takes autograd's own formula instead, so second derivatives work as before.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ class _FusedGLU(torch.autograd.Function):
         return a * up
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_NF: Tensor) -> tuple[Tensor, None]:
         h_N2F, a = ctx.saved_tensors
-        _, act_backward = _KERNELS[ctx.activation]
+        act, act_backward = _KERNELS[ctx.activation]
         F = h_N2F.shape[-1] // 2
         gate, up = h_N2F[..., :F], h_N2F[..., F:]
+        if torch.is_grad_enabled():  # create_graph=True: autograd's own graph, so higher derivatives exist
+            y = act(gate) * up
+            return torch.autograd.grad(y, h_N2F, grad_NF, create_graph=True)[0], None
         grad_N2F = torch.empty_like(h_N2F)
         torch.mul(grad_NF, a, out=grad_N2F[..., F:])
         grad_N2F[..., :F] = act_backward(grad_NF * up, gate)

@@ -30,6 +30,9 @@ import torch
 from torch import Tensor
 
 MAX_ROWS = 16  # rows per group (native_decode.c: MAX_ROWS)
+# below this many weight bytes in one call, one thread: waking torch's second OpenMP thread costs ~50 us on the
+# development VM (docs/performance.md), more than it saves on a cache-sized weight
+_PARALLEL_MIN_BYTES = 1 << 18
 _SOURCE = Path(__file__).with_name("native_decode.c")
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -196,7 +199,8 @@ def ffn(x_ND: Tensor, w_in_EHD: Tensor, b_in_EH: Tensor | None, w2_EDF: Tensor, 
     y = torch.empty(N, Dout, dtype=torch.float32)
     nbytes = len(experts) * (H * D + Dout * F) * 4
     status = lib.moekit_ffn_f32(
-        x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, N, w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H, D,
+        x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, N,
+        w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H, D,
         None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
         w2_EDF.data_ptr(), w2_EDF.stride(0), w2_EDF.stride(1), Dout,
         None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0),
@@ -227,12 +231,11 @@ def grouped_rows(x_ND: Tensor, w_EOD: Tensor, b_EO: Tensor | None, experts: list
     threads = _threads(len(experts) * O * D * 4, threads)
     fn = lib.moekit_cols_f32 if cols else lib.moekit_rows_f32
     nrows = min(N, y.shape[0])
-    status = fn(x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, nrows, w_EOD.data_ptr(), w_EOD.stride(0), ldw, O, D,
+    status = fn(x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, nrows,
+                w_EOD.data_ptr(), w_EOD.stride(0), ldw, O, D,
                 None if b_EO is None else b_EO.data_ptr(), 0 if b_EO is None else b_EO.stride(0), threads)
     del keep  # the group arrays lived through the call
     if status:
         _raise(status, "grouped_rows", E, nrows, offsets)
     return y
 
-
-_PARALLEL_MIN_BYTES = 1 << 18  # below this many weight bytes in one call, one thread (a parallel region costs more)
