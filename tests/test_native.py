@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -45,19 +46,27 @@ def _groups(ids):
 @pytest.mark.parametrize("N", [1, 2, 5, 16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("O,D", [(70, 37), (8, 16), (133, 64)])  # odd sizes: every vector and block remainder
-def test_grouped_rows_equals_matmul(layout, threads, N, bias, O, D):
-    """Every group's rows times its expert's weight (+ bias) equal a float64 matmul to 1e-5 relative to the scale,
-    for both weight layouts, unsorted and repeated expert ids, any thread count; rows keep their positions."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_rows_equals_matmul(layout, threads, N, bias, O, D, dtype):
+    """Every group's rows times its expert's weight (+ bias) equal a float64 matmul of the same (rounded) values:
+    float32 to 1e-5 relative to the scale; bfloat16 to one rounding of the float32-accumulated result (2^-8
+    relative); both weight layouts, unsorted and repeated expert ids, any thread count; rows keep their positions."""
     torch.manual_seed(N * 7 + O)
     E = 5
     w = torch.randn(E, O, D) if layout == "rows" else torch.randn(E, D, O).transpose(1, 2)
     b = torch.randn(E, O) if bias else None
     x = torch.randn(N, D)
+    w, x = w.to(dtype), x.to(dtype)
+    b = None if b is None else b.to(dtype)
     ids = torch.randint(0, E, (N,)).tolist()
     experts, offsets, rows = _groups(ids)
     y = native.grouped_rows(x, w, b, experts, offsets, rows, threads=threads)
+    assert y.dtype == dtype
     ref = _reference(x, w, b, experts, offsets, rows)
-    torch.testing.assert_close(y.double(), ref, atol=1e-5 * D ** 0.5, rtol=1e-5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, atol=1e-5 * D ** 0.5, rtol=1e-5)
+    else:  # the exact result rounded once to bfloat16 (8 significant bits), accumulation error far below that
+        torch.testing.assert_close(y.double(), ref, atol=1e-4 * D ** 0.5, rtol=2 ** -8)
 
 
 @needs_native
@@ -94,15 +103,20 @@ def test_takes_only_what_it_supports():
     assert not native.takes_rows(x.double())
     assert not native.takes_rows(x.t().contiguous().t())  # column-major rows
     w = torch.randn(3, 5, 8)
-    assert native.takes_weight(w, None) and native.takes_weight(w, torch.randn(3, 5))
-    assert not native.takes_weight(w.double(), None)
-    assert not native.takes_weight(w[:, :, ::2], None)  # no unit inner stride
-    assert not native.takes_weight(w, torch.randn(3, 5).double())
-    assert native.takes_weight(torch.randn(3, 8, 5).transpose(1, 2), None)  # (in, out) storage
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert native.takes_rows(x.bfloat16()) and not native.takes_rows(x.half())
+    assert native.takes_weight(w, None, f32) and native.takes_weight(w, torch.randn(3, 5), f32)
+    assert native.takes_weight(w.bfloat16(), None, bf16) and not native.takes_weight(w, None, bf16)  # dtypes differ
+    assert not native.takes_weight(w.double(), None, torch.float64)
+    assert not native.takes_weight(w[:, :, ::2], None, f32)  # no unit inner stride
+    assert not native.takes_weight(w, torch.randn(3, 5).double(), f32)
+    assert native.takes_weight(torch.randn(3, 8, 5).transpose(1, 2), None, f32)  # (in, out) storage
     w.requires_grad_(True)
-    assert not native.takes_weight(w, None)
+    assert not native.takes_weight(w, None, f32)
     with torch.no_grad():
-        assert native.takes_weight(w, None)
+        assert native.takes_weight(w, None, f32)
+    with pytest.raises(TypeError, match="share the input's dtype"):
+        native.grouped_rows(x, w.detach().bfloat16(), None, [0], [0, 1], [0])
 
 
 @needs_native
@@ -136,6 +150,35 @@ def test_layer_decode_on_native_kernels_equals_torch_path_and_reference(experts,
     torch.testing.assert_close(y_native, y_torch, atol=1e-5, rtol=1e-5)
     if not isinstance(experts, ClampedSwiGLU):  # the loop reference knows only the plain gating
         torch.testing.assert_close(y_native, moe_reference(layer, x).detach(), atol=1e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("T", [1, 6])
+def test_layer_decode_in_bfloat16_runs_natively_and_matches_float64(T, monkeypatch):
+    """A bfloat16 layer decodes on the fused kernel (float32 arithmetic inside, one rounding at the end): closer to
+    the float64 result than the torch bfloat16 decode path, which rounds after every step."""
+    torch.manual_seed(T)
+    layer = MoE(64, 6, router=TopK(k=2), experts=SwiGLU(hidden_dim=96)).eval()
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(0, 0.2)
+    layer = layer.bfloat16()
+    x = torch.randn(T, 64).bfloat16()
+    exact = moe_reference(copy.deepcopy(layer).double(), x.double()).detach()  # the bfloat16 model, exactly
+    calls = []
+    real = native.ffn
+    monkeypatch.setattr(native, "ffn", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        y_native = layer(x)
+    assert calls == [1] and y_native.dtype == torch.bfloat16
+    monkeypatch.setattr(native, "available", lambda: False)
+    with torch.no_grad():
+        y_torch = layer(x)
+    err_native = (y_native.double() - exact).abs().max().item()
+    err_torch = (y_torch.double() - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    assert err_native <= 2 ** -7 * scale, (err_native, scale)
+    assert err_native <= err_torch * 1.5 + 1e-6, (err_native, err_torch)
 
 
 @needs_native

@@ -175,7 +175,7 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
     E = w_up.shape[0]
     acc = torch.float32 if x_TD.dtype in (torch.float16, torch.bfloat16) else x_TD.dtype
     ep = getattr(m, "_is_expert_parallel", False)
-    if x_TD.dtype == torch.float32 and native.takes_rows(x_TD):
+    if x_TD.dtype in native.DTYPES and native.takes_rows(x_TD):
         y = _few_pairs_native(m, x_TD, idx_TK, w_TK, w_up, w_down, b_up, b_down, ep)
         if y is not None:
             return y
@@ -212,10 +212,10 @@ _ACT_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "ReLU": "relu", "GELUTan
 
 def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: Tensor, w_down: Tensor,
                       b_up: Tensor | None, b_down: Tensor | None, ep: bool) -> Tensor | None:
-    """The few-pairs path on moekit's native kernels (float32 CPU, no autograd): every (token, expert) pair as a
-    row, grouped by expert; the whole FFN in one kernel call where the gating has a native form
+    """The few-pairs path on moekit's native kernels (float32 or bfloat16 CPU, no autograd): every (token, expert)
+    pair as a row, grouped by expert; the whole FFN in one kernel call where the gating has a native form
     (:func:`_native_activation`), else one call per projection around the module's own gating; the weighted sum
-    per token as one product. None where the kernels do not take these weights."""
+    per token as one product in float32. None where the kernels do not take these weights."""
     E = w_up.shape[0]
     T, K = idx_TK.shape
     groups: dict[int, list[int]] = {}
@@ -229,7 +229,8 @@ def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: 
     P = len(token_P)
     if P == 0:
         return x_TD.new_zeros((T, w_down.shape[1]))
-    if not (native.takes_weight(w_up, b_up) and native.takes_weight(w_down, b_down)):
+    dtype = x_TD.dtype
+    if not (native.takes_weight(w_up, b_up, dtype) and native.takes_weight(w_down, b_down, dtype)):
         return None
     experts = list(groups)
     offsets, rows = [0], []
@@ -246,10 +247,11 @@ def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: 
                                    offsets, rows)
     if m.has_post_expert_norm:
         y_PD = m.post_expert_norm(y_PD)  # a norm over D: the same per row
+    y_PD = as_dtype(y_PD, torch.float32)  # the weighted sum in float32 (as the torch path, for bfloat16 too)
     if T == 1:  # the combine as one product: weights (1, P) @ rows (P, D)
         w_1P = w_TK if P == K else w_TK.reshape(-1)[slot_P].unsqueeze(0)
-        return torch.mm(w_1P.to(torch.float32), y_PD)
-    w_TP = x_TD.new_zeros((T, P))
+        return torch.mm(as_dtype(w_1P, torch.float32), y_PD)
+    w_TP = y_PD.new_zeros((T, P))
     w_TP[token_P, list(range(P))] = w_TK.reshape(-1)[slot_P].to(torch.float32)
     return torch.mm(w_TP, y_PD)
 

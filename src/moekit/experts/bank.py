@@ -95,13 +95,13 @@ def small_linear(x_MD: Tensor, w_OD: Tensor, b_O: Tensor | None = None) -> Tenso
     - 2-16 rows: the weight as the left operand, ``w_OD @ x_MD.T`` with the rows of ``x`` contiguous (BLAS streams
       the big operand ~2x better that way than ``x @ w.T``).
 
-    float32 without autograd takes moekit's native kernel instead where it is built (:mod:`moekit.ops.native`),
-    which reads the weight at 1.1-2x the speed of the BLAS forms above (both layouts)."""
+    float32 or bfloat16 without autograd takes moekit's native kernel instead where it is built
+    (:mod:`moekit.ops.native`), which reads the weight at 1.1-2x the speed of the BLAS forms above (both layouts)."""
     M, D = x_MD.shape
     O = w_OD.shape[0]
-    if x_MD.dtype == torch.float32 and M <= native.MAX_ROWS and native.takes_rows(x_MD):
+    if x_MD.dtype in native.DTYPES and M <= native.MAX_ROWS and native.takes_rows(x_MD):
         w_1OD, b_1O = w_OD.unsqueeze(0), None if b_O is None else b_O.unsqueeze(0)
-        if native.takes_weight(w_1OD, b_1O):
+        if native.takes_weight(w_1OD, b_1O, x_MD.dtype):
             return native.grouped_rows(x_MD, w_1OD, b_1O, _ZERO, [0, M], list(range(M)))
     if M == 1:
         y_MO = _one_row_split(x_MD, w_OD)
@@ -266,7 +266,7 @@ class ExpertBank(nn.Module):
         gating runs once over all rows and the outputs are concatenated (fewest ops per call); otherwise each expert
         gathers and scatters its rows."""
         ids = expert_N.tolist()
-        if x_ND.dtype == torch.float32 and native.takes_rows(x_ND):
+        if x_ND.dtype in native.DTYPES and native.takes_rows(x_ND):
             y = self._decode_native(x_ND, ids)
             if y is not None:
                 return y
@@ -294,7 +294,8 @@ class ExpertBank(nn.Module):
         groups: dict[int, list[int]] = {}
         for n, e in enumerate(ids):
             groups.setdefault(e, []).append(n)
-        if not (native.takes_weight(self.w_in, self.b_in) and native.takes_weight(self.w2_EDF, self.b2_ED)):
+        dtype = x_ND.dtype
+        if not (native.takes_weight(self.w_in, self.b_in, dtype) and native.takes_weight(self.w2_EDF, self.b2_ED, dtype)):
             return None
         experts = list(groups)
         offsets = [0]

@@ -9,8 +9,9 @@ The C source is compiled on first use with the system's C compiler (``$CC`` or `
 compiler and the CPU's flags; loading uses the OpenMP runtime torch already loaded. Without a compiler, or with
 ``MOEKIT_NATIVE=0``, :func:`available` is False and callers keep their torch path (one warning says why).
 
-:func:`grouped_rows` is the entry point (float32 CPU tensors, no autograd); :func:`takes_rows` and
-:func:`takes_weight` say when it applies.
+:func:`grouped_rows` and :func:`ffn` are the entry points (float32 or bfloat16 CPU tensors, one dtype per call, no
+autograd; float32 arithmetic, a bfloat16 result rounded once); :func:`takes_rows` and :func:`takes_weight` say when
+they apply.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ MAX_ROWS = 16  # rows per group (native_decode.c: MAX_ROWS)
 # development VM (docs/performance.md), more than it saves on a cache-sized weight
 _PARALLEL_MIN_BYTES = 1 << 18
 _SOURCE = Path(__file__).with_name("native_decode.c")
+_HEADER = Path(__file__).with_name("native_kernels.h")  # included by the source, once per storage type
+DTYPES = (torch.float32, torch.bfloat16)  # storage types of x, y, weights and biases (all the same per call)
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
 
@@ -58,7 +62,7 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    source = _SOURCE.read_bytes()
+    source = _SOURCE.read_bytes() + _HEADER.read_bytes()
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
     libs = ["-lm"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
@@ -85,13 +89,15 @@ def _build() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     groups = [i64, ptr, ptr, ptr, i64, i64, i64]  # G, experts, offsets, rows, R, E, nrows
-    for name in ("moekit_rows_f32", "moekit_cols_f32"):
-        fn = getattr(lib, name)
+    for suffix in _SUFFIX.values():
+        for kind in ("rows", "cols"):
+            fn = getattr(lib, f"moekit_{kind}_{suffix}")
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
+        fn = getattr(lib, f"moekit_ffn_{suffix}")
         fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
-    lib.moekit_ffn_f32.restype = ctypes.c_int
-    lib.moekit_ffn_f32.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64,
-                                   ptr, i64, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64,
+                       ptr, i64, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -122,23 +128,33 @@ def why_unavailable() -> str | None:
 
 
 def takes_rows(x_ND: Tensor) -> bool:
-    """Whether :func:`grouped_rows` takes these input rows: a float32 CPU matrix with unit stride along each row,
-    no autograd needed, and the kernels available (built on the first call)."""
-    return (x_ND.dtype == torch.float32 and x_ND.device.type == "cpu" and x_ND.dim() == 2 and x_ND.stride(1) == 1
+    """Whether :func:`grouped_rows` takes these input rows: a float32 or bfloat16 CPU matrix with unit stride along
+    each row, no autograd needed, and the kernels available (built on the first call)."""
+    return (x_ND.dtype in DTYPES and x_ND.device.type == "cpu" and x_ND.dim() == 2 and x_ND.stride(1) == 1
             and not (x_ND.requires_grad and torch.is_grad_enabled()) and available())
 
 
-def takes_weight(w_EOD: Tensor, b_EO: Tensor | None) -> bool:
-    """Whether :func:`grouped_rows` takes this weight and bias: float32 on CPU, unit stride along one of the
-    weight's inner dims ((out, in) storage, or (in, out) seen through a transposed view), no autograd needed."""
-    if w_EOD.dtype != torch.float32 or w_EOD.device.type != "cpu" or w_EOD.dim() != 3:
+def takes_weight(w_EOD: Tensor, b_EO: Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether :func:`grouped_rows` takes this weight and bias for inputs of ``dtype``: the same dtype (float32 or
+    bfloat16), on CPU, unit stride along one of the weight's inner dims ((out, in) storage, or (in, out) seen through
+    a transposed view), no autograd needed."""
+    if w_EOD.dtype != dtype or dtype not in DTYPES or w_EOD.device.type != "cpu" or w_EOD.dim() != 3:
         return False
     grad = torch.is_grad_enabled()
     if grad and (w_EOD.requires_grad or (b_EO is not None and b_EO.requires_grad)):
         return False
-    if b_EO is not None and (b_EO.dtype != torch.float32 or b_EO.dim() != 2 or b_EO.stride(1) != 1):
+    if b_EO is not None and (b_EO.dtype != dtype or b_EO.dim() != 2 or b_EO.stride(1) != 1):
         return False
     return w_EOD.stride(2) == 1 or w_EOD.stride(1) == 1
+
+
+def _same_dtype(where: str, x: Tensor, *others: Tensor | None) -> str:
+    if x.dtype not in DTYPES:
+        raise TypeError(f"moekit.ops.native.{where}: inputs must be float32 or bfloat16, got {x.dtype}")
+    bad = [t.dtype for t in others if t is not None and t.dtype != x.dtype]
+    if bad:
+        raise TypeError(f"moekit.ops.native.{where}: every tensor must share the input's dtype {x.dtype}, got {bad}")
+    return _SUFFIX[x.dtype]
 
 
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the fused FFN's activations
@@ -194,11 +210,12 @@ def ffn(x_ND: Tensor, w_in_EHD: Tensor, b_in_EH: Tensor | None, w2_EDF: Tensor, 
     if activation not in ACTIVATIONS:
         raise ValueError(f"moekit.ops.native.ffn: activation {activation!r} has no native form; "
                          f"valid: {', '.join(ACTIVATIONS)}")
+    suffix = _same_dtype("ffn", x_ND, w_in_EHD, b_in_EH, w2_EDF, b2_ED)
     keep, groups = _groups(experts, offsets, rows)
     Dout = w2_EDF.shape[1]
-    y = torch.empty(N, Dout, dtype=torch.float32)
-    nbytes = len(experts) * (H * D + Dout * F) * 4
-    status = lib.moekit_ffn_f32(
+    y = torch.empty(N, Dout, dtype=x_ND.dtype)
+    nbytes = len(experts) * (H * D + Dout * F) * x_ND.element_size()
+    status = getattr(lib, f"moekit_ffn_{suffix}")(
         x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, N,
         w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H, D,
         None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
@@ -224,12 +241,13 @@ def grouped_rows(x_ND: Tensor, w_EOD: Tensor, b_EO: Tensor | None, experts: list
     E, O, Dw = w_EOD.shape
     if Dw != D:
         raise ValueError(f"moekit.ops.native.grouped_rows: x has {D} columns but the weight takes {Dw}")
-    y = torch.empty(out_rows if out_rows is not None else N, O, dtype=torch.float32)
+    suffix = _same_dtype("grouped_rows", x_ND, w_EOD, b_EO)
+    y = torch.empty(out_rows if out_rows is not None else N, O, dtype=x_ND.dtype)
     keep, groups = _groups(experts, offsets, rows)
     cols = w_EOD.stride(2) != 1
     ldw = w_EOD.stride(2) if cols else w_EOD.stride(1)
-    threads = _threads(len(experts) * O * D * 4, threads)
-    fn = lib.moekit_cols_f32 if cols else lib.moekit_rows_f32
+    threads = _threads(len(experts) * O * D * x_ND.element_size(), threads)
+    fn = getattr(lib, f"moekit_{'cols' if cols else 'rows'}_{suffix}")
     nrows = min(N, y.shape[0])
     status = fn(x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, nrows,
                 w_EOD.data_ptr(), w_EOD.stride(0), ldw, O, D,

@@ -1,0 +1,248 @@
+/* The kernels of native_decode.c for one storage type, included once per type with
+ *   WT      the storage type of x, y, weights and biases (float, or uint16_t for bfloat16)
+ *   SUF     the name suffix of this instance (f32, bf16)
+ *   LD(p)   *p as a float
+ *   ST(p,v) store the float v at p (rounding to nearest even for bfloat16)
+ * Arithmetic and every work buffer are float32; only loads and stores see WT. */
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(CAT(name, _), SUF)
+
+static inline float FN(bias_at)(const WT *b, i64 o) { return b ? LD(b + o) : 0.0f; }
+
+/* Output rows [o0, o1) of one expert for M packed float rows x (row m at x + m * ldx), into the float rows
+ * out[m] of y: blocks of 4 weight rows x 2 input rows (8 independent accumulators hide the FMA latency; the 4 weight
+ * rows stay in L1 across the input rows). */
+static void FN(rows_block)(const float *x, i64 ldx, const i64 *out, i64 M, const WT *w, i64 ldw, i64 D, i64 o0,
+                           i64 o1, const WT *b, float *y, i64 ldy) {
+    i64 o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        const WT *w0 = w + o * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        float b0 = FN(bias_at)(b, o), b1 = FN(bias_at)(b, o + 1), b2 = FN(bias_at)(b, o + 2),
+              b3 = FN(bias_at)(b, o + 3);
+        i64 m = 0;
+        for (; m + 2 <= M; m += 2) {
+            const float *xa = x + m * ldx, *xb = x + (m + 1) * ldx;
+            float a0 = 0, a1 = 0, a2 = 0, a3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, c0, c1, c2, c3)
+            for (i64 d = 0; d < D; d++) {
+                float u = xa[d], v = xb[d];
+                float p0 = LD(w0 + d), p1 = LD(w1 + d), p2 = LD(w2 + d), p3 = LD(w3 + d);
+                a0 += p0 * u;
+                a1 += p1 * u;
+                a2 += p2 * u;
+                a3 += p3 * u;
+                c0 += p0 * v;
+                c1 += p1 * v;
+                c2 += p2 * v;
+                c3 += p3 * v;
+            }
+            float *ya = y + out[m] * ldy + o, *yb = y + out[m + 1] * ldy + o;
+            ya[0] = a0 + b0, ya[1] = a1 + b1, ya[2] = a2 + b2, ya[3] = a3 + b3;
+            yb[0] = c0 + b0, yb[1] = c1 + b1, yb[2] = c2 + b2, yb[3] = c3 + b3;
+        }
+        for (; m < M; m++) {
+            const float *xm = x + m * ldx;
+            float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+            for (i64 d = 0; d < D; d++) {
+                float xv = xm[d];
+                a0 += LD(w0 + d) * xv;
+                a1 += LD(w1 + d) * xv;
+                a2 += LD(w2 + d) * xv;
+                a3 += LD(w3 + d) * xv;
+            }
+            float *ym = y + out[m] * ldy + o;
+            ym[0] = a0 + b0, ym[1] = a1 + b1, ym[2] = a2 + b2, ym[3] = a3 + b3;
+        }
+    }
+    for (; o < o1; o++) {
+        const WT *w0 = w + o * ldw;
+        float b0 = FN(bias_at)(b, o);
+        for (i64 m = 0; m < M; m++) {
+            const float *xm = x + m * ldx;
+            float a0 = 0;
+#pragma omp simd reduction(+ : a0)
+            for (i64 d = 0; d < D; d++) a0 += LD(w0 + d) * xm[d];
+            y[out[m] * ldy + o] = a0 + b0;
+        }
+    }
+}
+
+/* The group's rows of x, as float, into a packed buffer whose row stride is padded off a multiple of 4 KiB (rows
+ * 4 KiB apart share L1 sets with the weight rows and evict them). */
+static void FN(pack)(const WT *x, i64 ldx, const i64 *rows, i64 R, i64 D, float *xp, i64 ldp) {
+    for (i64 r = 0; r < R; r++) {
+        const WT *src = x + rows[r] * ldx;
+        float *dst = xp + r * ldp;
+        for (i64 d = 0; d < D; d++) dst[d] = LD(src + d);
+    }
+}
+
+/* Packed float result rows r -> rows rows[r] of y, stored as WT. */
+static void FN(unpack)(const float *yp, i64 ldp, const i64 *rows, i64 R, i64 O, WT *y, i64 ldy) {
+    for (i64 r = 0; r < R; r++) {
+        const float *src = yp + r * ldp;
+        WT *dst = y + rows[r] * ldy;
+        for (i64 o = 0; o < O; o++) ST(dst + o, src[o]);
+    }
+}
+
+int FN(moekit_rows)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
+                    const i64 *rows, i64 R, i64 E, i64 nrows, const WT *w, i64 sE, i64 ldw, i64 O, i64 D,
+                    const WT *b, i64 sbE, int threads) {
+    int bad = check_groups(G, experts, offs, rows, R, E, nrows);
+    if (bad) return 10 + bad;
+    i64 ldp = padded(D), ldo = padded(O);
+    size_t n1 = (size_t)(R > 0 ? R : 1);
+    float *xp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldp);
+    float *yp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldo);
+    i64 *pos = (i64 *)malloc(sizeof(i64) * n1);
+    if (!xp || !yp || !pos) {
+        free(xp), free(yp), free(pos);
+        return 1;
+    }
+    FN(pack)(x, ldx, rows, R, D, xp, ldp);
+    for (i64 r = 0; r < R; r++) pos[r] = r;
+    i64 blocks = (O + OBLOCK - 1) / OBLOCK;
+    i64 items = G * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (i64 it = 0; it < items; it++) {
+        i64 g = it / blocks, blk = it % blocks;
+        i64 e = experts[g];
+        i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < O ? o0 + OBLOCK : O;
+        FN(rows_block)(xp + offs[g] * ldp, ldp, pos + offs[g], offs[g + 1] - offs[g], w + e * sE, ldw, D, o0, o1,
+                       b ? b + e * sbE : NULL, yp, ldo);
+    }
+    FN(unpack)(yp, ldo, rows, R, O, y, ldy);
+    free(xp), free(yp), free(pos);
+    return 0;
+}
+
+/* cols layout: each thread takes a contiguous slice of the reduction and sweeps it four weight rows at a time (four
+ * sequential streams), adding x[m, d..d+3] * W[d..d+3, :] into a full-width float partial row per input row (the
+ * partial stays in L1/L2; the four weight rows in L2 across the input rows); then the threads add the partials over
+ * disjoint output ranges. */
+int FN(moekit_cols)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
+                    const i64 *rows, i64 R, i64 E, i64 nrows, const WT *w, i64 sE, i64 ldw, i64 O, i64 D,
+                    const WT *b, i64 sbE, int threads) {
+    int bad = check_groups(G, experts, offs, rows, R, E, nrows);
+    if (bad) return 10 + bad;
+    if (threads < 1) threads = 1;
+    i64 ldp = padded(D);
+    float *parts = (float *)malloc(sizeof(float) * (size_t)threads * MAX_ROWS * (size_t)O);
+    float *xp = (float *)aligned_alloc(64, sizeof(float) * (size_t)(R > 0 ? R : 1) * ldp);
+    if (!parts || !xp) {
+        free(parts), free(xp);
+        return 1;
+    }
+    FN(pack)(x, ldx, rows, R, D, xp, ldp);
+    for (i64 g = 0; g < G; g++) {
+        i64 M = offs[g + 1] - offs[g];
+        const i64 *rg = rows + offs[g];
+        const float *xg = xp + offs[g] * ldp;
+        const WT *we = w + experts[g] * sE;
+        const WT *be = b ? b + experts[g] * sbE : NULL;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            int t = omp_get_thread_num(), T = omp_get_num_threads();
+            float *part = parts + (size_t)t * MAX_ROWS * O;
+            i64 d0 = D * t / T, d1 = D * (t + 1) / T;
+            memset(part, 0, sizeof(float) * (size_t)M * O);
+            i64 d = d0;
+            for (; d + 4 <= d1; d += 4) {
+                const WT *r0 = we + d * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
+                for (i64 m = 0; m < M; m++) {
+                    const float *xm = xg + m * ldp + d;
+                    float u0 = xm[0], u1 = xm[1], u2 = xm[2], u3 = xm[3];
+                    float *pm = part + m * O;
+#pragma omp simd
+                    for (i64 o = 0; o < O; o++)
+                        pm[o] += u0 * LD(r0 + o) + u1 * LD(r1 + o) + u2 * LD(r2 + o) + u3 * LD(r3 + o);
+                }
+            }
+            for (; d < d1; d++) {
+                const WT *r0 = we + d * ldw;
+                for (i64 m = 0; m < M; m++) {
+                    float u0 = xg[m * ldp + d];
+                    float *pm = part + m * O;
+#pragma omp simd
+                    for (i64 o = 0; o < O; o++) pm[o] += u0 * LD(r0 + o);
+                }
+            }
+#pragma omp barrier
+            i64 q0 = O * t / T, q1 = O * (t + 1) / T;
+            for (i64 m = 0; m < M; m++) {
+                WT *ym = y + rg[m] * ldy;
+                for (i64 o = q0; o < q1; o++) {
+                    float s = FN(bias_at)(be, o);
+                    for (int k = 0; k < T; k++) s += parts[(size_t)k * MAX_ROWS * O + m * O + o];
+                    ST(ym + o, s);
+                }
+            }
+        }
+    }
+    free(parts), free(xp);
+    return 0;
+}
+
+/* A whole expert FFN for few rows, fused: h = x @ W_in^T (+ b_in); g = act(h[:, :F]) * h[:, F:] (glu) or act(h);
+ * y = g @ W2^T (+ b2). Both weights in the rows layout: W_in (E, H, D) with H = 2F (glu) or F, W2 (E, D', F).
+ * One parallel region, the phases separated by barriers; h and g stay float32 in packed buffers. */
+int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
+                   const i64 *rows, i64 R, i64 E, i64 nrows, const WT *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D,
+                   const WT *b_in, i64 sb_in, const WT *w2, i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2,
+                   int glu, int act, int threads) {
+    int bad = check_groups(G, experts, offs, rows, R, E, nrows);
+    if (bad) return 10 + bad;
+    i64 F = glu ? H / 2 : H;
+    i64 ldp = padded(D), ldh = padded(H), ldg = padded(F), ldo = padded(Dout);
+    size_t n1 = (size_t)(R > 0 ? R : 1);
+    float *xp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldp);
+    float *h = (float *)aligned_alloc(64, sizeof(float) * n1 * ldh);
+    float *gbuf = (float *)aligned_alloc(64, sizeof(float) * n1 * ldg);
+    float *yp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldo);
+    i64 *pos = (i64 *)malloc(sizeof(i64) * n1);
+    if (!xp || !h || !gbuf || !yp || !pos) {
+        free(xp), free(h), free(gbuf), free(yp), free(pos);
+        return 1;
+    }
+    FN(pack)(x, ldx, rows, R, D, xp, ldp);
+    for (i64 r = 0; r < R; r++) pos[r] = r;
+    i64 blocks1 = (H + OBLOCK - 1) / OBLOCK, blocks2 = (Dout + OBLOCK - 1) / OBLOCK;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (i64 it = 0; it < G * blocks1; it++) {
+            i64 g = it / blocks1, blk = it % blocks1, e = experts[g];
+            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < H ? o0 + OBLOCK : H;
+            FN(rows_block)(xp + offs[g] * ldp, ldp, pos + offs[g], offs[g + 1] - offs[g], w_in + e * sE_in, ld_in,
+                           D, o0, o1, b_in ? b_in + e * sb_in : NULL, h, ldh);
+        }
+        /* (implicit barrier) */
+#pragma omp for schedule(static)
+        for (i64 r = 0; r < R; r++) {
+            const float *hr = h + r * ldh;
+            float *gr = gbuf + r * ldg;
+            if (glu)
+                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act) * hr[F + j];
+            else
+                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act);
+        }
+#pragma omp for schedule(static)
+        for (i64 it = 0; it < G * blocks2; it++) {
+            i64 g = it / blocks2, blk = it % blocks2, e = experts[g];
+            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < Dout ? o0 + OBLOCK : Dout;
+            FN(rows_block)(gbuf + offs[g] * ldg, ldg, pos + offs[g], offs[g + 1] - offs[g], w2 + e * sE2, ld2, F, o0,
+                           o1, b2 ? b2 + e * sb2 : NULL, yp, ldo);
+        }
+    }
+    FN(unpack)(yp, ldo, rows, R, Dout, y, ldy);
+    free(xp), free(h), free(gbuf), free(yp), free(pos);
+    return 0;
+}
+
+#undef FN
+#undef CAT
+#undef CAT_
