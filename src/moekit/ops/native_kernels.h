@@ -22,6 +22,9 @@ static void FN(rows_block)(const float *x, i64 ldx, const i64 *out, i64 M, const
         float b0 = FN(bias_at)(b, o), b1 = FN(bias_at)(b, o + 1), b2 = FN(bias_at)(b, o + 2),
               b3 = FN(bias_at)(b, o + 3);
         i64 m = 0;
+#ifdef BLOCK4X2
+        if (BLOCK4X2(x, ldx, out, M, w0, ldw, D, o, b0, b1, b2, b3, y, ldy)) continue;
+#endif
         for (; m + 2 <= M; m += 2) {
             const float *xa = x + m * ldx, *xb = x + (m + 1) * ldx;
             float a0 = 0, a1 = 0, a2 = 0, a3 = 0, c0 = 0, c1 = 0, c2 = 0, c3 = 0;
