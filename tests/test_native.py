@@ -70,6 +70,23 @@ def test_grouped_rows_equals_matmul(layout, threads, N, bias, O, D, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("D", [48, 77, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_rows_groups_of_one_to_four_rows(D, dtype):
+    """Groups of exactly 1, 2, 3 rows (the one-weight-row-at-a-time kernel, whose 32- and 16-wide main loops leave
+    different remainders at D = 48 and 77) and of 4 (the four-row block) against float64."""
+    torch.manual_seed(D)
+    w = torch.randn(4, 45, D).to(dtype)
+    b = torch.randn(4, 45).to(dtype)
+    x = torch.randn(10, D).to(dtype)
+    experts, offsets, rows = [2, 0, 3, 1], [0, 1, 3, 6, 10], [4, 0, 7, 1, 9, 2, 3, 5, 6, 8]
+    y = native.grouped_rows(x, w, b, experts, offsets, rows, threads=2)
+    ref = _reference(x, w, b, experts, offsets, rows)
+    tol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-4, 2 ** -8)
+    torch.testing.assert_close(y.double(), ref, atol=tol[0] * D ** 0.5, rtol=tol[1])
+
+
+@needs_native
 def test_grouped_rows_strided_inputs_and_out_rows():
     """Input rows with a row stride larger than D (a slice of a wider matrix) and an output taller than the input."""
     x_wide = torch.randn(6, 40)

@@ -66,17 +66,6 @@ static inline void bf16_store(uint16_t *p, float v) {
     *p = (uint16_t)(u >> 16);
 }
 
-#define WT float
-#define SUF f32
-#define LD(p) (*(p))
-#define ST(p, v) (*(p) = (v))
-#include "native_kernels.h"
-#undef WT
-#undef SUF
-#undef LD
-#undef ST
-#undef BLOCK4X2
-
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 static inline __m256 bf16x8(const uint16_t *p) { /* 8 bfloat16 -> 8 float: widen, shift into the high half */
@@ -87,6 +76,26 @@ static inline float hsum8(__m256 v) {
     a = _mm_add_ps(a, _mm_movehl_ps(a, a));
     return _mm_cvtss_f32(_mm_add_ss(a, _mm_shuffle_ps(a, a, 1)));
 }
+#define VLD_F32(p) _mm256_loadu_ps(p)
+#define VLD_BF16(p) bf16x8(p)
+#endif
+
+#define WT float
+#define SUF f32
+#define LD(p) (*(p))
+#define ST(p, v) (*(p) = (v))
+#ifdef VLD_F32
+#define VLD VLD_F32
+#endif
+#include "native_kernels.h"
+#undef WT
+#undef SUF
+#undef LD
+#undef ST
+#undef BLOCK4X2
+#undef VLD
+
+#if defined(__AVX2__) && defined(__FMA__)
 /* The 4-weight-row block of rows_block for bfloat16 weights with explicit AVX2 (gcc's own vectorisation of the
  * widening loads spilled its accumulators): every input row, pairs first; returns 1 (the block is done). */
 static int block4_bf16(const float *x, i64 ldx, const i64 *out, i64 M, const uint16_t *w0, i64 ldw, i64 D, i64 o,
@@ -141,9 +150,13 @@ static int block4_bf16(const float *x, i64 ldx, const i64 *out, i64 M, const uin
 #define SUF bf16
 #define LD(p) bf16_load(p)
 #define ST(p, v) bf16_store((p), (v))
+#ifdef VLD_BF16
+#define VLD VLD_BF16
+#endif
 #include "native_kernels.h"
 #undef WT
 #undef SUF
 #undef LD
 #undef ST
 #undef BLOCK4X2
+#undef VLD

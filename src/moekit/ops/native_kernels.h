@@ -11,11 +11,61 @@
 
 static inline float FN(bias_at)(const WT *b, i64 o) { return b ? LD(b + o) : 0.0f; }
 
+#ifdef VLD
+/* Output rows [o0, o1) for M <= 3 input rows, one weight row at a time (VLD(p): 8 WT at p as float, AVX2). A block of
+ * four weight rows is four streams, each one page long where a row is 4 KiB (D = 1024 float32), and the hardware
+ * prefetcher restarts on every page: ~20% below a streaming read. One row at a time, consecutive rows are one
+ * sequential stream and reach the read's bandwidth; with so few input rows the FMAs are not the bound, so each weight
+ * vector is loaded once and applied to every input row (a third row that does not exist aliases the first and its
+ * sums are dropped). */
+static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const WT *w, i64 ldw, i64 D, i64 o0, i64 o1,
+                         const WT *b, float *y, i64 ldy) {
+    i64 D32 = D & ~(i64)31, D16 = D & ~(i64)15;
+    const float *x0 = x, *x1 = M > 1 ? x + ldx : x, *x2 = M > 2 ? x + 2 * ldx : x;
+    for (i64 o = o0; o < o1; o++) {
+        const WT *wr = w + o * ldw;
+        float bo = FN(bias_at)(b, o);
+        if (M == 1) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (i64 d = 0; d < D32; d += 32) {
+                a0 = _mm256_fmadd_ps(VLD(wr + d), _mm256_loadu_ps(x0 + d), a0);
+                a1 = _mm256_fmadd_ps(VLD(wr + d + 8), _mm256_loadu_ps(x0 + d + 8), a1);
+                a2 = _mm256_fmadd_ps(VLD(wr + d + 16), _mm256_loadu_ps(x0 + d + 16), a2);
+                a3 = _mm256_fmadd_ps(VLD(wr + d + 24), _mm256_loadu_ps(x0 + d + 24), a3);
+            }
+            float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            for (i64 d = D32; d < D; d++) s += LD(wr + d) * x0[d];
+            y[out[0] * ldy + o] = s + bo;
+            continue;
+        }
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, c0 = a0, c1 = a0, c2 = a0;
+        for (i64 d = 0; d < D16; d += 16) {
+            __m256 p = VLD(wr + d), q = VLD(wr + d + 8);
+            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x0 + d), a0), c0 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x0 + d + 8), c0);
+            a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x1 + d), a1), c1 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x1 + d + 8), c1);
+            a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x2 + d), a2), c2 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x2 + d + 8), c2);
+        }
+        float s[3] = {hsum8(_mm256_add_ps(a0, c0)), hsum8(_mm256_add_ps(a1, c1)), hsum8(_mm256_add_ps(a2, c2))};
+        const float *xs[3] = {x0, x1, x2};
+        for (i64 m = 0; m < M; m++) {
+            for (i64 d = D16; d < D; d++) s[m] += LD(wr + d) * xs[m][d];
+            y[out[m] * ldy + o] = s[m] + bo;
+        }
+    }
+}
+#endif
+
 /* Output rows [o0, o1) of one expert for M packed float rows x (row m at x + m * ldx), into the float rows
  * out[m] of y: blocks of 4 weight rows x 2 input rows (8 independent accumulators hide the FMA latency; the 4 weight
  * rows stay in L1 across the input rows). */
 static void FN(rows_block)(const float *x, i64 ldx, const i64 *out, i64 M, const WT *w, i64 ldw, i64 D, i64 o0,
                            i64 o1, const WT *b, float *y, i64 ldy) {
+#ifdef VLD
+    if (M <= 3) {
+        FN(rows_few)(x, ldx, out, M, w, ldw, D, o0, o1, b, y, ldy);
+        return;
+    }
+#endif
     i64 o = o0;
     for (; o + 4 <= o1; o += 4) {
         const WT *w0 = w + o * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
