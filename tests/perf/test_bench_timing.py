@@ -38,6 +38,8 @@ def test_bandwidths_positive_and_floor_takes_the_larger():
 
     assert timing.read_bandwidth(2**20, repeats=2) > 0
     assert timing.copy_bandwidth(2**20, repeats=2) > 0
+    assert timing.read_bandwidth(2**22, repeats=2, hugepages=True) > 0  # on huge pages where the kernel has them
+    assert timing.copy_bandwidth(2**22, repeats=2, hugepages=True) > 0
     bw, name = memory_bandwidth()
     read, copy = (float(part.split()[-1]) for part in name.split(":")[1].split(","))
     assert abs(bw / 1e9 - max(read, copy)) < 0.06  # the description rounds to 0.1 GB/s

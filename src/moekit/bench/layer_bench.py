@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..experts.bank import DenseFFN, SwiGLU
 from ..layer import MoE
 from ..routers.topk import TopK
+from ..hugepages import to_hugepages
 from .timing import Timing, copy_bandwidth, interleaved, read_bandwidth
 
 
@@ -142,9 +143,12 @@ def _fwd_bwd(m: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], object]:
 
 def run_shape(shape: Shape, repeats: int, modes=("fwd", "fwd+bwd"), include_hf: bool = True,
               progress: Callable[[], None] | None = None, dtype: torch.dtype = torch.float32,
-              compiled: bool = False) -> list[dict]:
+              compiled: bool = False, hugepages: bool = False) -> list[dict]:
     """One shape, every implementation interleaved. ``dtype``: parameters and inputs (float32 or bfloat16);
-    ``compiled``: add ``torch.compile(moekit layer)`` (inductor, static shapes; compile time is not timed)."""
+    ``compiled``: add ``torch.compile(moekit layer)`` (inductor, static shapes; compile time is not timed);
+    ``hugepages``: every implementation's weights (moekit's, the dense floor's, each HF block's) moved onto
+    transparent huge pages (:func:`moekit.hugepages.to_hugepages`), and the memory floor measured on huge-page
+    buffers too."""
     torch.manual_seed(0)
     moe = MoE(shape.D, shape.E, router=TopK(k=shape.k), experts=SwiGLU(hidden_dim=shape.F)).to(dtype)
     x_TD = torch.randn(shape.T, shape.D, dtype=dtype)
@@ -156,7 +160,13 @@ def run_shape(shape: Shape, repeats: int, modes=("fwd", "fwd+bwd"), include_hf: 
     if include_hf:
         # batched_mm copies the expert weights per token: only where that stays small (decode).
         blocks = hf_blocks(shape, allow_batched=shape.T * shape.k * 3 * shape.F * shape.D * 4 < 2**31)
-        impls.update({name: _hf_call(b.to(dtype)) for name, b in blocks.items()})
+        blocks = {name: b.to(dtype) for name, b in blocks.items()}
+        if hugepages:
+            for b in blocks.values():
+                to_hugepages(b)
+        impls.update({name: _hf_call(b) for name, b in blocks.items()})
+    if hugepages:
+        to_hugepages(moe)
     rows = []
     if shape.decode:
         expert_bytes = 3 * shape.F * shape.D * x_TD.element_size()
@@ -167,7 +177,7 @@ def run_shape(shape: Shape, repeats: int, modes=("fwd", "fwd+bwd"), include_hf: 
         def memory_floor() -> float:
             # re-measured in every repeat, beside the timed calls: on a shared machine the bandwidth moves by 30%
             # within a run, and one figure taken at the start would move every ratio with it
-            bw, _ = memory_bandwidth(repeats=3)
+            bw, _ = memory_bandwidth(repeats=3, hugepages=hugepages)
             seen.append(bw)
             return touched_bytes / bw
 
@@ -180,6 +190,8 @@ def run_shape(shape: Shape, repeats: int, modes=("fwd", "fwd+bwd"), include_hf: 
                                                      f"{max(seen) / 1e9:.1f})", dtype=dtype)
         return rows
     dense = DenseFFN(shape.D, shape.k * shape.F, SwiGLU()).to(dtype)
+    if hugepages:
+        to_hugepages(dense)
     all_impls = {"dense-floor": dense, **impls}
     del x_BSD
     for mode in modes:
@@ -205,13 +217,15 @@ def _read_touched(moe: MoE, x_TD: Tensor) -> Callable[[], object]:
     return run
 
 
-def memory_bandwidth(repeats: int = 5) -> tuple[float, str]:
+def memory_bandwidth(repeats: int = 5, hugepages: bool = False) -> tuple[float, str]:
     """(bytes/s, description): the best of a streaming read (``sum``, bytes read / time) and a copy (bytes read +
     written / time), measured now. A decode step reads each touched expert's weights once and writes almost
     nothing, so the bound on it is the read bandwidth; the copy's figure counts the written bytes too, and where it
     is the larger (write-combining stores) it is the better demonstrated bandwidth. Taking the larger makes the
-    floor the stricter one."""
-    read, copy = read_bandwidth(repeats=repeats), copy_bandwidth(repeats=repeats)
+    floor the stricter one. ``hugepages``: measured on huge-page buffers (as the weights are, when the benchmark
+    puts them there)."""
+    read = read_bandwidth(repeats=repeats, hugepages=hugepages)
+    copy = copy_bandwidth(repeats=repeats, hugepages=hugepages)
     best = max(read, copy)
     return best, f"{best / 1e9:.1f} GB/s: best of read {read / 1e9:.1f}, copy {copy / 1e9:.1f}"
 

@@ -126,19 +126,28 @@ def interleaved(
     return out
 
 
-def copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Bytes per second moved (read + write) by a large tensor copy: ``2 * num_bytes / best time``."""
-    src = torch.empty(num_bytes // 4, dtype=torch.float32).uniform_()
-    dst = torch.empty_like(src)
+def _buffer(num_bytes: int, hugepages: bool) -> torch.Tensor:
+    if hugepages:
+        from ..hugepages import empty
+
+        return empty(num_bytes // 4)
+    return torch.empty(num_bytes // 4, dtype=torch.float32)
+
+
+def copy_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5, hugepages: bool = False) -> float:
+    """Bytes per second moved (read + write) by a large tensor copy: ``2 * num_bytes / best time``. ``hugepages``:
+    both buffers on huge pages (:mod:`moekit.hugepages`), as the weights are when the benchmark puts them there."""
+    src = _buffer(num_bytes, hugepages).uniform_()
+    dst = _buffer(num_bytes, hugepages)
     dst.copy_(src)
     best = min(time_once(lambda: dst.copy_(src)) for _ in range(repeats))
     return 2 * num_bytes / best
 
 
-def read_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+def read_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5, hugepages: bool = False) -> float:
     """Bytes per second read by a large tensor reduction (``sum``: one add per element, so bound by the reads):
-    ``num_bytes / best time``."""
-    src = torch.empty(num_bytes // 4, dtype=torch.float32).uniform_()
+    ``num_bytes / best time``. ``hugepages`` as in :func:`copy_bandwidth`."""
+    src = _buffer(num_bytes, hugepages).uniform_()
     src.sum()
     best = min(time_once(src.sum) for _ in range(repeats))
     return num_bytes / best

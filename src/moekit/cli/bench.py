@@ -31,6 +31,10 @@ def add_arguments(parser) -> None:
                         help="leave glibc malloc's mmap/trim thresholds at their defaults (by default they are raised "
                              "with moekit.allocator.tune_glibc_malloc, so large buffers are reused instead of "
                              "page-faulted on every call)")
+    parser.add_argument("--no-hugepages", action="store_true",
+                        help="leave every implementation's weights on ordinary 4 KiB pages (by default they are moved "
+                             "onto transparent huge pages with moekit.hugepages.to_hugepages where the kernel offers "
+                             "them, and the memory floor is measured on huge pages too)")
 
 
 def _maybe_reexec_with_tcmalloc(args) -> None:
@@ -61,9 +65,13 @@ def run(args) -> int:
     if unknown:
         raise SystemExit(f"moekit bench: unknown shape(s) {unknown}; valid: {', '.join(table)}")
     repeats = args.repeats or (3 if args.quick else 15)
+    from moekit import hugepages
+
+    huge = not args.no_hugepages and hugepages.available()
     env = lb.environment()
+    env["hugepages"] = f"weights on transparent huge pages (THP {hugepages.thp_mode()})" if huge else "off"
     print(f"moekit bench: torch {env['torch']}, transformers {env['transformers']}, threads {env['threads']}, "
-          f"allocator {env['allocator']}, cpu {env['processor']}")
+          f"allocator {env['allocator']}, weights: {env['hugepages']}, cpu {env['processor']}")
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -80,7 +88,7 @@ def run(args) -> int:
                                file=sys.stderr) if tqdm else None
                     rows += lb.run_shape(shape, repeats, modes=tuple(args.modes), include_hf=not args.no_hf,
                                          progress=bar.update if bar else None, dtype=getattr(torch, dtype),
-                                         compiled=args.compile)
+                                         compiled=args.compile, hugepages=huge)
                     if bar:
                         bar.close()
         print(f"\n## run {run_i + 1}\n")
