@@ -36,6 +36,7 @@ def test_decode_path_equals_grouped_path_and_reference(experts, T, dtype, tol):
 def test_decode_path_is_taken_and_reads_only_touched_experts(monkeypatch):
     """Under no_grad with <= DECODE_MAX_ROWS rows the grouped kernel is not called; unsorted rows work too."""
     layer = MoE(D, E, router=TopK(k=2), experts=SwiGLU(hidden_dim=16)).eval()
+    layer.fuse_decode(False)  # the composed path: the bank's own decode (the fused call: tests/test_fused_decode.py)
     monkeypatch.setattr(bank_mod, "grouped_linear", lambda *a, **k: (_ for _ in ()).throw(AssertionError("grouped")))
     x = torch.randn(4, D)
     expert_N = torch.tensor([3, 0, 3, 5, 0, 1])  # unsorted, repeated experts

@@ -150,6 +150,7 @@ def test_layer_decode_on_native_kernels_equals_torch_path_and_reference(experts,
     per-token reference to 1e-5."""
     torch.manual_seed(T)
     layer = MoE(16, 6, router=TopK(k=2), experts=experts).eval()
+    layer.fuse_decode(False)  # the composed path: the bank's decode (the fused call: tests/test_fused_decode.py)
     with torch.no_grad():
         for p in layer.experts.parameters():
             p.normal_(0, 0.3)
@@ -176,6 +177,7 @@ def test_layer_decode_in_bfloat16_runs_natively_and_matches_float64(T, monkeypat
     the float64 result than the torch bfloat16 decode path, which rounds after every step."""
     torch.manual_seed(T)
     layer = MoE(64, 6, router=TopK(k=2), experts=SwiGLU(hidden_dim=96)).eval()
+    layer.fuse_decode(False)  # the composed path: the bank's decode (the fused call: tests/test_fused_decode.py)
     with torch.no_grad():
         for p in layer.experts.parameters():
             p.normal_(0, 0.2)

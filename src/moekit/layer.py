@@ -27,6 +27,7 @@ from .balance.specs import BalanceSpec
 from .dispatch.local import Dropless
 from .dispatch.plan import DispatchPlan
 from .experts.bank import FFN, SwiGLU
+from .fused_decode import fusion_for
 from .protocols import RouteContext
 from .routers.base import RouterSpec
 from .routers.topk import TopK
@@ -197,6 +198,14 @@ class MoE(MoELayerBase):
         self.routing_log: list[Tensor] | None = None  # set by moekit.replay.record_routing: (T, K) choices per call
         self.replay_queue: list[Tensor] | None = None  # set by moekit.replay.replay_routing: choices to reuse
         self._register_load_state_dict_pre_hook(_free_experts_old_keys)
+        self.fuse_decode()
+
+    def fuse_decode(self, enable: bool = True) -> str | None:
+        """Run calls of a few tokens outside autograd in eval mode as one native call
+        (:mod:`moekit.fused_decode`); on by default where the parts allow it. Returns None when fused, else why
+        not. ``enable=False`` turns it off (every call then runs the composed path)."""
+        self.decode_fusion, why = fusion_for(self) if enable else (None, "turned off")
+        return why
 
     @classmethod
     def from_config(cls, config: MoEConfig | dict) -> "MoE":
@@ -225,6 +234,11 @@ class MoE(MoELayerBase):
     # --- forward: plain composition ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None,
                 token_ids: Tensor | None = None, token_mask: Tensor | None = None) -> Tensor:
+        fused = self.decode_fusion
+        if (fused is not None and not self.training and task is None and prev_logits is None and token_ids is None
+                and token_mask is None and self.routing_log is None and self.replay_queue is None
+                and not self.accumulate_stats and fused.takes(self, x)):
+            return self._fused(x)
         return self.forward_with_aux(x, task=task, prev_logits=prev_logits, token_ids=token_ids,
                                      token_mask=token_mask).y
 
@@ -262,6 +276,16 @@ class MoE(MoELayerBase):
         self._record(stats)
         self.last_aux_loss = aux
         return MoEOutput(y_TD.reshape(x.shape), aux, losses, stats, a)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        """The decode call in one native kernel (the checks of the composed path first); no balance losses or
+        statistics (eval mode, where nothing reads them)."""
+        x_TD = self._tokens(x)
+        y_TD = self.decode_fusion(x_TD)
+        if self.shared is not None:
+            y_TD = y_TD + self._shared(x_TD)
+        self.last_aux_loss = None
+        return y_TD.reshape(x.shape)
 
     # --- the steps --------------------------------------------------------------------------------------------------
     def _tokens(self, x: Tensor) -> Tensor:

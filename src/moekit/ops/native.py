@@ -98,6 +98,11 @@ def _build() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64,
                        ptr, i64, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn = getattr(lib, f"moekit_moe_decode_{suffix}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_float, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr]
     return lib
 
 
@@ -257,3 +262,74 @@ def grouped_rows(x_ND: Tensor, w_EOD: Tensor, b_EO: Tensor | None, experts: list
         _raise(status, "grouped_rows", E, nrows, offsets)
     return y
 
+
+
+SCORES = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}  # moe_decode's routing rules
+
+
+def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: int, score: str, normalize: bool,
+               scale: float, selection_bias_E: Tensor | None, w_in_EHD: Tensor, b_in_EH: Tensor | None,
+               w2_EDF: Tensor, b2_ED: Tensor | None, glu: bool, activation: str, threads: int | None = None,
+               return_routing: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """An MoE layer's routed output for at most ``MAX_ROWS`` tokens in one call: the router's linear map, its score
+    function and top-k (``score``: ``"softmax"`` over all experts, ``"sigmoid"`` per expert, or ``"topk_softmax"``:
+    top-k of the logits, softmax over the k chosen), the optional selection bias (choice only, float32),
+    renormalisation (``normalize``) and ``scale``, then every touched expert's FFN (as :func:`ffn`) and the weighted
+    sum per token. Float32 arithmetic throughout (one rounding to the storage dtype at the end); ties choose the
+    lower expert id. ``return_routing``: also the chosen ids (T, k) int64 and their float32 weights (T, k)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    if x_TD.dim() != 2 or x_TD.stride(1) != 1:
+        raise ValueError(f"moekit.ops.native.moe_decode: x must be a (T, D) matrix with unit column stride, got "
+                         f"shape {tuple(x_TD.shape)} strides {x_TD.stride()}")
+    T, D = x_TD.shape
+    if T > MAX_ROWS:
+        raise ValueError(f"moekit.ops.native.moe_decode: at most {MAX_ROWS} tokens per call, got {T}")
+    E = w_router_ED.shape[0]
+    if tuple(w_router_ED.shape) != (E, D) or w_router_ED.stride(1) != 1:
+        raise ValueError(f"moekit.ops.native.moe_decode: the router weight must be (E, {D}) with unit inner stride, "
+                         f"got {tuple(w_router_ED.shape)}")
+    if not 1 <= k <= E:
+        raise ValueError(f"moekit.ops.native.moe_decode: k must lie in [1, {E}], got {k}")
+    if score not in SCORES:
+        raise ValueError(f"moekit.ops.native.moe_decode: score {score!r} unknown; valid: {', '.join(SCORES)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moekit.ops.native.moe_decode: activation {activation!r} has no native form; "
+                         f"valid: {', '.join(ACTIVATIONS)}")
+    Ew, H, Dw = w_in_EHD.shape
+    F = H // 2 if glu else H
+    if Ew != E or Dw != D or w2_EDF.shape[0] != E or w2_EDF.shape[2] != F or (glu and H % 2):
+        raise ValueError(f"moekit.ops.native.moe_decode: shapes do not chain: x {tuple(x_TD.shape)}, router "
+                         f"{tuple(w_router_ED.shape)}, w_in {tuple(w_in_EHD.shape)}, w2 {tuple(w2_EDF.shape)}, "
+                         f"glu={glu}")
+    if w_in_EHD.stride(2) != 1 or w2_EDF.stride(2) != 1:
+        raise ValueError("moekit.ops.native.moe_decode: both expert weights need unit stride along their input dim")
+    suffix = _same_dtype("moe_decode", x_TD, w_router_ED, b_router_E, w_in_EHD, b_in_EH, w2_EDF, b2_ED)
+    bias = None
+    if selection_bias_E is not None:
+        bias = selection_bias_E.detach().to(torch.float32).contiguous()
+        if bias.shape != (E,):
+            raise ValueError(f"moekit.ops.native.moe_decode: the selection bias must have shape ({E},), got "
+                             f"{tuple(bias.shape)}")
+    Dout = w2_EDF.shape[1]
+    y = torch.empty(T, Dout, dtype=x_TD.dtype)
+    idx = torch.empty(T, k, dtype=torch.int64) if return_routing else None
+    wts = torch.empty(T, k, dtype=torch.float32) if return_routing else None
+    experts_touched = min(E, T * k)
+    nbytes = experts_touched * (H * D + Dout * F) * x_TD.element_size()
+    status = getattr(lib, f"moekit_moe_decode_{suffix}")(
+        x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), y.stride(0), T, D,
+        w_router_ED.data_ptr(), w_router_ED.stride(0), None if b_router_E is None else b_router_E.data_ptr(), E, k,
+        SCORES[score], int(bool(normalize)), float(scale), None if bias is None else bias.data_ptr(),
+        w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H,
+        None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
+        w2_EDF.data_ptr(), w2_EDF.stride(0), w2_EDF.stride(1), Dout,
+        None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0),
+        int(glu), ACTIVATIONS[activation], _threads(nbytes, threads),
+        None if idx is None else idx.data_ptr(), None if wts is None else wts.data_ptr())
+    if status == 1:
+        raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
+    if status:
+        raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
+    return (y, idx, wts) if return_routing else y

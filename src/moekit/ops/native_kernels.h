@@ -240,29 +240,15 @@ int FN(moekit_cols)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *expe
     return 0;
 }
 
-/* A whole expert FFN for few rows, fused: h = x @ W_in^T (+ b_in); g = act(h[:, :F]) * h[:, F:] (glu) or act(h);
- * y = g @ W2^T (+ b2). Both weights in the rows layout: W_in (E, H, D) with H = 2F (glu) or F, W2 (E, D', F).
- * One parallel region, the phases separated by barriers; h and g stay float32 in packed buffers. */
-int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
-                   const i64 *rows, i64 R, i64 E, i64 nrows, const WT *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D,
-                   const WT *b_in, i64 sb_in, const WT *w2, i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2,
-                   int glu, int act, int threads) {
-    int bad = check_groups(G, experts, offs, rows, R, E, nrows);
-    if (bad) return 10 + bad;
+/* The expert FFN phases on rows already packed as float (row r of xp at xp + r * ldp), outputs into packed float
+ * rows yp (row r of the group layout -> row r of yp): h = x @ W_in^T (+ b_in); g = act(h[:, :F]) * h[:, F:] (glu) or
+ * act(h); y = g @ W2^T (+ b2). Both weights in the rows layout: W_in (E, H, D) with H = 2F (glu) or F, W2 (E, D', F).
+ * One parallel region, the phases separated by barriers. h, g: work buffers of R rows (strides ldh, ldg). */
+static void FN(ffn_packed)(const float *xp, i64 ldp, i64 G, const i64 *experts, const i64 *offs, const i64 *pos,
+                           i64 R, const WT *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D, const WT *b_in, i64 sb_in,
+                           const WT *w2, i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2, int glu, int act,
+                           float *h, i64 ldh, float *gbuf, i64 ldg, float *yp, i64 ldo, int threads) {
     i64 F = glu ? H / 2 : H;
-    i64 ldp = padded(D), ldh = padded(H), ldg = padded(F), ldo = padded(Dout);
-    size_t n1 = (size_t)(R > 0 ? R : 1);
-    float *xp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldp);
-    float *h = (float *)aligned_alloc(64, sizeof(float) * n1 * ldh);
-    float *gbuf = (float *)aligned_alloc(64, sizeof(float) * n1 * ldg);
-    float *yp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldo);
-    i64 *pos = (i64 *)malloc(sizeof(i64) * n1);
-    if (!xp || !h || !gbuf || !yp || !pos) {
-        free(xp), free(h), free(gbuf), free(yp), free(pos);
-        return 1;
-    }
-    FN(pack)(x, ldx, rows, R, D, xp, ldp);
-    for (i64 r = 0; r < R; r++) pos[r] = r;
     i64 blocks1 = (H + OBLOCK - 1) / OBLOCK, blocks2 = (Dout + OBLOCK - 1) / OBLOCK;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
@@ -291,8 +277,150 @@ int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *exper
                            o1, b2 ? b2 + e * sb2 : NULL, yp, ldo);
         }
     }
+}
+
+/* A whole expert FFN for few rows (ffn_packed on the group's rows of x, results to the same rows of y). */
+int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
+                   const i64 *rows, i64 R, i64 E, i64 nrows, const WT *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D,
+                   const WT *b_in, i64 sb_in, const WT *w2, i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2,
+                   int glu, int act, int threads) {
+    int bad = check_groups(G, experts, offs, rows, R, E, nrows);
+    if (bad) return 10 + bad;
+    i64 F = glu ? H / 2 : H;
+    i64 ldp = padded(D), ldh = padded(H), ldg = padded(F), ldo = padded(Dout);
+    size_t n1 = (size_t)(R > 0 ? R : 1);
+    float *xp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldp);
+    float *h = (float *)aligned_alloc(64, sizeof(float) * n1 * ldh);
+    float *gbuf = (float *)aligned_alloc(64, sizeof(float) * n1 * ldg);
+    float *yp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldo);
+    i64 *pos = (i64 *)malloc(sizeof(i64) * n1);
+    if (!xp || !h || !gbuf || !yp || !pos) {
+        free(xp), free(h), free(gbuf), free(yp), free(pos);
+        return 1;
+    }
+    FN(pack)(x, ldx, rows, R, D, xp, ldp);
+    for (i64 r = 0; r < R; r++) pos[r] = r;
+    FN(ffn_packed)(xp, ldp, G, experts, offs, pos, R, w_in, sE_in, ld_in, H, D, b_in, sb_in, w2, sE2, ld2, Dout, b2,
+                   sb2, glu, act, h, ldh, gbuf, ldg, yp, ldo, threads);
     FN(unpack)(yp, ldo, rows, R, Dout, y, ldy);
     free(xp), free(h), free(gbuf), free(yp), free(pos);
+    return 0;
+}
+
+/* A whole MoE layer's routed part for T <= MAX_ROWS tokens, in one call (moekit.ops.native.moe_decode):
+ *   logits = x @ Wr^T (+ br)                       float32 accumulation, E experts
+ *   score 0: s = softmax(logits); choose top-k of s (+ sel_bias); w = s at the choice; normalize: w / sum(w)
+ *   score 1: s = sigmoid(logits); as score 0 (normalize: w / (sum(w) + 1e-20))
+ *   score 2: choose top-k of logits (+ sel_bias); w = softmax over the k chosen logits (gpt-oss)
+ *   w *= scale; y[t] = sum_j w[t, j] * FFN_{idx[t, j]}(x[t])
+ * Ties choose the lower expert id. The chosen ids and weights are written to idx_out (T x k) and w_out (T x k)
+ * when given. Returns 0, 1 (no memory) or 14 (k outside [1, E], T outside [0, MAX_ROWS]). */
+int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, const WT *wr, i64 ldr,
+                          const WT *br, i64 E, i64 k, int score, int normalize, float scale, const float *sel_bias,
+                          const WT *w_in, i64 sE_in, i64 ld_in, i64 H, const WT *b_in, i64 sb_in, const WT *w2,
+                          i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2, int glu, int act, int threads,
+                          int64_t *idx_out, float *w_out) {
+    if (k < 1 || k > E || T < 0 || T > MAX_ROWS) return 14;
+    i64 R = T * k, F = glu ? H / 2 : H;
+    i64 ldp = padded(D), ldh = padded(H), ldg = padded(F), ldo = padded(Dout);
+    size_t n1 = (size_t)(R > 0 ? R : 1);
+    float *xp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldp);
+    float *h = (float *)aligned_alloc(64, sizeof(float) * n1 * ldh);
+    float *gbuf = (float *)aligned_alloc(64, sizeof(float) * n1 * ldg);
+    float *yp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldo);
+    float *xt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(T > 0 ? T : 1) * ldp);
+    float *lg = (float *)malloc(sizeof(float) * (size_t)E * 2);
+    i64 *ints = (i64 *)malloc(sizeof(i64) * (3 * n1 + 2 * (size_t)E + 2));
+    float *wk = (float *)malloc(sizeof(float) * n1);
+    if (!xp || !h || !gbuf || !yp || !xt || !lg || !ints || !wk) {
+        free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk);
+        return 1;
+    }
+    i64 *idx = ints, *pos = ints + n1, *slot = ints + 2 * n1;
+    i64 *count = ints + 3 * n1, *experts = count + E + 1; /* count: E + 1 entries (offsets), experts: <= E */
+    float *ch = lg + E;
+    /* routing, token by token */
+    for (i64 t = 0; t < T; t++) {
+        const WT *xr = x + t * ldx;
+        float *xf = xt + t * ldp;
+        for (i64 d = 0; d < D; d++) xf[d] = LD(xr + d);
+        for (i64 e = 0; e < E; e++) {
+            const WT *we = wr + e * ldr;
+            float a = 0;
+#pragma omp simd reduction(+ : a)
+            for (i64 d = 0; d < D; d++) a += LD(we + d) * xf[d];
+            lg[e] = a + FN(bias_at)(br, e);
+        }
+        if (score == 0) {
+            float m = lg[0], z = 0;
+            for (i64 e = 1; e < E; e++) m = lg[e] > m ? lg[e] : m;
+            for (i64 e = 0; e < E; e++) z += (lg[e] = expf(lg[e] - m));
+            for (i64 e = 0; e < E; e++) lg[e] /= z;
+        } else if (score == 1) {
+            for (i64 e = 0; e < E; e++) lg[e] = 1.0f / (1.0f + expf(-lg[e]));
+        }
+        for (i64 e = 0; e < E; e++) ch[e] = lg[e] + (sel_bias ? sel_bias[e] : 0.0f);
+        float sum = 0, top = 0;
+        for (i64 j = 0; j < k; j++) {
+            i64 best = -1;
+            for (i64 e = 0; e < E; e++)
+                if (ch[e] == ch[e] && (best < 0 || ch[e] > ch[best])) best = e; /* NaN never chosen */
+            if (best < 0) best = 0;
+            ch[best] = -INFINITY;
+            idx[t * k + j] = best;
+            if (j == 0) top = lg[best];
+            wk[t * k + j] = lg[best];
+        }
+        if (score == 2) {
+            for (i64 j = 0; j < k; j++) sum += (wk[t * k + j] = expf(wk[t * k + j] - top));
+            for (i64 j = 0; j < k; j++) wk[t * k + j] /= sum;
+        } else if (normalize) {
+            for (i64 j = 0; j < k; j++) sum += wk[t * k + j];
+            float den = score == 0 ? sum : sum + 1e-20f;
+            for (i64 j = 0; j < k; j++) wk[t * k + j] /= den;
+        }
+        for (i64 j = 0; j < k; j++) wk[t * k + j] *= scale;
+    }
+    /* group the pairs by expert (counting sort: experts in id order, pairs in token order within one) */
+    for (i64 e = 0; e <= E; e++) count[e] = 0;
+    for (i64 r = 0; r < R; r++) count[idx[r] + 1]++;
+    for (i64 e = 0; e < E; e++) count[e + 1] += count[e];
+    i64 G = 0;
+    for (i64 e = 0; e < E; e++)
+        if (count[e + 1] > count[e]) experts[G++] = e;
+    /* slot[r]: the packed row of pair r; offsets of the G groups into offs (reusing count's prefix sums) */
+    {
+        i64 *next = (i64 *)malloc(sizeof(i64) * (size_t)E);
+        i64 *offs = (i64 *)malloc(sizeof(i64) * (size_t)(G + 1));
+        if (!next || !offs) {
+            free(next), free(offs);
+            free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk);
+            return 1;
+        }
+        for (i64 e = 0; e < E; e++) next[e] = count[e];
+        for (i64 r = 0; r < R; r++) slot[r] = next[idx[r]]++;
+        for (i64 g = 0; g < G; g++) offs[g] = count[experts[g]];
+        offs[G] = R;
+        for (i64 r = 0; r < R; r++) memcpy(xp + slot[r] * ldp, xt + (r / k) * ldp, sizeof(float) * (size_t)D);
+        for (i64 r = 0; r < R; r++) pos[r] = r;
+        FN(ffn_packed)(xp, ldp, G, experts, offs, pos, R, w_in, sE_in, ld_in, H, D, b_in, sb_in, w2, sE2, ld2, Dout,
+                       b2, sb2, glu, act, h, ldh, gbuf, ldg, yp, ldo, threads);
+        free(next), free(offs);
+    }
+    /* combine: y[t] = sum_j w[t, j] * yp[slot[t, j]] */
+    for (i64 t = 0; t < T; t++) {
+        WT *yt = y + t * ldy;
+        for (i64 o = 0; o < Dout; o++) {
+            float acc = 0;
+            for (i64 j = 0; j < k; j++) acc += wk[t * k + j] * yp[slot[t * k + j] * ldo + o];
+            ST(yt + o, acc);
+        }
+    }
+    if (idx_out)
+        for (i64 r = 0; r < R; r++) idx_out[r] = idx[r];
+    if (w_out)
+        for (i64 r = 0; r < R; r++) w_out[r] = wk[r];
+    free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk);
     return 0;
 }
 

@@ -32,7 +32,11 @@ def _route_token(layer, x_D: Tensor) -> tuple[list[int], list[Tensor]]:
         scores = ex / ex.sum()
     else:
         scores = 1 / (1 + torch.exp(-logits))
-    choice = [float(scores[e].detach()) + (float(r.bias_E[e]) if r.bias_E is not None else 0.0) for e in range(E)]
+    from ..routers.topk_softmax import TopKSoftmax
+
+    over_logits = isinstance(s, TopKSoftmax)  # gpt-oss: choose on the (biased) logits, softmax over the k chosen
+    basis = logits if over_logits else scores
+    choice = [float(basis[e].detach()) + (float(r.bias_E[e]) if r.bias_E is not None else 0.0) for e in range(E)]
     eligible = list(range(E))
     if s.n_group is not None:
         size = E // s.n_group
@@ -44,7 +48,10 @@ def _route_token(layer, x_D: Tensor) -> tuple[list[int], list[Tensor]]:
         eligible = [e for e in range(E) if e // size in best]
     chosen = sorted(eligible, key=lambda e: -choice[e])[: s.k]
     weights = [scores[e] for e in chosen]
-    if s.normalize:
+    if over_logits:
+        ex = [torch.exp(logits[e] - max(logits[c] for c in chosen)) for e in chosen]
+        weights = [v / sum(ex) for v in ex]
+    elif s.normalize:
         total = sum(weights)
         weights = [w / (total + 1e-20) for w in weights]
     weights = [w * s.scale for w in weights]

@@ -1,0 +1,181 @@
+"""The fused decode call (moekit.fused_decode): a layer in eval mode, outside autograd, with at most 16 tokens runs
+router, experts and combine in one native call. Checked against the per-token reference in float64 for every
+routing rule it fuses, against the composed path, in bfloat16 against float64 of the rounded model; and every
+condition that must keep the composed path does."""
+
+import pytest
+import torch
+
+from moekit import Capacity, MoE, SwiGLU, TopK
+from moekit import fused_decode
+from moekit.experts import MLP
+from moekit.ops import native
+from moekit.reference.loop import moe_reference
+from moekit.routers import TopKSoftmax
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no C compiler)")
+
+ROUTERS = {
+    "softmax-renorm": TopK(k=2),
+    "softmax-raw-scaled": TopK(k=3, normalize=False, scale=1.7),
+    "sigmoid-bias": TopK(k=2, score="sigmoid", correction_bias=True, scale=2.5),
+    "router-bias": TopK(k=1, router_bias=True),
+    "gpt-oss": TopKSoftmax(k=2, router_bias=True, correction_bias=True),
+}
+
+
+def _layer(router, experts=None, shared=None, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layer = MoE(32, 8, router=router, experts=experts or SwiGLU(hidden_dim=24), shared_experts=shared)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+        if layer.router.bias_E is not None:
+            layer.router.bias_E.normal_(0, 0.2)
+    return layer.to(dtype).eval()
+
+
+class _Spy:
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = native.moe_decode
+
+        def spy(*a, **k):
+            self.calls += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(native, "moe_decode", spy)
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(ROUTERS))
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_fused_equals_per_token_reference(name, T, monkeypatch):
+    """float32 layer, fused, against the float64 per-token loop of the same weights (1e-5 relative to the scale),
+    and against the composed float32 path (the same choices; outputs to 1e-5)."""
+    ref_layer = _layer(ROUTERS[name])
+    layer = _layer(ROUTERS[name]).float()
+    assert layer.decode_fusion is not None
+    x = torch.randn(T, 32, dtype=torch.float64)
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        y = layer(x.float())
+        composed = layer.forward_with_aux(x.float()).y
+    assert spy.calls == 1
+    ref = moe_reference(ref_layer, x)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(y, composed, rtol=0, atol=1e-5 * scale)
+
+
+@needs_native
+@pytest.mark.parametrize("experts,shared", [
+    (MLP(hidden_dim=24, activation="gelu"), None),
+    (SwiGLU(hidden_dim=24), SwiGLU(hidden_dim=16)),  # shared experts added after the fused call
+])
+def test_fused_with_mlp_experts_and_shared_experts(experts, shared, monkeypatch):
+    ref_layer = _layer(TopK(k=2), experts, shared)
+    layer = _layer(TopK(k=2), experts, shared).float()
+    x = torch.randn(2, 3, 32, dtype=torch.float64)  # any leading shape
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        y = layer(x.float())
+    assert spy.calls == 1 and y.shape == x.shape
+    ref = moe_reference(ref_layer, x)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+@needs_native
+def test_fused_bfloat16_is_closer_to_float64_than_the_composed_path(monkeypatch):
+    layer = _layer(TopK(k=2)).bfloat16()
+    ref_layer = _layer(TopK(k=2))
+    ref_layer.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})  # the rounded weights
+    x = torch.randn(4, 32).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+        composed = layer.forward_with_aux(x).y
+    ref = moe_reference(ref_layer, x.double())
+    err, err_composed = (y.double() - ref).abs().max(), (composed.double() - ref).abs().max()
+    assert y.dtype == torch.bfloat16
+    assert err <= 2 ** -8 * ref.abs().max() and err <= err_composed + 1e-12, (err, err_composed)
+
+
+@needs_native
+def test_everything_else_keeps_the_composed_path(monkeypatch):
+    layer = _layer(TopK(k=2)).float()
+    x = torch.randn(3, 32)
+    spy = _Spy(monkeypatch)
+    layer.train()
+    with torch.no_grad():
+        layer(x)  # training mode
+    layer.eval()
+    layer(x)  # autograd needs the parameters
+    with torch.no_grad():
+        layer(torch.randn(17, 32))  # more than MAX_TOKENS
+        layer(x, token_mask=torch.ones(3, dtype=torch.bool))  # per-call arguments
+        layer.accumulate_stats = True
+        layer(x)
+        layer.accumulate_stats = False
+        h = layer.router.register_forward_hook(lambda *a: None)
+        layer(x)  # someone watches the router
+        h.remove()
+        layer.routing_log = []
+        layer(x)
+        layer.routing_log = None
+        old = layer.router
+        layer.router = _layer(TopK(k=2)).float().router  # a part replaced after the fusion was built
+        layer(x)
+        layer.router = old
+        assert spy.calls == 0
+        layer(x)
+        assert spy.calls == 1
+        assert layer.fuse_decode(False) == "turned off"
+        layer(x)
+        assert spy.calls == 1 and layer.fuse_decode() is None
+
+
+def test_layers_without_a_fused_form_say_why(monkeypatch):
+    cases = {
+        "dispatcher": MoE(16, 4, router=TopK(k=2), dispatch=Capacity(factor=1.0)),
+        "group-limited": MoE(16, 4, router=TopK(k=2, n_group=2, topk_group=1)),
+        "computes in": MoE(16, 4, router=TopK(k=2, logits_dtype="float64")),
+    }
+    for word, layer in cases.items():
+        assert layer.decode_fusion is None
+        assert word in layer.fuse_decode(), (word, layer.fuse_decode())
+    monkeypatch.setenv("MOEKIT_FUSED_DECODE", "0")
+    assert MoE(16, 4).decode_fusion is None
+
+
+@needs_native
+def test_fused_call_is_one_native_call_and_few_ops():
+    """The point of fusing: a one-token call issues a handful of aten ops (the output, its reshape), not ~20."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = MoE(64, 8, router=TopK(k=2), experts=SwiGLU(hidden_dim=48)).eval()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        layer(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer(x)
+    ops = [e.name for e in prof.events() if e.name.startswith("aten::") and
+           (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    assert len(ops) <= 6, ops
+
+
+@needs_native
+def test_moe_decode_rejects_bad_arguments():
+    x, wr = torch.randn(2, 8), torch.randn(4, 8)
+    w_in, w2 = torch.randn(4, 10, 8), torch.randn(4, 8, 5)
+    args = (None, 2, "softmax", True, 1.0, None, w_in, None, w2, None, True, "silu")
+    with pytest.raises(ValueError, match="at most"):
+        native.moe_decode(torch.randn(17, 8), wr, *args)
+    with pytest.raises(ValueError, match="k must"):
+        native.moe_decode(x, wr, None, 5, *args[2:])
+    with pytest.raises(ValueError, match="score"):
+        native.moe_decode(x, wr, None, 2, "relu", *args[3:])
+    with pytest.raises(ValueError, match="chain"):
+        native.moe_decode(x, wr, None, 2, "softmax", True, 1.0, None, w_in, None, torch.randn(4, 8, 6), None,
+                          True, "silu")
+    with pytest.raises(TypeError, match="dtype"):
+        native.moe_decode(x, wr.double(), *args)
