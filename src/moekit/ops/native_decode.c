@@ -20,6 +20,9 @@
 typedef int64_t i64;
 #define MAX_ROWS 16
 #define OBLOCK 64 /* output rows per work item (rows layout) */
+#ifndef ROWS_FEW_MAX
+#define ROWS_FEW_MAX 3 /* groups of up to this many rows take rows_few (AVX2 builds) */
+#endif
 
 /* Every entry point first checks its groups and returns, computing nothing: 11 where the offsets do not run from 0
  * to R in order, 12 for an expert id outside [0, E) or a group of more than MAX_ROWS rows, 13 for a row id outside

@@ -21,35 +21,38 @@ static inline float FN(bias_at)(const WT *b, i64 o) { return b ? LD(b + o) : 0.0
 static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const WT *w, i64 ldw, i64 D, i64 o0, i64 o1,
                          const WT *b, float *y, i64 ldy) {
     i64 D32 = D & ~(i64)31, D16 = D & ~(i64)15;
-    const float *x0 = x, *x1 = M > 1 ? x + ldx : x, *x2 = M > 2 ? x + 2 * ldx : x;
     for (i64 o = o0; o < o1; o++) {
         const WT *wr = w + o * ldw;
         float bo = FN(bias_at)(b, o);
-        if (M == 1) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (i64 d = 0; d < D32; d += 32) {
-                a0 = _mm256_fmadd_ps(VLD(wr + d), _mm256_loadu_ps(x0 + d), a0);
-                a1 = _mm256_fmadd_ps(VLD(wr + d + 8), _mm256_loadu_ps(x0 + d + 8), a1);
-                a2 = _mm256_fmadd_ps(VLD(wr + d + 16), _mm256_loadu_ps(x0 + d + 16), a2);
-                a3 = _mm256_fmadd_ps(VLD(wr + d + 24), _mm256_loadu_ps(x0 + d + 24), a3);
+        for (i64 m0 = 0; m0 < M; m0 += 3) { /* chunks of 3 input rows: the weight row is in L1 after the first */
+            i64 mm = M - m0 < 3 ? M - m0 : 3;
+            const float *x0 = x + m0 * ldx, *x1 = mm > 1 ? x0 + ldx : x0, *x2 = mm > 2 ? x0 + 2 * ldx : x0;
+            if (mm == 1) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (i64 d = 0; d < D32; d += 32) {
+                    a0 = _mm256_fmadd_ps(VLD(wr + d), _mm256_loadu_ps(x0 + d), a0);
+                    a1 = _mm256_fmadd_ps(VLD(wr + d + 8), _mm256_loadu_ps(x0 + d + 8), a1);
+                    a2 = _mm256_fmadd_ps(VLD(wr + d + 16), _mm256_loadu_ps(x0 + d + 16), a2);
+                    a3 = _mm256_fmadd_ps(VLD(wr + d + 24), _mm256_loadu_ps(x0 + d + 24), a3);
+                }
+                float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+                for (i64 d = D32; d < D; d++) s += LD(wr + d) * x0[d];
+                y[out[m0] * ldy + o] = s + bo;
+                continue;
             }
-            float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-            for (i64 d = D32; d < D; d++) s += LD(wr + d) * x0[d];
-            y[out[0] * ldy + o] = s + bo;
-            continue;
-        }
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, c0 = a0, c1 = a0, c2 = a0;
-        for (i64 d = 0; d < D16; d += 16) {
-            __m256 p = VLD(wr + d), q = VLD(wr + d + 8);
-            a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x0 + d), a0), c0 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x0 + d + 8), c0);
-            a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x1 + d), a1), c1 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x1 + d + 8), c1);
-            a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x2 + d), a2), c2 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x2 + d + 8), c2);
-        }
-        float s[3] = {hsum8(_mm256_add_ps(a0, c0)), hsum8(_mm256_add_ps(a1, c1)), hsum8(_mm256_add_ps(a2, c2))};
-        const float *xs[3] = {x0, x1, x2};
-        for (i64 m = 0; m < M; m++) {
-            for (i64 d = D16; d < D; d++) s[m] += LD(wr + d) * xs[m][d];
-            y[out[m] * ldy + o] = s[m] + bo;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, c0 = a0, c1 = a0, c2 = a0;
+            for (i64 d = 0; d < D16; d += 16) {
+                __m256 p = VLD(wr + d), q = VLD(wr + d + 8);
+                a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x0 + d), a0), c0 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x0 + d + 8), c0);
+                a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x1 + d), a1), c1 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x1 + d + 8), c1);
+                a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x2 + d), a2), c2 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x2 + d + 8), c2);
+            }
+            float s[3] = {hsum8(_mm256_add_ps(a0, c0)), hsum8(_mm256_add_ps(a1, c1)), hsum8(_mm256_add_ps(a2, c2))};
+            const float *xs[3] = {x0, x1, x2};
+            for (i64 m = 0; m < mm; m++) {
+                for (i64 d = D16; d < D; d++) s[m] += LD(wr + d) * xs[m][d];
+                y[out[m0 + m] * ldy + o] = s[m] + bo;
+            }
         }
     }
 }
@@ -61,7 +64,7 @@ static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const W
 static void FN(rows_block)(const float *x, i64 ldx, const i64 *out, i64 M, const WT *w, i64 ldw, i64 D, i64 o0,
                            i64 o1, const WT *b, float *y, i64 ldy) {
 #ifdef VLD
-    if (M <= 3) {
+    if (M <= ROWS_FEW_MAX) {
         FN(rows_few)(x, ldx, out, M, w, ldw, D, o0, o1, b, y, ldy);
         return;
     }
