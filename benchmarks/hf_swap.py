@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="*", default=["train", "generate"], choices=["train", "generate"],
                    help="which timings to run (generate alone for large hidden sizes, where HF batched_mm's "
                         "training copies the expert weights of every token)")
+    p.add_argument("--no-hugepages", action="store_true",
+                   help="keep the weights on 4 KiB pages (by default every model, HF's and moekit's, is moved onto "
+                        "transparent huge pages with moekit.hugepages.to_hugepages where the kernel offers them)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--no-tcmalloc", action="store_true")
     args = p.parse_args(argv)
@@ -135,6 +138,11 @@ def bench_arch(arch: str, args, env: dict) -> list[dict]:
     except Exception as e:  # noqa: BLE001 (reported in the output)
         swap_note = f"swap_hf_moe n/a: {str(e).splitlines()[0][:90]}"
 
+    if not args.no_hugepages:  # every model's weights on huge pages where the kernel has them (moekit.hugepages)
+        from moekit.hugepages import to_hugepages
+
+        for m in {id(m): m for m, _ in models.values()}.values():
+            to_hugepages(m)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g)
     prompt = torch.randint(3, args.vocab, (1, args.prompt), generator=g)

@@ -21,6 +21,8 @@ ROUTERS = {
     "sigmoid-bias": TopK(k=2, score="sigmoid", correction_bias=True, scale=2.5),
     "router-bias": TopK(k=1, router_bias=True),
     "gpt-oss": TopKSoftmax(k=2, router_bias=True, correction_bias=True),
+    "deepseek-v3-groups": TopK(k=2, score="sigmoid", correction_bias=True, n_group=4, topk_group=2, scale=2.5),
+    "deepseek-v2-groups": TopK(k=3, n_group=2, topk_group=1, group_score="max", normalize=False),
 }
 
 
@@ -137,7 +139,7 @@ def test_everything_else_keeps_the_composed_path(monkeypatch):
 def test_layers_without_a_fused_form_say_why(monkeypatch):
     cases = {
         "dispatcher": MoE(16, 4, router=TopK(k=2), dispatch=Capacity(factor=1.0)),
-        "group-limited": MoE(16, 4, router=TopK(k=2, n_group=2, topk_group=1)),
+        "noisy": MoE(16, 4, router=TopK(k=2, noisy_gating=True)),
         "computes in": MoE(16, 4, router=TopK(k=2, logits_dtype="float64")),
     }
     for word, layer in cases.items():

@@ -8,8 +8,8 @@ its score function, top-k, renormalisation and scale, every touched expert's FFN
 of :func:`moekit.ops.native.moe_decode`.
 
 It is built once per layer from the layer's parts (:func:`fusion_for`, at construction) where their arithmetic has
-a native form: a :class:`~moekit.TopK` router (softmax or sigmoid scores, optional selection bias, renormalisation
-and scale; no group limit) or :class:`~moekit.routers.TopKSoftmax` (gpt-oss), computing its logits in float32; the
+a native form: a :class:`~moekit.TopK` router (softmax or sigmoid scores, optional selection bias, group limit,
+renormalisation and scale) or :class:`~moekit.routers.TopKSoftmax` (gpt-oss), computing its logits in float32; the
 dropless local dispatcher; a plain expert bank whose gating is the native GLU or activation. The layer takes the
 fused call only when nothing would tell the difference: eval mode, no autograd needed, at most
 :data:`MAX_TOKENS` tokens, the same parts as when it was built, no hooks on them, no routing log, replay or
@@ -44,6 +44,7 @@ class DecodeFusion:
         self.k = spec.k
         self.score = "topk_softmax" if _is_topk_softmax(router) else spec.score
         self.normalize, self.scale = spec.normalize, float(spec.scale)
+        self.groups = None if spec.n_group is None else (spec.n_group, spec.topk_group, spec.group_score)
         self.float32_logits = spec.logits_dtype == "float32" or (spec.logits_dtype is None and spec.fp32)
 
     def takes(self, layer: nn.Module, x: Tensor) -> bool:
@@ -74,7 +75,8 @@ class DecodeFusion:
         with torch.no_grad():
             return native.moe_decode(
                 x_TD.contiguous(), gate.weight, gate.bias, self.k, self.score, self.normalize, self.scale, bias_E,
-                bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED, bank.spec.glu, bank.spec.activation)
+                bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED, bank.spec.glu, bank.spec.activation,
+                groups=self.groups)
 
 
 def fusion_for(layer: nn.Module) -> tuple[DecodeFusion | None, str | None]:
@@ -92,8 +94,8 @@ def fusion_for(layer: nn.Module) -> tuple[DecodeFusion | None, str | None]:
     if not (type(router) is TopKRouter or _is_topk_softmax(router)) or type(router).select is not TopKRouter.select:
         return None, f"router {type(router).__name__} has no fused form (TopK and TopKSoftmax do)"
     spec = router.spec
-    if spec.n_group is not None or router.noise is not None:
-        return None, "group-limited or noisy-gated routing"
+    if router.noise is not None:
+        return None, "noisy-gated routing"
     if spec.logits_dtype not in (None, "float32") or spec.score_dtype not in (None, "float32"):
         return None, f"router computes in {spec.logits_dtype or spec.score_dtype}"
     if type(dispatcher) is not LocalDispatcher:

@@ -139,6 +139,9 @@ class HFBlockAdapter(nn.Module):
         self.flat_output = flat_output
 
     def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        if not self._logits_wanted():  # the plain call, which may take the fused decode path (moekit.fused_decode)
+            y = self.moe(hidden_states)
+            return y.reshape(-1, y.shape[-1]) if self.flat_output else y
         out = self.moe.forward_with_aux(hidden_states)
         logits = out.assignment.logits_TE
         if logits is not None and not self.flat_logits:
@@ -147,6 +150,20 @@ class HFBlockAdapter(nn.Module):
             self.logits_tap(logits)
         y = out.y.reshape(-1, out.y.shape[-1]) if self.flat_output else out.y
         return (y, logits) if self.returns_tuple else y
+
+    def _logits_wanted(self) -> bool:
+        """Whether this call must produce the router logits: the block returns them, or transformers is recording
+        ``router_logits`` now (``output_router_logits=True``) through the tap."""
+        if self.returns_tuple:
+            return True
+        if self.logits_tap is None or getattr(self.logits_tap, "index", None) is None:
+            return False
+        try:  # transformers' recorder of ``output_*`` tensors (private; if it moves, always emit the logits)
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:
+            return True
+        collected = _active_collector.get()
+        return collected is not None and "router_logits" in collected
 
     def extra_repr(self) -> str:
         return f"replaces={self.block_class}"

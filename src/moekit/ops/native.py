@@ -101,7 +101,8 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"moekit_moe_decode_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_float, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, i64,
+                       ctypes.c_float, ptr, i64, i64, ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64,
+                       ptr, i64,
                        ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr]
     return lib
 
@@ -270,12 +271,13 @@ SCORES = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}  # moe_decode's routing
 def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: int, score: str, normalize: bool,
                scale: float, selection_bias_E: Tensor | None, w_in_EHD: Tensor, b_in_EH: Tensor | None,
                w2_EDF: Tensor, b2_ED: Tensor | None, glu: bool, activation: str, threads: int | None = None,
-               return_routing: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+               return_routing: bool = False, groups: tuple[int, int, str] | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """An MoE layer's routed output for at most ``MAX_ROWS`` tokens in one call: the router's linear map, its score
     function and top-k (``score``: ``"softmax"`` over all experts, ``"sigmoid"`` per expert, or ``"topk_softmax"``:
     top-k of the logits, softmax over the k chosen), the optional selection bias (choice only, float32),
     renormalisation (``normalize``) and ``scale``, then every touched expert's FFN (as :func:`ffn`) and the weighted
-    sum per token. Float32 arithmetic throughout (one rounding to the storage dtype at the end); ties choose the
+    sum per token. ``groups``: ``(n_group, topk_group, "top2sum" | "max")``, DeepSeek's group-limited choice.
+    Float32 arithmetic throughout (one rounding to the storage dtype at the end); ties choose the
     lower expert id. ``return_routing``: also the chosen ids (T, k) int64 and their float32 weights (T, k)."""
     lib = _load()
     if lib is None:
@@ -312,6 +314,13 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
         if bias.shape != (E,):
             raise ValueError(f"moekit.ops.native.moe_decode: the selection bias must have shape ({E},), got "
                              f"{tuple(bias.shape)}")
+    n_group, topk_group, group_max = 0, 0, 0
+    if groups is not None:
+        n_group, topk_group, how = groups
+        if n_group < 1 or E % n_group or not 1 <= topk_group <= n_group or how not in ("top2sum", "max"):
+            raise ValueError(f"moekit.ops.native.moe_decode: groups must be (n_group dividing {E}, topk_group in "
+                             f"[1, n_group], 'top2sum' or 'max'), got {groups}")
+        group_max = int(how == "max")
     Dout = w2_EDF.shape[1]
     y = torch.empty(T, Dout, dtype=x_TD.dtype)
     idx = torch.empty(T, k, dtype=torch.int64) if return_routing else None
@@ -322,6 +331,7 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
         x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), y.stride(0), T, D,
         w_router_ED.data_ptr(), w_router_ED.stride(0), None if b_router_E is None else b_router_E.data_ptr(), E, k,
         SCORES[score], int(bool(normalize)), float(scale), None if bias is None else bias.data_ptr(),
+        n_group, topk_group, group_max,
         w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H,
         None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
         w2_EDF.data_ptr(), w2_EDF.stride(0), w2_EDF.stride(1), Dout,

@@ -315,15 +315,19 @@ int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *exper
  *   score 0: s = softmax(logits); choose top-k of s (+ sel_bias); w = s at the choice; normalize: w / sum(w)
  *   score 1: s = sigmoid(logits); as score 0 (normalize: w / (sum(w) + 1e-20))
  *   score 2: choose top-k of logits (+ sel_bias); w = softmax over the k chosen logits (gpt-oss)
+ *   n_group > 0: only the experts of the topk_group best groups of E / n_group are eligible (group score: the
+ *   sum of its two largest choice values, or its largest with group_max), as DeepSeek-V2/V3
  *   w *= scale; y[t] = sum_j w[t, j] * FFN_{idx[t, j]}(x[t])
  * Ties choose the lower expert id. The chosen ids and weights are written to idx_out (T x k) and w_out (T x k)
  * when given. Returns 0, 1 (no memory) or 14 (k outside [1, E], T outside [0, MAX_ROWS]). */
 int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, const WT *wr, i64 ldr,
                           const WT *br, i64 E, i64 k, int score, int normalize, float scale, const float *sel_bias,
+                          i64 n_group, i64 topk_group, int group_max,
                           const WT *w_in, i64 sE_in, i64 ld_in, i64 H, const WT *b_in, i64 sb_in, const WT *w2,
                           i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2, int glu, int act, int threads,
                           int64_t *idx_out, float *w_out) {
     if (k < 1 || k > E || T < 0 || T > MAX_ROWS) return 14;
+    if (n_group > 0 && (E % n_group || topk_group < 1 || topk_group > n_group)) return 14;
     i64 R = T * k, F = glu ? H / 2 : H;
     i64 ldp = padded(D), ldh = padded(H), ldg = padded(F), ldo = padded(Dout);
     size_t n1 = (size_t)(R > 0 ? R : 1);
@@ -332,13 +336,16 @@ int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, co
     float *gbuf = (float *)aligned_alloc(64, sizeof(float) * n1 * ldg);
     float *yp = (float *)aligned_alloc(64, sizeof(float) * n1 * ldo);
     float *xt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(T > 0 ? T : 1) * ldp);
-    float *lg = (float *)malloc(sizeof(float) * (size_t)E * 2);
+    float *lg = (float *)malloc(sizeof(float) * (size_t)E * 2 + sizeof(float) * (size_t)(n_group > 0 ? n_group : 1));
+    char *used = (char *)malloc((size_t)E + (size_t)(n_group > 0 ? n_group : 1));
     i64 *ints = (i64 *)malloc(sizeof(i64) * (3 * n1 + 2 * (size_t)E + 2));
     float *wk = (float *)malloc(sizeof(float) * n1);
-    if (!xp || !h || !gbuf || !yp || !xt || !lg || !ints || !wk) {
-        free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk);
+    if (!xp || !h || !gbuf || !yp || !xt || !lg || !ints || !wk || !used) {
+        free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk), free(used);
         return 1;
     }
+    float *gs = lg + 2 * E; /* group scores */
+    char *gkeep = used + E;
     i64 *idx = ints, *pos = ints + n1, *slot = ints + 2 * n1;
     i64 *count = ints + 3 * n1, *experts = count + E + 1; /* count: E + 1 entries (offsets), experts: <= E */
     float *ch = lg + E;
@@ -362,14 +369,34 @@ int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, co
         } else if (score == 1) {
             for (i64 e = 0; e < E; e++) lg[e] = 1.0f / (1.0f + expf(-lg[e]));
         }
-        for (i64 e = 0; e < E; e++) ch[e] = lg[e] + (sel_bias ? sel_bias[e] : 0.0f);
+        for (i64 e = 0; e < E; e++) ch[e] = lg[e] + (sel_bias ? sel_bias[e] : 0.0f), used[e] = 0;
+        if (n_group > 0) { /* group limit (DeepSeek): score each group, keep the best topk_group, mask the rest */
+            i64 S = E / n_group;
+            for (i64 g = 0; g < n_group; g++) {
+                float m1 = -INFINITY, m2 = -INFINITY;
+                for (i64 e = g * S; e < (g + 1) * S; e++) {
+                    float v = ch[e];
+                    if (v > m1) m2 = m1, m1 = v;
+                    else if (v > m2) m2 = v;
+                }
+                gs[g] = group_max || S < 2 ? m1 : m1 + m2;
+                gkeep[g] = 0;
+            }
+            for (i64 j = 0; j < topk_group; j++) {
+                i64 best = -1;
+                for (i64 g = 0; g < n_group; g++)
+                    if (!gkeep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+                gkeep[best] = 1;
+            }
+            for (i64 e = 0; e < E; e++)
+                if (!gkeep[e / S]) ch[e] = -INFINITY;
+        }
         float sum = 0, top = 0;
-        for (i64 j = 0; j < k; j++) {
+        for (i64 j = 0; j < k; j++) { /* the k largest choice values, distinct experts; ties: the lower id */
             i64 best = -1;
             for (i64 e = 0; e < E; e++)
-                if (ch[e] == ch[e] && (best < 0 || ch[e] > ch[best])) best = e; /* NaN never chosen */
-            if (best < 0) best = 0;
-            ch[best] = -INFINITY;
+                if (!used[e] && (best < 0 || ch[e] > ch[best] || (ch[best] != ch[best] && ch[e] == ch[e]))) best = e;
+            used[best] = 1;
             idx[t * k + j] = best;
             if (j == 0) top = lg[best];
             wk[t * k + j] = lg[best];
@@ -397,7 +424,7 @@ int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, co
         i64 *offs = (i64 *)malloc(sizeof(i64) * (size_t)(G + 1));
         if (!next || !offs) {
             free(next), free(offs);
-            free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk);
+            free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk), free(used);
             return 1;
         }
         for (i64 e = 0; e < E; e++) next[e] = count[e];
@@ -423,7 +450,7 @@ int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, co
         for (i64 r = 0; r < R; r++) idx_out[r] = idx[r];
     if (w_out)
         for (i64 r = 0; r < R; r++) w_out[r] = wk[r];
-    free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk);
+    free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk), free(used);
     return 0;
 }
 
