@@ -71,6 +71,35 @@ def test_fused_equals_per_token_reference(name, T, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("T", [1, 6])
+def test_fused_gpt_oss_layer_clamped_interleaved_on_transposed_weights(transposed, T, monkeypatch):
+    """gpt-oss's layer as a swap builds it: TopKSoftmax with router bias, clamped interleaved SwiGLU with biases,
+    and (transposed) the expert weights as views of (in, out) storages, as HF keeps them. Fused float32 equals the
+    composed float64 path of the same weights to 1e-5 of the scale; the clamp binds (limit 0.8)."""
+    from moekit.experts.clamped import ClampedSwiGLU
+
+    spec = ClampedSwiGLU(hidden_dim=24, interleaved=True, limit=0.8)
+    layer = _layer(TopKSoftmax(k=2, router_bias=True), experts=spec).float()
+    if transposed:
+        bank = layer.experts
+        bank.w13_E2FD = torch.nn.Parameter(bank.w13_E2FD.detach().transpose(1, 2).contiguous().transpose(1, 2))
+        bank.w2_EDF = torch.nn.Parameter(bank.w2_EDF.detach().transpose(1, 2).contiguous().transpose(1, 2))
+        assert bank.w13_E2FD.stride(2) != 1
+    ref_layer = _layer(TopKSoftmax(k=2, router_bias=True), experts=spec)
+    ref_layer.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    ref_layer.fuse_decode(False)
+    x = torch.randn(T, 32, dtype=torch.float64)
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        y = layer(x.float())
+        ref = ref_layer(x)
+    assert spy.calls == 1
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=1e-5 * scale)
+
+
+@needs_native
 @pytest.mark.parametrize("experts,shared", [
     (MLP(hidden_dim=24, activation="gelu"), None),
     (SwiGLU(hidden_dim=24), SwiGLU(hidden_dim=16)),  # shared experts added after the fused call

@@ -141,8 +141,10 @@ def test_takes_only_what_it_supports():
     (SwiGLU(hidden_dim=24), True), (SwiGLU(hidden_dim=24, bias=True), True), (MLP(hidden_dim=24), True),
     (SwiGLU(hidden_dim=24, activation="gelu_tanh"), True), (MLP(hidden_dim=24, activation="relu"), True),
     (MLP(hidden_dim=24, activation="gelu_table"), False),  # no native form: two projections around torch's gating
-    (ClampedSwiGLU(hidden_dim=24, bias=True), False),  # the bank overrides glu
-], ids=["swiglu", "swiglu-bias", "mlp-gelu", "swiglu-gelu-tanh", "mlp-relu", "mlp-gelu-table", "clamped-swiglu"])
+    (ClampedSwiGLU(hidden_dim=24, bias=True), True),  # gpt-oss's gating has a native form (the clamp, alpha)
+    (ClampedSwiGLU(hidden_dim=24, bias=True, interleaved=True, limit=0.8, alpha=1.3), True),  # the clamp binds
+], ids=["swiglu", "swiglu-bias", "mlp-gelu", "swiglu-gelu-tanh", "mlp-relu", "mlp-gelu-table", "clamped-swiglu",
+        "clamped-interleaved"])
 @pytest.mark.parametrize("T", [1, 3, 8])
 def test_layer_decode_on_native_kernels_equals_torch_path_and_reference(experts, fused, T, monkeypatch):
     """float32 decode (no autograd) runs on the native kernels: one fused FFN call where the gating has a native
@@ -227,6 +229,43 @@ def test_fused_ffn_equals_torch(activation, glu, threads):
         native.ffn(x, w_in, b_in, w2, b2, glu, "gelu_table", experts, offsets, rows)
     with pytest.raises(ValueError, match="do not chain"):
         native.ffn(x, w_in, b_in, w2[:, :, :-1], b2, glu, activation, experts, offsets, rows)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["rows-cols", "cols-rows", "cols-cols"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ffn_with_transposed_weights_and_clamped_interleaved_gating(layout, threads, dtype):
+    """Either weight seen transposed (the (in, out) storage HF's gpt-oss keeps, "cols"), with gpt-oss's clamped,
+    interleaved SwiGLU: equal to float64 of the same (rounded) weights to 1e-5 (float32) / 2^-7 of the scale (bf16)."""
+    torch.manual_seed(5)
+    E, D, F, Dout, N = 5, 36, 21, 30, 9
+    alpha, limit = 1.702, 0.9
+    up_IO = (torch.randn(E, D, 2 * F) * 0.3).to(dtype)  # (in, out) storages
+    down_IO = (torch.randn(E, F, Dout) * 0.3).to(dtype)
+    b_in, b2 = torch.randn(E, 2 * F).to(dtype), torch.randn(E, Dout).to(dtype)
+    w_in = up_IO.transpose(1, 2) if layout.startswith("cols") else up_IO.transpose(1, 2).contiguous()
+    w2 = down_IO.transpose(1, 2) if layout.endswith("cols") else down_IO.transpose(1, 2).contiguous()
+    x = torch.randn(N, D).to(dtype)
+    ids = [4, 0, 4, 2, 2, 2, 1, 0, 4]
+    experts, offsets, rows = _groups(ids)
+    y = native.ffn(x, w_in, b_in, w2, b2, True, "silu", experts, offsets, rows, threads=threads, interleaved=True,
+                   clamp=(alpha, limit))
+    ref = torch.empty(N, Dout, dtype=torch.float64)
+    for n, e in enumerate(ids):
+        h = x[n].double() @ w_in[e].double().T + b_in[e].double()
+        g, u = h[0::2].clamp(max=limit), h[1::2].clamp(-limit, limit)
+        ref[n] = ((u + 1) * g * torch.sigmoid(alpha * g)) @ w2[e].double().T + b2[e].double()
+    scale = ref.abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(y.double(), ref, atol=tol * scale, rtol=0)
+    with pytest.raises(ValueError, match="gated unit"):
+        native.ffn(x, w_in[:, :F], b_in[:, :F], w2, b2, False, "silu", experts, offsets, rows, interleaved=True)
+    with pytest.raises(ValueError, match="limit must be > 0"):
+        native.ffn(x, w_in, b_in, w2, b2, True, "silu", experts, offsets, rows, clamp=(1.0, 0.0))
+    with pytest.raises(ValueError, match="unit stride"):
+        native.ffn(x, torch.randn(E, 2 * F, D, 2).to(dtype)[..., 0], None, w2, b2, True, "silu", experts, offsets,
+                   rows)
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

@@ -7,12 +7,13 @@ touched experts' weights take to read (docs/performance.md). :class:`DecodeFusio
 its score function, top-k, renormalisation and scale, every touched expert's FFN and the weighted sum in one call
 of :func:`moekit.ops.native.moe_decode`.
 
-It is built once per layer from the layer's parts (:func:`fusion_for`, at construction) where their arithmetic has
-a native form: a :class:`~moekit.TopK` router (softmax or sigmoid scores, optional selection bias, group limit,
+It is built once per layer from the layer's parts (:func:`fusion_for`, at construction) where their arithmetic has a
+native form: a :class:`~moekit.TopK` router (softmax or sigmoid scores, optional selection bias, group limit,
 renormalisation and scale) or :class:`~moekit.routers.TopKSoftmax` (gpt-oss), computing its logits in float32; the
-dropless local dispatcher; a plain expert bank whose gating is the native GLU or activation. The layer takes the
-fused call only when nothing would tell the difference: eval mode, no autograd needed, at most
-:data:`MAX_TOKENS` tokens, the same parts as when it was built, no hooks on them, no routing log, replay or
+dropless local dispatcher; a plain expert bank whose gating has a native form (the GLU or an activation, gpt-oss's
+clamped and interleaved SwiGLU), its weights in either layout ((out, in), or the transposed views a swapped gpt-oss
+keeps). The layer takes the fused call only when nothing would tell the difference: eval mode, no autograd needed,
+at most :data:`MAX_TOKENS` tokens, the same parts as when it was built, no hooks on them, no routing log, replay or
 statistics being kept, no per-call arguments (task, token ids, masks). Everything else runs the composed path.
 
 What differs: float32 accumulation in another order (float32 layers agree with the composed path to ~1e-6
@@ -46,6 +47,7 @@ class DecodeFusion:
         self.normalize, self.scale = spec.normalize, float(spec.scale)
         self.groups = None if spec.n_group is None else (spec.n_group, spec.topk_group, spec.group_score)
         self.float32_logits = spec.logits_dtype == "float32" or (spec.logits_dtype is None and spec.fp32)
+        self.gating = experts.native_gating()  # glu, activation (+ interleaved, clamp): fixed by the bank's spec
 
     def takes(self, layer: nn.Module, x: Tensor) -> bool:
         """Whether ``layer(x)`` may run fused now (see the module docstring)."""
@@ -75,8 +77,7 @@ class DecodeFusion:
         with torch.no_grad():
             return native.moe_decode(
                 x_TD.contiguous(), gate.weight, gate.bias, self.k, self.score, self.normalize, self.scale, bias_E,
-                bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED, bank.spec.glu, bank.spec.activation,
-                groups=self.groups)
+                bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED, groups=self.groups, **self.gating)
 
 
 def fusion_for(layer: nn.Module) -> tuple[DecodeFusion | None, str | None]:

@@ -198,12 +198,20 @@ def _few_pairs_forward(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up:
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
-def _native_activation(m: Any) -> str | None:
-    """The name in ``moekit.ops.native.ACTIVATIONS`` of the module's gating, where it is transformers' default
-    concatenated gate over an activation the fused kernel has; None otherwise."""
-    if not (m.has_gate and m.is_concatenated and _uses_default_gate(m)):
+def _native_gating(m: Any) -> dict[str, Any] | None:
+    """The module's gating as :func:`moekit.ops.native.ffn`'s keyword arguments, where the fused kernel has it:
+    transformers' default gate (concatenated or interleaved) over an activation of ``native.ACTIVATIONS``, or
+    gpt-oss's clamped SwiGLU (``_apply_gate`` defined by ``GptOssExperts``, read with the module's alpha and limit);
+    None otherwise."""
+    if not m.has_gate:
         return None
-    return _ACT_NAMES.get(type(getattr(m, "act_fn", None)).__name__)
+    if _uses_default_gate(m):
+        act = _ACT_NAMES.get(type(getattr(m, "act_fn", None)).__name__)
+        return None if act is None else {"glu": True, "activation": act, "interleaved": not m.is_concatenated}
+    gate = getattr(type(m), "_apply_gate", None)
+    if getattr(gate, "__qualname__", None) == "GptOssExperts._apply_gate" and float(m.limit) > 0:
+        return {"glu": True, "activation": "silu", "interleaved": True, "clamp": (float(m.alpha), float(m.limit))}
+    return None
 
 
 # transformers' activation modules by class name -> moekit's activation names (fused and native forms)
@@ -214,7 +222,7 @@ def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: 
                       b_up: Tensor | None, b_down: Tensor | None, ep: bool) -> Tensor | None:
     """The few-pairs path on moekit's native kernels (float32 or bfloat16 CPU, no autograd): every (token, expert)
     pair as a row, grouped by expert; the whole FFN in one kernel call where the gating has a native form
-    (:func:`_native_activation`), else one call per projection around the module's own gating; the weighted sum
+    (:func:`_native_gating`), else one call per projection around the module's own gating; the weighted sum
     per token as one product in float32. None where the kernels do not take these weights."""
     E = w_up.shape[0]
     T, K = idx_TK.shape
@@ -238,9 +246,9 @@ def _few_pairs_native(m: Any, x_TD: Tensor, idx_TK: Tensor, w_TK: Tensor, w_up: 
         rows += groups[e]
         offsets.append(len(rows))
     x_PD = x_TD.expand(P, -1) if T == 1 else x_TD[token_P]
-    act = _native_activation(m)
-    if act is not None and w_up.stride(2) == 1 and w_down.stride(2) == 1:
-        y_PD = native.ffn(x_PD, w_up, b_up, w_down, b_down, True, act, experts, offsets, rows)
+    gating = _native_gating(m)
+    if gating is not None:
+        y_PD = native.ffn(x_PD, w_up, b_up, w_down, b_down, experts=experts, offsets=offsets, rows=rows, **gating)
     else:
         g_PF = _gate(m, native.grouped_rows(x_PD, w_up, b_up, experts, offsets, rows))
         y_PD = native.grouped_rows(g_PF if native.takes_rows(g_PF) else g_PF.contiguous(), w_down, b_down, experts,

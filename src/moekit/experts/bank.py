@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -303,18 +304,26 @@ class ExpertBank(nn.Module):
         for e in experts:
             rows += groups[e]
             offsets.append(len(rows))
-        if self._fuses_natively():
-            return native.ffn(x_ND, self.w_in, self.b_in, self.w2_EDF, self.b2_ED, self.spec.glu,
-                              self.spec.activation, experts, offsets, rows)
+        gating = self.native_gating()
+        if gating is not None:
+            return native.ffn(x_ND, self.w_in, self.b_in, self.w2_EDF, self.b2_ED, experts=experts, offsets=offsets,
+                              rows=rows, **gating)
         h_N2F = native.grouped_rows(x_ND, self.w_in, self.b_in, experts, offsets, rows)
         h_NF = self.glu(h_N2F) if self.spec.glu else self.act(h_N2F)
         if not native.takes_rows(h_NF):  # a gating that returns a strided view
             h_NF = h_NF.contiguous()
         return native.grouped_rows(h_NF, self.w2_EDF, self.b2_ED, experts, offsets, rows)
 
+    def native_gating(self) -> dict[str, Any] | None:
+        """This bank's gating as the native FFN kernel's keyword arguments (``glu``, ``activation``, and where a
+        subclass has them ``interleaved``, ``clamp``; see :func:`moekit.ops.native.ffn`), or None where the kernel
+        has no form of it (then the bank's own :meth:`glu` runs between two grouped projections)."""
+        if type(self).glu is not ExpertBank.glu or self.spec.activation not in native.ACTIVATIONS:
+            return None
+        return {"glu": self.spec.glu, "activation": self.spec.activation}
+
     def _fuses_natively(self) -> bool:
-        return (type(self).glu is ExpertBank.glu and self.spec.activation in native.ACTIVATIONS
-                and self.w_in.stride(2) == 1 and self.w2_EDF.stride(2) == 1)
+        return self.native_gating() is not None
 
     def _decode_scattered(self, x_ND: Tensor, runs: list[list[int]]) -> Tensor:
         rows: dict[int, list[int]] = {}

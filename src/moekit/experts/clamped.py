@@ -90,6 +90,10 @@ class ClampedSwiGLUBank(ExpertBank):
             g, u = h_N2F.split(self.hidden_dim, dim=-1)
         return clamped_swiglu(g, u, self.spec.alpha, self.spec.limit)
 
+    def native_gating(self) -> dict | None:
+        return {"glu": True, "activation": "silu", "interleaved": self.spec.interleaved,
+                "clamp": (self.spec.alpha, self.spec.limit)}
+
     def extra_repr(self) -> str:
         s = self.spec
         return f"{super().extra_repr()}, clamped alpha={s.alpha}, limit={s.limit}, interleaved={s.interleaved}"

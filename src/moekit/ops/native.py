@@ -96,14 +96,14 @@ def _build() -> ctypes.CDLL:
             fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
         fn = getattr(lib, f"moekit_ffn_{suffix}")
         fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, i64, i64, ptr, i64,
-                       ptr, i64, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        c_int, c_float = ctypes.c_int, ctypes.c_float
+        fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, c_int, i64, i64, ptr, i64,
+                       ptr, i64, i64, c_int, i64, ptr, i64, c_int, c_int, c_float, c_float, c_int]
         fn = getattr(lib, f"moekit_moe_decode_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_float, ptr, i64, i64, ctypes.c_int, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, i64,
-                       ptr, i64,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ptr, ptr]
+                       c_float, ptr, i64, i64, c_int, ptr, i64, i64, c_int, i64, ptr, i64, ptr, i64, i64, c_int, i64,
+                       ptr, i64, c_int, c_int, c_float, c_float, c_int, ptr, ptr]
     return lib
 
 
@@ -197,11 +197,40 @@ def _threads(nbytes: int, threads: int | None) -> int:
     return torch.get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
 
 
+def _layout(w_EOI: Tensor, where: str) -> tuple[int, int]:
+    """``(ld, cols)`` of an expert weight (E, out, in): the rows layout (unit stride along ``in``; ``ld`` the stride
+    of ``out``) or the cols layout (an (in, out) storage seen transposed: unit stride along ``out``)."""
+    if w_EOI.stride(2) == 1:
+        return w_EOI.stride(1), 0
+    if w_EOI.stride(1) == 1:
+        return w_EOI.stride(2), 1
+    raise ValueError(f"moekit.ops.native.{where}: an expert weight needs unit stride along one of its inner dims, "
+                     f"got strides {w_EOI.stride()}")
+
+
+def _gating(glu: bool, activation: str, interleaved: bool, clamp: tuple[float, float] | None,
+            where: str) -> tuple[int, int, float, float]:
+    """The kernel's gating arguments ``(glu mode, activation, alpha, limit)``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"moekit.ops.native.{where}: activation {activation!r} has no native form; "
+                         f"valid: {', '.join(ACTIVATIONS)}")
+    if (interleaved or clamp is not None) and not glu:
+        raise ValueError(f"moekit.ops.native.{where}: interleaved and clamp describe a gated unit (glu=True)")
+    alpha, limit = (0.0, 0.0) if clamp is None else (float(clamp[0]), float(clamp[1]))
+    if clamp is not None and not limit > 0:
+        raise ValueError(f"moekit.ops.native.{where}: the clamp limit must be > 0, got {limit}")
+    return (2 if interleaved else 1) if glu else 0, ACTIVATIONS[activation], alpha, limit
+
+
 def ffn(x_ND: Tensor, w_in_EHD: Tensor, b_in_EH: Tensor | None, w2_EDF: Tensor, b2_ED: Tensor | None, glu: bool,
-        activation: str, experts: list[int], offsets: list[int], rows: list[int], threads: int | None = None) -> Tensor:
+        activation: str, experts: list[int], offsets: list[int], rows: list[int], threads: int | None = None, *,
+        interleaved: bool = False, clamp: tuple[float, float] | None = None) -> Tensor:
     """A whole expert FFN in one call, grouped as :func:`grouped_rows`: ``h = x @ w_in[e].T (+ b_in[e])``, then
-    ``act(h[:, :F]) * h[:, F:]`` (``glu``, ``H = 2F``) or ``act(h)``, then ``@ w2[e].T (+ b2[e])``. Both weights
-    (out, in) with unit inner stride; ``activation`` a key of :data:`ACTIVATIONS`."""
+    ``act(h[:, :F]) * h[:, F:]`` (``glu``, ``H = 2F``; ``interleaved``: gate and up are ``h[:, 0::2]``,
+    ``h[:, 1::2]``) or ``act(h)``, then ``@ w2[e].T (+ b2[e])``. ``clamp=(alpha, limit)``: gpt-oss's clamped
+    SwiGLU, ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``. Each
+    weight (E, out, in) with unit stride along ``in`` or (a transposed view) along ``out``; ``activation`` a key of
+    :data:`ACTIVATIONS`."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
@@ -211,11 +240,9 @@ def ffn(x_ND: Tensor, w_in_EHD: Tensor, b_in_EH: Tensor | None, w2_EDF: Tensor, 
     if Dw != D or w2_EDF.shape[0] != E or w2_EDF.shape[2] != F or (glu and H % 2):
         raise ValueError(f"moekit.ops.native.ffn: shapes do not chain: x {tuple(x_ND.shape)}, w_in "
                          f"{tuple(w_in_EHD.shape)}, w2 {tuple(w2_EDF.shape)}, glu={glu}")
-    if w_in_EHD.stride(2) != 1 or w2_EDF.stride(2) != 1:
-        raise ValueError("moekit.ops.native.ffn: both weights need unit stride along their input dim")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"moekit.ops.native.ffn: activation {activation!r} has no native form; "
-                         f"valid: {', '.join(ACTIVATIONS)}")
+    ld_in, cols_in = _layout(w_in_EHD, "ffn")
+    ld2, cols2 = _layout(w2_EDF, "ffn")
+    gating = _gating(glu, activation, interleaved, clamp, "ffn")
     suffix = _same_dtype("ffn", x_ND, w_in_EHD, b_in_EH, w2_EDF, b2_ED)
     keep, groups = _groups(experts, offsets, rows)
     Dout = w2_EDF.shape[1]
@@ -223,11 +250,11 @@ def ffn(x_ND: Tensor, w_in_EHD: Tensor, b_in_EH: Tensor | None, w2_EDF: Tensor, 
     nbytes = len(experts) * (H * D + Dout * F) * x_ND.element_size()
     status = getattr(lib, f"moekit_ffn_{suffix}")(
         x_ND.data_ptr(), x_ND.stride(0), y.data_ptr(), y.stride(0), *groups, E, N,
-        w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H, D,
+        w_in_EHD.data_ptr(), w_in_EHD.stride(0), ld_in, cols_in, H, D,
         None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
-        w2_EDF.data_ptr(), w2_EDF.stride(0), w2_EDF.stride(1), Dout,
+        w2_EDF.data_ptr(), w2_EDF.stride(0), ld2, cols2, Dout,
         None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0),
-        int(glu), ACTIVATIONS[activation], _threads(nbytes, threads))
+        *gating, _threads(nbytes, threads))
     del keep  # the group arrays lived through the call
     if status:
         _raise(status, "ffn", E, N, offsets)
@@ -271,11 +298,14 @@ SCORES = {"softmax": 0, "sigmoid": 1, "topk_softmax": 2}  # moe_decode's routing
 def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: int, score: str, normalize: bool,
                scale: float, selection_bias_E: Tensor | None, w_in_EHD: Tensor, b_in_EH: Tensor | None,
                w2_EDF: Tensor, b2_ED: Tensor | None, glu: bool, activation: str, threads: int | None = None,
-               return_routing: bool = False, groups: tuple[int, int, str] | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+               return_routing: bool = False, groups: tuple[int, int, str] | None = None, *,
+               interleaved: bool = False, clamp: tuple[float, float] | None = None,
+               ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """An MoE layer's routed output for at most ``MAX_ROWS`` tokens in one call: the router's linear map, its score
     function and top-k (``score``: ``"softmax"`` over all experts, ``"sigmoid"`` per expert, or ``"topk_softmax"``:
     top-k of the logits, softmax over the k chosen), the optional selection bias (choice only, float32),
-    renormalisation (``normalize``) and ``scale``, then every touched expert's FFN (as :func:`ffn`) and the weighted
+    renormalisation (``normalize``) and ``scale``, then every touched expert's FFN (as :func:`ffn`, with its weight
+    layouts and gating: ``interleaved``, ``clamp``) and the weighted
     sum per token. ``groups``: ``(n_group, topk_group, "top2sum" | "max")``, DeepSeek's group-limited choice.
     Float32 arithmetic throughout (one rounding to the storage dtype at the end); ties choose the
     lower expert id. ``return_routing``: also the chosen ids (T, k) int64 and their float32 weights (T, k)."""
@@ -296,17 +326,15 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
         raise ValueError(f"moekit.ops.native.moe_decode: k must lie in [1, {E}], got {k}")
     if score not in SCORES:
         raise ValueError(f"moekit.ops.native.moe_decode: score {score!r} unknown; valid: {', '.join(SCORES)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"moekit.ops.native.moe_decode: activation {activation!r} has no native form; "
-                         f"valid: {', '.join(ACTIVATIONS)}")
+    gating = _gating(glu, activation, interleaved, clamp, "moe_decode")
     Ew, H, Dw = w_in_EHD.shape
     F = H // 2 if glu else H
     if Ew != E or Dw != D or w2_EDF.shape[0] != E or w2_EDF.shape[2] != F or (glu and H % 2):
         raise ValueError(f"moekit.ops.native.moe_decode: shapes do not chain: x {tuple(x_TD.shape)}, router "
                          f"{tuple(w_router_ED.shape)}, w_in {tuple(w_in_EHD.shape)}, w2 {tuple(w2_EDF.shape)}, "
                          f"glu={glu}")
-    if w_in_EHD.stride(2) != 1 or w2_EDF.stride(2) != 1:
-        raise ValueError("moekit.ops.native.moe_decode: both expert weights need unit stride along their input dim")
+    ld_in, cols_in = _layout(w_in_EHD, "moe_decode")
+    ld2, cols2 = _layout(w2_EDF, "moe_decode")
     suffix = _same_dtype("moe_decode", x_TD, w_router_ED, b_router_E, w_in_EHD, b_in_EH, w2_EDF, b2_ED)
     bias = None
     if selection_bias_E is not None:
@@ -332,11 +360,11 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
         w_router_ED.data_ptr(), w_router_ED.stride(0), None if b_router_E is None else b_router_E.data_ptr(), E, k,
         SCORES[score], int(bool(normalize)), float(scale), None if bias is None else bias.data_ptr(),
         n_group, topk_group, group_max,
-        w_in_EHD.data_ptr(), w_in_EHD.stride(0), w_in_EHD.stride(1), H,
+        w_in_EHD.data_ptr(), w_in_EHD.stride(0), ld_in, cols_in, H,
         None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
-        w2_EDF.data_ptr(), w2_EDF.stride(0), w2_EDF.stride(1), Dout,
+        w2_EDF.data_ptr(), w2_EDF.stride(0), ld2, cols2, Dout,
         None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0),
-        int(glu), ACTIVATIONS[activation], _threads(nbytes, threads),
+        *gating, _threads(nbytes, threads),
         None if idx is None else idx.data_ptr(), None if wts is None else wts.data_ptr())
     if status == 1:
         raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")

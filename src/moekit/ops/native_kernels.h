@@ -243,50 +243,127 @@ int FN(moekit_cols)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *expe
     return 0;
 }
 
-/* The expert FFN phases on rows already packed as float (row r of xp at xp + r * ldp), outputs into packed float
- * rows yp (row r of the group layout -> row r of yp): h = x @ W_in^T (+ b_in); g = act(h[:, :F]) * h[:, F:] (glu) or
- * act(h); y = g @ W2^T (+ b2). Both weights in the rows layout: W_in (E, H, D) with H = 2F (glu) or F, W2 (E, D', F).
- * One parallel region, the phases separated by barriers. h, g: work buffers of R rows (strides ldh, ldg). */
-static void FN(ffn_packed)(const float *xp, i64 ldp, i64 G, const i64 *experts, const i64 *offs, const i64 *pos,
-                           i64 R, const WT *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D, const WT *b_in, i64 sb_in,
-                           const WT *w2, i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2, int glu, int act,
-                           float *h, i64 ldh, float *gbuf, i64 ldg, float *yp, i64 ldo, int threads) {
-    i64 F = glu ? H / 2 : H;
-    i64 blocks1 = (H + OBLOCK - 1) / OBLOCK, blocks2 = (Dout + OBLOCK - 1) / OBLOCK;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
+/* One projection of every group inside a parallel region: out row pos[r] = in row r @ W_e^T (+ b_e), r over the
+ * group's rows. rows layout (cols == 0): W_e[o, d] at w + e*sE + o*ld + d, work items of OBLOCK outputs. cols layout
+ * (an (in, out) weight seen transposed, e.g. HF's gpt-oss gate_up_proj): W_e[o, d] at w + e*sE + d*ld + o; each thread
+ * sweeps its slice of d over every group, four weight rows at a time, into its own float partials (R rows of O in
+ * parts), then the partials are summed over disjoint (row, output) ranges. rexp[r]: the expert of row r (cols). */
+static void FN(project)(const float *in, i64 ldi, i64 G, const i64 *experts, const i64 *offs, const i64 *pos, i64 R,
+                        const i64 *rexp, const WT *w, i64 sE, i64 ld, int cols, i64 O, i64 D, const WT *b, i64 sb,
+                        float *out, i64 ldo, float *parts) {
+    if (!cols) {
+        i64 blocks = (O + OBLOCK - 1) / OBLOCK;
 #pragma omp for schedule(static)
-        for (i64 it = 0; it < G * blocks1; it++) {
-            i64 g = it / blocks1, blk = it % blocks1, e = experts[g];
-            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < H ? o0 + OBLOCK : H;
-            FN(rows_block)(xp + offs[g] * ldp, ldp, pos + offs[g], offs[g + 1] - offs[g], w_in + e * sE_in, ld_in,
-                           D, o0, o1, b_in ? b_in + e * sb_in : NULL, h, ldh);
+        for (i64 it = 0; it < G * blocks; it++) {
+            i64 g = it / blocks, blk = it % blocks, e = experts[g];
+            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < O ? o0 + OBLOCK : O;
+            FN(rows_block)(in + offs[g] * ldi, ldi, pos + offs[g], offs[g + 1] - offs[g], w + e * sE, ld, D, o0, o1,
+                           b ? b + e * sb : NULL, out, ldo);
         }
-        /* (implicit barrier) */
-#pragma omp for schedule(static)
-        for (i64 r = 0; r < R; r++) {
-            const float *hr = h + r * ldh;
-            float *gr = gbuf + r * ldg;
-            if (glu)
-                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act) * hr[F + j];
-            else
-                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act);
+        return; /* (the implicit barrier of the loop) */
+    }
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    float *part = parts + (size_t)t * (size_t)R * O;
+    memset(part, 0, sizeof(float) * (size_t)R * O);
+    i64 d0 = D * t / T, d1 = D * (t + 1) / T;
+    for (i64 g = 0; g < G; g++) {
+        const WT *we = w + experts[g] * sE;
+        for (i64 r = offs[g]; r < offs[g + 1]; r++) {
+            const float *xr = in + r * ldi;
+            float *pr = part + r * O;
+            i64 d = d0;
+            for (; d + 4 <= d1; d += 4) {
+                const WT *w0 = we + d * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
+                float u0 = xr[d], u1 = xr[d + 1], u2 = xr[d + 2], u3 = xr[d + 3];
+#pragma omp simd
+                for (i64 o = 0; o < O; o++) pr[o] += u0 * LD(w0 + o) + u1 * LD(w1 + o) + u2 * LD(w2 + o) + u3 * LD(w3 + o);
+            }
+            for (; d < d1; d++) {
+                const WT *w0 = we + d * ld;
+                float u0 = xr[d];
+#pragma omp simd
+                for (i64 o = 0; o < O; o++) pr[o] += u0 * LD(w0 + o);
+            }
         }
+    }
+#pragma omp barrier
+    i64 chunks = (O + 255) / 256;
 #pragma omp for schedule(static)
-        for (i64 it = 0; it < G * blocks2; it++) {
-            i64 g = it / blocks2, blk = it % blocks2, e = experts[g];
-            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < Dout ? o0 + OBLOCK : Dout;
-            FN(rows_block)(gbuf + offs[g] * ldg, ldg, pos + offs[g], offs[g + 1] - offs[g], w2 + e * sE2, ld2, F, o0,
-                           o1, b2 ? b2 + e * sb2 : NULL, yp, ldo);
+    for (i64 it = 0; it < R * chunks; it++) {
+        i64 r = it / chunks, o0 = (it % chunks) * 256, o1 = o0 + 256 < O ? o0 + 256 : O;
+        const WT *be = b ? b + rexp[r] * sb : NULL;
+        float *dst = out + pos[r] * ldo;
+        for (i64 o = o0; o < o1; o++) {
+            float acc = FN(bias_at)(be, o);
+            for (int q = 0; q < T; q++) acc += parts[(size_t)q * R * O + r * O + o];
+            dst[o] = acc;
         }
     }
 }
 
+/* The expert FFN phases on rows already packed as float (row r of xp at xp + r * ldp), outputs into packed float
+ * rows yp (row r of the group layout -> row r of yp): h = x @ W_in^T (+ b_in); the gating g; y = g @ W2^T (+ b2).
+ * W_in (E, H, D) with H = 2F (glu) or F, W2 (E, D', F), each in the rows or the cols layout (cols_in, cols2; ld_in,
+ * ld2 the stride of the layout's outer dim). Gating: glu 0: act(h); 1: act(gate) * up with gate = h[:, :F],
+ * up = h[:, F:]; 2: the same with gate and up interleaved (h[:, 0::2], h[:, 1::2]). limit > 0 (with glu): gpt-oss's
+ * clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = clamp(gate, max=limit).
+ * One parallel region, the phases separated by barriers. h, g: work buffers of R rows (strides ldh, ldg).
+ * Returns 0, or 1 when a work buffer cannot be allocated. */
+static int FN(ffn_packed)(const float *xp, i64 ldp, i64 G, const i64 *experts, const i64 *offs, const i64 *pos,
+                          i64 R, const WT *w_in, i64 sE_in, i64 ld_in, int cols_in, i64 H, i64 D, const WT *b_in,
+                          i64 sb_in, const WT *w2, i64 sE2, i64 ld2, int cols2, i64 Dout, const WT *b2, i64 sb2,
+                          int glu, int act, float alpha, float limit, float *h, i64 ldh, float *gbuf, i64 ldg,
+                          float *yp, i64 ldo, int threads) {
+    i64 F = glu ? H / 2 : H;
+    if (threads < 1) threads = 1;
+    float *parts = NULL;
+    i64 *rexp = NULL;
+    if (cols_in || cols2) {
+        i64 widest = H > Dout ? H : Dout;
+        parts = (float *)malloc(sizeof(float) * (size_t)threads * (size_t)(R > 0 ? R : 1) * (size_t)widest);
+        rexp = (i64 *)malloc(sizeof(i64) * (size_t)(R > 0 ? R : 1));
+        if (!parts || !rexp) {
+            free(parts), free(rexp);
+            return 1;
+        }
+        for (i64 g = 0; g < G; g++)
+            for (i64 r = offs[g]; r < offs[g + 1]; r++) rexp[r] = experts[g];
+    }
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        FN(project)(xp, ldp, G, experts, offs, pos, R, rexp, w_in, sE_in, ld_in, cols_in, H, D, b_in, sb_in, h, ldh,
+                    parts);
+#pragma omp for schedule(static)
+        for (i64 r = 0; r < R; r++) {
+            const float *hr = h + r * ldh;
+            float *gr = gbuf + r * ldg;
+            if (!glu) {
+                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act);
+            } else if (limit > 0) { /* comparisons keep NaN, as torch.clamp */
+                i64 step = glu == 2 ? 2 : 1, up = glu == 2 ? 1 : F;
+                for (i64 j = 0; j < F; j++) {
+                    float gv = hr[j * step], uv = hr[j * step + up];
+                    gv = gv > limit ? limit : gv;
+                    uv = uv > limit ? limit : (uv < -limit ? -limit : uv);
+                    gr[j] = (uv + 1.0f) * (gv / (1.0f + expf(-alpha * gv)));
+                }
+            } else if (glu == 2) {
+                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[2 * j], act) * hr[2 * j + 1];
+            } else {
+                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act) * hr[F + j];
+            }
+        }
+        FN(project)(gbuf, ldg, G, experts, offs, pos, R, rexp, w2, sE2, ld2, cols2, Dout, F, b2, sb2, yp, ldo, parts);
+    }
+    free(parts), free(rexp);
+    return 0;
+}
+
 /* A whole expert FFN for few rows (ffn_packed on the group's rows of x, results to the same rows of y). */
 int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
-                   const i64 *rows, i64 R, i64 E, i64 nrows, const WT *w_in, i64 sE_in, i64 ld_in, i64 H, i64 D,
-                   const WT *b_in, i64 sb_in, const WT *w2, i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2,
-                   int glu, int act, int threads) {
+                   const i64 *rows, i64 R, i64 E, i64 nrows, const WT *w_in, i64 sE_in, i64 ld_in, int cols_in,
+                   i64 H, i64 D, const WT *b_in, i64 sb_in, const WT *w2, i64 sE2, i64 ld2, int cols2, i64 Dout,
+                   const WT *b2, i64 sb2, int glu, int act, float alpha, float limit, int threads) {
     int bad = check_groups(G, experts, offs, rows, R, E, nrows);
     if (bad) return 10 + bad;
     i64 F = glu ? H / 2 : H;
@@ -303,11 +380,12 @@ int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *exper
     }
     FN(pack)(x, ldx, rows, R, D, xp, ldp);
     for (i64 r = 0; r < R; r++) pos[r] = r;
-    FN(ffn_packed)(xp, ldp, G, experts, offs, pos, R, w_in, sE_in, ld_in, H, D, b_in, sb_in, w2, sE2, ld2, Dout, b2,
-                   sb2, glu, act, h, ldh, gbuf, ldg, yp, ldo, threads);
-    FN(unpack)(yp, ldo, rows, R, Dout, y, ldy);
+    int status = FN(ffn_packed)(xp, ldp, G, experts, offs, pos, R, w_in, sE_in, ld_in, cols_in, H, D, b_in, sb_in, w2,
+                                sE2, ld2, cols2, Dout, b2, sb2, glu, act, alpha, limit, h, ldh, gbuf, ldg, yp, ldo,
+                                threads);
+    if (!status) FN(unpack)(yp, ldo, rows, R, Dout, y, ldy);
     free(xp), free(h), free(gbuf), free(yp), free(pos);
-    return 0;
+    return status;
 }
 
 /* A whole MoE layer's routed part for T <= MAX_ROWS tokens, in one call (moekit.ops.native.moe_decode):
@@ -323,9 +401,9 @@ int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *exper
 int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, const WT *wr, i64 ldr,
                           const WT *br, i64 E, i64 k, int score, int normalize, float scale, const float *sel_bias,
                           i64 n_group, i64 topk_group, int group_max,
-                          const WT *w_in, i64 sE_in, i64 ld_in, i64 H, const WT *b_in, i64 sb_in, const WT *w2,
-                          i64 sE2, i64 ld2, i64 Dout, const WT *b2, i64 sb2, int glu, int act, int threads,
-                          int64_t *idx_out, float *w_out) {
+                          const WT *w_in, i64 sE_in, i64 ld_in, int cols_in, i64 H, const WT *b_in, i64 sb_in,
+                          const WT *w2, i64 sE2, i64 ld2, int cols2, i64 Dout, const WT *b2, i64 sb2, int glu,
+                          int act, float alpha, float limit, int threads, int64_t *idx_out, float *w_out) {
     if (k < 1 || k > E || T < 0 || T > MAX_ROWS) return 14;
     if (n_group > 0 && (E % n_group || topk_group < 1 || topk_group > n_group)) return 14;
     i64 R = T * k, F = glu ? H / 2 : H;
@@ -433,9 +511,14 @@ int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, co
         offs[G] = R;
         for (i64 r = 0; r < R; r++) memcpy(xp + slot[r] * ldp, xt + (r / k) * ldp, sizeof(float) * (size_t)D);
         for (i64 r = 0; r < R; r++) pos[r] = r;
-        FN(ffn_packed)(xp, ldp, G, experts, offs, pos, R, w_in, sE_in, ld_in, H, D, b_in, sb_in, w2, sE2, ld2, Dout,
-                       b2, sb2, glu, act, h, ldh, gbuf, ldg, yp, ldo, threads);
+        int status = FN(ffn_packed)(xp, ldp, G, experts, offs, pos, R, w_in, sE_in, ld_in, cols_in, H, D, b_in, sb_in,
+                                    w2, sE2, ld2, cols2, Dout, b2, sb2, glu, act, alpha, limit, h, ldh, gbuf, ldg, yp,
+                                    ldo, threads);
         free(next), free(offs);
+        if (status) {
+            free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk), free(used);
+            return status;
+        }
     }
     /* combine: y[t] = sum_j w[t, j] * yp[slot[t, j]] */
     for (i64 t = 0; t < T; t++) {
