@@ -71,6 +71,25 @@ def test_fused_equals_per_token_reference(name, T, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_forward_and_logits_fused_returns_the_composed_logits(name, monkeypatch):
+    """``MoE.forward_and_logits`` (what a swapped HF block that hands logits on calls): one native call, whose
+    logits equal the composed path's ``assignment.logits_TE`` (float32, 1e-6) and whose output equals ``layer(x)``."""
+    layer = _layer(ROUTERS[name]).float()
+    x = torch.randn(3, 32)
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        y, logits = layer.forward_and_logits(x)
+        composed = layer.forward_with_aux(x)
+        assert torch.equal(y, layer(x))
+    assert spy.calls == 2 and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, composed.assignment.logits_TE, rtol=0, atol=1e-6)
+    layer.train()
+    y_train, logits_train = layer.forward_and_logits(x)  # the composed path
+    assert spy.calls == 2 and logits_train.requires_grad
+
+
+@needs_native
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("T", [1, 6])
 def test_fused_gpt_oss_layer_clamped_interleaved_on_transposed_weights(transposed, T, monkeypatch):

@@ -71,13 +71,16 @@ class DecodeFusion:
                 and gate.weight.dtype == x.dtype and gate.weight.stride(1) == 1
                 and (gate.bias is None or gate.bias.dtype == x.dtype))
 
-    def __call__(self, x_TD: Tensor) -> Tensor:
+    def __call__(self, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(y_TD, the router's float32 logits (T, E) when asked, else None)``."""
         bank, gate = self.experts, self.router.gate
         bias_E = self.router.bias_E
         with torch.no_grad():
-            return native.moe_decode(
+            out = native.moe_decode(
                 x_TD.contiguous(), gate.weight, gate.bias, self.k, self.score, self.normalize, self.scale, bias_E,
-                bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED, groups=self.groups, **self.gating)
+                bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED, groups=self.groups, return_logits=logits,
+                **self.gating)
+        return out if logits else (out, None)
 
 
 def fusion_for(layer: nn.Module) -> tuple[DecodeFusion | None, str | None]:

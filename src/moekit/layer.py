@@ -234,13 +234,19 @@ class MoE(MoELayerBase):
     # --- forward: plain composition ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None,
                 token_ids: Tensor | None = None, token_mask: Tensor | None = None) -> Tensor:
-        fused = self.decode_fusion
-        if (fused is not None and not self.training and task is None and prev_logits is None and token_ids is None
-                and token_mask is None and self.routing_log is None and self.replay_queue is None
-                and not self.accumulate_stats and fused.takes(self, x)):
-            return self._fused(x)
+        if task is None and prev_logits is None and token_ids is None and token_mask is None and self._fuses(x):
+            return self._fused(x)[0]
         return self.forward_with_aux(x, task=task, prev_logits=prev_logits, token_ids=token_ids,
                                      token_mask=token_mask).y
+
+    def forward_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(self(x), router logits (T, E))``, as one native call where the fused decode path applies (its kernel
+        returns the logits it routed on), else from :meth:`forward_with_aux`. For wrappers that must hand the
+        logits on (a swapped Hugging Face block)."""
+        if self._fuses(x):
+            return self._fused(x, logits=True)
+        out = self.forward_with_aux(x)
+        return out.y, out.assignment.logits_TE
 
     def forward_with_aux(self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None,
                          token_ids: Tensor | None = None, token_mask: Tensor | None = None) -> MoEOutput:
@@ -277,15 +283,21 @@ class MoE(MoELayerBase):
         self.last_aux_loss = aux
         return MoEOutput(y_TD.reshape(x.shape), aux, losses, stats, a)
 
-    def _fused(self, x: Tensor) -> Tensor:
-        """The decode call in one native kernel (the checks of the composed path first); no balance losses or
-        statistics (eval mode, where nothing reads them)."""
+    def _fuses(self, x: Tensor) -> bool:
+        """Whether a call without per-call arguments may take the fused decode path now."""
+        fused = self.decode_fusion
+        return (fused is not None and not self.training and self.routing_log is None and self.replay_queue is None
+                and not self.accumulate_stats and fused.takes(self, x))
+
+    def _fused(self, x: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None]:
+        """The decode call in one native kernel (the checks of the composed path first): ``(y, logits or None)``;
+        no balance losses or statistics (eval mode, where nothing reads them)."""
         x_TD = self._tokens(x)
-        y_TD = self.decode_fusion(x_TD)
+        y_TD, logits_TE = self.decode_fusion(x_TD, logits=logits)
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD)
         self.last_aux_loss = None
-        return y_TD.reshape(x.shape)
+        return y_TD.reshape(x.shape), logits_TE
 
     # --- the steps --------------------------------------------------------------------------------------------------
     def _tokens(self, x: Tensor) -> Tensor:

@@ -139,31 +139,17 @@ class HFBlockAdapter(nn.Module):
         self.flat_output = flat_output
 
     def forward(self, hidden_states: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        if not self._logits_wanted():  # the plain call, which may take the fused decode path (moekit.fused_decode)
+        tap = self.logits_tap is not None and getattr(self.logits_tap, "index", None) is not None
+        if not (tap or self.returns_tuple):  # the plain call (which may take the fused decode path)
             y = self.moe(hidden_states)
             return y.reshape(-1, y.shape[-1]) if self.flat_output else y
-        out = self.moe.forward_with_aux(hidden_states)
-        logits = out.assignment.logits_TE
+        y, logits = self.moe.forward_and_logits(hidden_states)  # one native call at decode, logits included
         if logits is not None and not self.flat_logits:
             logits = logits.reshape(*hidden_states.shape[:-1], logits.shape[-1])
-        if self.logits_tap is not None and logits is not None and getattr(self.logits_tap, "index", None) is not None:
+        if tap and logits is not None:
             self.logits_tap(logits)
-        y = out.y.reshape(-1, out.y.shape[-1]) if self.flat_output else out.y
+        y = y.reshape(-1, y.shape[-1]) if self.flat_output else y
         return (y, logits) if self.returns_tuple else y
-
-    def _logits_wanted(self) -> bool:
-        """Whether this call must produce the router logits: the block returns them, or transformers is recording
-        ``router_logits`` now (``output_router_logits=True``) through the tap."""
-        if self.returns_tuple:
-            return True
-        if self.logits_tap is None or getattr(self.logits_tap, "index", None) is None:
-            return False
-        try:  # transformers' recorder of ``output_*`` tensors (private; if it moves, always emit the logits)
-            from transformers.utils.output_capturing import _active_collector
-        except ImportError:
-            return True
-        collected = _active_collector.get()
-        return collected is not None and "router_logits" in collected
 
     def extra_repr(self) -> str:
         return f"replaces={self.block_class}"

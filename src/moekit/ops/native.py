@@ -103,7 +103,7 @@ def _build() -> ctypes.CDLL:
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
                        c_float, ptr, i64, i64, c_int, ptr, i64, i64, c_int, i64, ptr, i64, ptr, i64, i64, c_int, i64,
-                       ptr, i64, c_int, c_int, c_float, c_float, c_int, ptr, ptr]
+                       ptr, i64, c_int, c_int, c_float, c_float, c_int, ptr, ptr, ptr]
     return lib
 
 
@@ -299,8 +299,8 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
                scale: float, selection_bias_E: Tensor | None, w_in_EHD: Tensor, b_in_EH: Tensor | None,
                w2_EDF: Tensor, b2_ED: Tensor | None, glu: bool, activation: str, threads: int | None = None,
                return_routing: bool = False, groups: tuple[int, int, str] | None = None, *,
-               interleaved: bool = False, clamp: tuple[float, float] | None = None,
-               ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+               interleaved: bool = False, clamp: tuple[float, float] | None = None, return_logits: bool = False,
+               ) -> Tensor | tuple[Tensor, ...]:
     """An MoE layer's routed output for at most ``MAX_ROWS`` tokens in one call: the router's linear map, its score
     function and top-k (``score``: ``"softmax"`` over all experts, ``"sigmoid"`` per expert, or ``"topk_softmax"``:
     top-k of the logits, softmax over the k chosen), the optional selection bias (choice only, float32),
@@ -308,7 +308,8 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
     layouts and gating: ``interleaved``, ``clamp``) and the weighted
     sum per token. ``groups``: ``(n_group, topk_group, "top2sum" | "max")``, DeepSeek's group-limited choice.
     Float32 arithmetic throughout (one rounding to the storage dtype at the end); ties choose the
-    lower expert id. ``return_routing``: also the chosen ids (T, k) int64 and their float32 weights (T, k)."""
+    lower expert id. ``return_routing``: also the chosen ids (T, k) int64 and their float32 weights (T, k);
+    ``return_logits``: also the router's float32 logits (T, E) (after those, when both are asked)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
@@ -353,6 +354,7 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
     y = torch.empty(T, Dout, dtype=x_TD.dtype)
     idx = torch.empty(T, k, dtype=torch.int64) if return_routing else None
     wts = torch.empty(T, k, dtype=torch.float32) if return_routing else None
+    logits = torch.empty(T, E, dtype=torch.float32) if return_logits else None
     experts_touched = min(E, T * k)
     nbytes = experts_touched * (H * D + Dout * F) * x_TD.element_size()
     status = getattr(lib, f"moekit_moe_decode_{suffix}")(
@@ -365,9 +367,11 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
         w2_EDF.data_ptr(), w2_EDF.stride(0), ld2, cols2, Dout,
         None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0),
         *gating, _threads(nbytes, threads),
-        None if idx is None else idx.data_ptr(), None if wts is None else wts.data_ptr())
+        None if idx is None else idx.data_ptr(), None if wts is None else wts.data_ptr(),
+        None if logits is None else logits.data_ptr())
     if status == 1:
         raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
     if status:
         raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
-    return (y, idx, wts) if return_routing else y
+    out = (y, idx, wts) if return_routing else (y,)
+    return out + (logits,) if return_logits else (out if return_routing else y)

@@ -396,14 +396,15 @@ int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *exper
  *   n_group > 0: only the experts of the topk_group best groups of E / n_group are eligible (group score: the
  *   sum of its two largest choice values, or its largest with group_max), as DeepSeek-V2/V3
  *   w *= scale; y[t] = sum_j w[t, j] * FFN_{idx[t, j]}(x[t])
- * Ties choose the lower expert id. The chosen ids and weights are written to idx_out (T x k) and w_out (T x k)
- * when given. Returns 0, 1 (no memory) or 14 (k outside [1, E], T outside [0, MAX_ROWS]). */
+ * Ties choose the lower expert id. The chosen ids and weights are written to idx_out (T x k) and w_out (T x k),
+ * the float32 logits to logits_out (T x E), when given. Returns 0, 1 (no memory) or 14 (k outside [1, E], T outside [0, MAX_ROWS]). */
 int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, const WT *wr, i64 ldr,
                           const WT *br, i64 E, i64 k, int score, int normalize, float scale, const float *sel_bias,
                           i64 n_group, i64 topk_group, int group_max,
                           const WT *w_in, i64 sE_in, i64 ld_in, int cols_in, i64 H, const WT *b_in, i64 sb_in,
                           const WT *w2, i64 sE2, i64 ld2, int cols2, i64 Dout, const WT *b2, i64 sb2, int glu,
-                          int act, float alpha, float limit, int threads, int64_t *idx_out, float *w_out) {
+                          int act, float alpha, float limit, int threads, int64_t *idx_out, float *w_out,
+                          float *logits_out) {
     if (k < 1 || k > E || T < 0 || T > MAX_ROWS) return 14;
     if (n_group > 0 && (E % n_group || topk_group < 1 || topk_group > n_group)) return 14;
     i64 R = T * k, F = glu ? H / 2 : H;
@@ -439,6 +440,7 @@ int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, co
             for (i64 d = 0; d < D; d++) a += LD(we + d) * xf[d];
             lg[e] = a + FN(bias_at)(br, e);
         }
+        if (logits_out) memcpy(logits_out + t * E, lg, sizeof(float) * (size_t)E);
         if (score == 0) {
             float m = lg[0], z = 0;
             for (i64 e = 1; e < E; e++) m = lg[e] > m ? lg[e] : m;
