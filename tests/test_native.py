@@ -72,14 +72,20 @@ def test_grouped_rows_equals_matmul(layout, threads, N, bias, O, D, dtype):
 @needs_native
 @pytest.mark.parametrize("D", [48, 77, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_rows_groups_of_one_to_four_rows(D, dtype):
-    """Groups of exactly 1, 2, 3 rows (the one-weight-row-at-a-time kernel, whose 32- and 16-wide main loops leave
-    different remainders at D = 48 and 77) and of 4 (the four-row block) against float64."""
+def test_grouped_rows_groups_of_one_to_seven_rows(D, dtype):
+    """Groups of 1 to 7 rows against float64: the one-weight-row-at-a-time kernel (chunks of 3 rows; its 32- and
+    16-wide main loops leave different remainders at D = 48 and 77) up to 4 float32 / 6 bfloat16 rows, the four-row
+    block beyond."""
     torch.manual_seed(D)
-    w = torch.randn(4, 45, D).to(dtype)
-    b = torch.randn(4, 45).to(dtype)
-    x = torch.randn(10, D).to(dtype)
-    experts, offsets, rows = [2, 0, 3, 1], [0, 1, 3, 6, 10], [4, 0, 7, 1, 9, 2, 3, 5, 6, 8]
+    w = torch.randn(7, 45, D).to(dtype)
+    b = torch.randn(7, 45).to(dtype)
+    sizes = [1, 2, 3, 4, 5, 6, 7]
+    x = torch.randn(sum(sizes), D).to(dtype)
+    experts = [2, 0, 3, 1, 6, 4, 5]
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    rows = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(1)).tolist()
     y = native.grouped_rows(x, w, b, experts, offsets, rows, threads=2)
     ref = _reference(x, w, b, experts, offsets, rows)
     tol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-4, 2 ** -8)
