@@ -53,7 +53,8 @@ class DecodeFusion:
         """Whether ``layer(x)`` may run fused now (see the module docstring)."""
         if torch.compiler.is_compiling():  # torch.compile / torch.export trace the composed path
             return False
-        if layer.router is not self.router or layer.experts is not self.experts or layer.dispatcher is not self.dispatcher:
+        if (layer.router is not self.router or layer.experts is not self.experts
+                or layer.dispatcher is not self.dispatcher):
             return False
         if x.dim() < 1 or x.numel() > MAX_TOKENS * x.shape[-1] or x.numel() == 0:
             return False
@@ -106,7 +107,8 @@ def fusion_for(layer: nn.Module) -> tuple[DecodeFusion | None, str | None]:
         return None, f"dispatcher {type(dispatcher).__name__} (only the dropless local one is fused)"
     if getattr(dispatcher, "weight_at", "output") != "output":
         return None, "combine weights applied at the input"
-    if not isinstance(bank, ExpertBank) or type(bank).forward is not ExpertBank.forward or not bank._fuses_natively():
+    if (not isinstance(bank, ExpertBank) or type(bank).forward is not ExpertBank.forward
+            or bank.native_gating() is None):
         return None, f"experts {type(bank).__name__} (a plain bank with the native GLU or activation is fused)"
     if layer.free_experts is not None:
         return None, "compute-free experts"

@@ -322,9 +322,6 @@ class ExpertBank(nn.Module):
             return None
         return {"glu": self.spec.glu, "activation": self.spec.activation}
 
-    def _fuses_natively(self) -> bool:
-        return self.native_gating() is not None
-
     def _decode_scattered(self, x_ND: Tensor, runs: list[list[int]]) -> Tensor:
         rows: dict[int, list[int]] = {}
         for e, a, b in runs:

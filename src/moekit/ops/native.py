@@ -373,5 +373,5 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
         raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
     if status:
         raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
-    out = (y, idx, wts) if return_routing else (y,)
-    return out + (logits,) if return_logits else (out if return_routing else y)
+    out = (y, *((idx, wts) if return_routing else ()), *((logits,) if return_logits else ()))
+    return out if len(out) > 1 else y

@@ -145,6 +145,73 @@ static void FN(unpack)(const float *yp, i64 ldp, const i64 *rows, i64 R, i64 O, 
     }
 }
 
+/* cols layout, one expert, the reduction slice [d0, d1): part[m, :O] += x[m, d0:d1] @ W[d0:d1, :O] for its M input
+ * rows (W[d, o] at w + d*ld + o), four weight rows at a time (four sequential streams), each block applied to every
+ * input row while it is in L2, so the weights are read once whatever M. */
+static void FN(cols_sweep)(const float *x, i64 ldx, i64 M, const WT *w, i64 ld, i64 O, i64 d0, i64 d1, float *part) {
+    i64 d = d0;
+    for (; d + 4 <= d1; d += 4) {
+        const WT *r0 = w + d * ld, *r1 = r0 + ld, *r2 = r1 + ld, *r3 = r2 + ld;
+        for (i64 m = 0; m < M; m++) {
+            const float *xm = x + m * ldx + d;
+            float u0 = xm[0], u1 = xm[1], u2 = xm[2], u3 = xm[3];
+            float *pm = part + m * O;
+#pragma omp simd
+            for (i64 o = 0; o < O; o++) pm[o] += u0 * LD(r0 + o) + u1 * LD(r1 + o) + u2 * LD(r2 + o) + u3 * LD(r3 + o);
+        }
+    }
+    for (; d < d1; d++) {
+        const WT *r0 = w + d * ld;
+        for (i64 m = 0; m < M; m++) {
+            float u0 = x[m * ldx + d];
+            float *pm = part + m * O;
+#pragma omp simd
+            for (i64 o = 0; o < O; o++) pm[o] += u0 * LD(r0 + o);
+        }
+    }
+}
+
+/* One projection of every group inside a parallel region: out row pos[r] = in row r @ W_e^T (+ b_e), r over the
+ * group's rows. rows layout (cols == 0): W_e[o, d] at w + e*sE + o*ld + d, work items of OBLOCK outputs. cols layout
+ * (an (in, out) weight seen transposed, e.g. HF's gpt-oss gate_up_proj): W_e[o, d] at w + e*sE + d*ld + o; each thread
+ * sweeps its slice of d over every group (FN(cols_sweep)) into its own float partials (R rows of O in parts), then
+ * the partials are summed over disjoint (row, output) ranges. rexp[r]: the expert of row r (cols). */
+static void FN(project)(const float *in, i64 ldi, i64 G, const i64 *experts, const i64 *offs, const i64 *pos, i64 R,
+                        const i64 *rexp, const WT *w, i64 sE, i64 ld, int cols, i64 O, i64 D, const WT *b, i64 sb,
+                        float *out, i64 ldo, float *parts) {
+    if (!cols) {
+        i64 blocks = (O + OBLOCK - 1) / OBLOCK;
+#pragma omp for schedule(static)
+        for (i64 it = 0; it < G * blocks; it++) {
+            i64 g = it / blocks, blk = it % blocks, e = experts[g];
+            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < O ? o0 + OBLOCK : O;
+            FN(rows_block)(in + offs[g] * ldi, ldi, pos + offs[g], offs[g + 1] - offs[g], w + e * sE, ld, D, o0, o1,
+                           b ? b + e * sb : NULL, out, ldo);
+        }
+        return; /* (the implicit barrier of the loop) */
+    }
+    int t = omp_get_thread_num(), T = omp_get_num_threads();
+    float *part = parts + (size_t)t * (size_t)R * O;
+    memset(part, 0, sizeof(float) * (size_t)R * O);
+    i64 d0 = D * t / T, d1 = D * (t + 1) / T;
+    for (i64 g = 0; g < G; g++)
+        FN(cols_sweep)(in + offs[g] * ldi, ldi, offs[g + 1] - offs[g], w + experts[g] * sE, ld, O, d0, d1,
+                       part + offs[g] * O);
+#pragma omp barrier
+    i64 chunks = (O + 255) / 256;
+#pragma omp for schedule(static)
+    for (i64 it = 0; it < R * chunks; it++) {
+        i64 r = it / chunks, o0 = (it % chunks) * 256, o1 = o0 + 256 < O ? o0 + 256 : O;
+        const WT *be = b ? b + rexp[r] * sb : NULL;
+        float *dst = out + pos[r] * ldo;
+        for (i64 o = o0; o < o1; o++) {
+            float acc = FN(bias_at)(be, o);
+            for (int q = 0; q < T; q++) acc += parts[(size_t)q * R * O + r * O + o];
+            dst[o] = acc;
+        }
+    }
+}
+
 int FN(moekit_rows)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *experts, const i64 *offs,
                     const i64 *rows, i64 R, i64 E, i64 nrows, const WT *w, i64 sE, i64 ldw, i64 O, i64 D,
                     const WT *b, i64 sbE, int threads) {
@@ -161,16 +228,8 @@ int FN(moekit_rows)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *expe
     }
     FN(pack)(x, ldx, rows, R, D, xp, ldp);
     for (i64 r = 0; r < R; r++) pos[r] = r;
-    i64 blocks = (O + OBLOCK - 1) / OBLOCK;
-    i64 items = G * blocks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (i64 it = 0; it < items; it++) {
-        i64 g = it / blocks, blk = it % blocks;
-        i64 e = experts[g];
-        i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < O ? o0 + OBLOCK : O;
-        FN(rows_block)(xp + offs[g] * ldp, ldp, pos + offs[g], offs[g + 1] - offs[g], w + e * sE, ldw, D, o0, o1,
-                       b ? b + e * sbE : NULL, yp, ldo);
-    }
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    FN(project)(xp, ldp, G, experts, offs, pos, R, NULL, w, sE, ldw, 0, O, D, b, sbE, yp, ldo, NULL);
     FN(unpack)(yp, ldo, rows, R, O, y, ldy);
     free(xp), free(yp), free(pos);
     return 0;
@@ -206,27 +265,7 @@ int FN(moekit_cols)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *expe
             float *part = parts + (size_t)t * MAX_ROWS * O;
             i64 d0 = D * t / T, d1 = D * (t + 1) / T;
             memset(part, 0, sizeof(float) * (size_t)M * O);
-            i64 d = d0;
-            for (; d + 4 <= d1; d += 4) {
-                const WT *r0 = we + d * ldw, *r1 = r0 + ldw, *r2 = r1 + ldw, *r3 = r2 + ldw;
-                for (i64 m = 0; m < M; m++) {
-                    const float *xm = xg + m * ldp + d;
-                    float u0 = xm[0], u1 = xm[1], u2 = xm[2], u3 = xm[3];
-                    float *pm = part + m * O;
-#pragma omp simd
-                    for (i64 o = 0; o < O; o++)
-                        pm[o] += u0 * LD(r0 + o) + u1 * LD(r1 + o) + u2 * LD(r2 + o) + u3 * LD(r3 + o);
-                }
-            }
-            for (; d < d1; d++) {
-                const WT *r0 = we + d * ldw;
-                for (i64 m = 0; m < M; m++) {
-                    float u0 = xg[m * ldp + d];
-                    float *pm = part + m * O;
-#pragma omp simd
-                    for (i64 o = 0; o < O; o++) pm[o] += u0 * LD(r0 + o);
-                }
-            }
+            FN(cols_sweep)(xg, ldp, M, we, ldw, O, d0, d1, part);
 #pragma omp barrier
             i64 q0 = O * t / T, q1 = O * (t + 1) / T;
             for (i64 m = 0; m < M; m++) {
@@ -241,64 +280,6 @@ int FN(moekit_cols)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *expe
     }
     free(parts), free(xp);
     return 0;
-}
-
-/* One projection of every group inside a parallel region: out row pos[r] = in row r @ W_e^T (+ b_e), r over the
- * group's rows. rows layout (cols == 0): W_e[o, d] at w + e*sE + o*ld + d, work items of OBLOCK outputs. cols layout
- * (an (in, out) weight seen transposed, e.g. HF's gpt-oss gate_up_proj): W_e[o, d] at w + e*sE + d*ld + o; each thread
- * sweeps its slice of d over every group, four weight rows at a time, into its own float partials (R rows of O in
- * parts), then the partials are summed over disjoint (row, output) ranges. rexp[r]: the expert of row r (cols). */
-static void FN(project)(const float *in, i64 ldi, i64 G, const i64 *experts, const i64 *offs, const i64 *pos, i64 R,
-                        const i64 *rexp, const WT *w, i64 sE, i64 ld, int cols, i64 O, i64 D, const WT *b, i64 sb,
-                        float *out, i64 ldo, float *parts) {
-    if (!cols) {
-        i64 blocks = (O + OBLOCK - 1) / OBLOCK;
-#pragma omp for schedule(static)
-        for (i64 it = 0; it < G * blocks; it++) {
-            i64 g = it / blocks, blk = it % blocks, e = experts[g];
-            i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < O ? o0 + OBLOCK : O;
-            FN(rows_block)(in + offs[g] * ldi, ldi, pos + offs[g], offs[g + 1] - offs[g], w + e * sE, ld, D, o0, o1,
-                           b ? b + e * sb : NULL, out, ldo);
-        }
-        return; /* (the implicit barrier of the loop) */
-    }
-    int t = omp_get_thread_num(), T = omp_get_num_threads();
-    float *part = parts + (size_t)t * (size_t)R * O;
-    memset(part, 0, sizeof(float) * (size_t)R * O);
-    i64 d0 = D * t / T, d1 = D * (t + 1) / T;
-    for (i64 g = 0; g < G; g++) {
-        const WT *we = w + experts[g] * sE;
-        for (i64 r = offs[g]; r < offs[g + 1]; r++) {
-            const float *xr = in + r * ldi;
-            float *pr = part + r * O;
-            i64 d = d0;
-            for (; d + 4 <= d1; d += 4) {
-                const WT *w0 = we + d * ld, *w1 = w0 + ld, *w2 = w1 + ld, *w3 = w2 + ld;
-                float u0 = xr[d], u1 = xr[d + 1], u2 = xr[d + 2], u3 = xr[d + 3];
-#pragma omp simd
-                for (i64 o = 0; o < O; o++) pr[o] += u0 * LD(w0 + o) + u1 * LD(w1 + o) + u2 * LD(w2 + o) + u3 * LD(w3 + o);
-            }
-            for (; d < d1; d++) {
-                const WT *w0 = we + d * ld;
-                float u0 = xr[d];
-#pragma omp simd
-                for (i64 o = 0; o < O; o++) pr[o] += u0 * LD(w0 + o);
-            }
-        }
-    }
-#pragma omp barrier
-    i64 chunks = (O + 255) / 256;
-#pragma omp for schedule(static)
-    for (i64 it = 0; it < R * chunks; it++) {
-        i64 r = it / chunks, o0 = (it % chunks) * 256, o1 = o0 + 256 < O ? o0 + 256 : O;
-        const WT *be = b ? b + rexp[r] * sb : NULL;
-        float *dst = out + pos[r] * ldo;
-        for (i64 o = o0; o < o1; o++) {
-            float acc = FN(bias_at)(be, o);
-            for (int q = 0; q < T; q++) acc += parts[(size_t)q * R * O + r * O + o];
-            dst[o] = acc;
-        }
-    }
 }
 
 /* The expert FFN phases on rows already packed as float (row r of xp at xp + r * ldp), outputs into packed float
@@ -397,7 +378,8 @@ int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *exper
  *   sum of its two largest choice values, or its largest with group_max), as DeepSeek-V2/V3
  *   w *= scale; y[t] = sum_j w[t, j] * FFN_{idx[t, j]}(x[t])
  * Ties choose the lower expert id. The chosen ids and weights are written to idx_out (T x k) and w_out (T x k),
- * the float32 logits to logits_out (T x E), when given. Returns 0, 1 (no memory) or 14 (k outside [1, E], T outside [0, MAX_ROWS]). */
+ * the float32 logits to logits_out (T x E), when given. Returns 0, 1 (no memory) or 14 (k outside [1, E], T outside
+ * [0, MAX_ROWS]). */
 int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, const WT *wr, i64 ldr,
                           const WT *br, i64 E, i64 k, int score, int normalize, float scale, const float *sel_bias,
                           i64 n_group, i64 topk_group, int group_max,
