@@ -328,10 +328,13 @@ def moekit_experts_forward(
 
     # One implementation choice per call (every projection then takes the same path, one host sync at most).
     dims = (w_up.shape[1], w_up.shape[2], w_down.shape[1], w_down.shape[2])
-    impl = "grouped_mm" if grouped_mm_available(x_ND.dtype, *dims) and x_ND.shape[0] > 0 else "loop"
+    if x_ND.shape[0] > 0 and native.takes_gemm(x_ND, w_up, w_down):
+        impl = "native"  # CPU float32: moekit's grouped BLAS call (weights stored (out, in))
+    else:
+        impl = "grouped_mm" if grouped_mm_available(x_ND.dtype, *dims) and x_ND.shape[0] > 0 else "loop"
     counts_E = plan.counts_E
     offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
-    counts_list = counts_E.tolist() if impl == "loop" else None
+    counts_list = counts_E.tolist() if impl in ("loop", "native") else None
 
     def proj(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         y = grouped_linear(h, w, counts_E, offsets_E, counts_list, impl)

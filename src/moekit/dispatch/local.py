@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..assignment import Assignment
 from ..experts.bank import DECODE_MAX_ROWS
 from ..numerics import as_dtype
-from ..ops.permute import gather_replicated, permute_rows
+from ..ops.permute import combine_grid, gather_replicated, permute_rows
 from ..spec import Spec, register_spec
 from .plan import DispatchPlan
 
@@ -84,6 +84,9 @@ class LocalDispatcher(nn.Module):
         w_N = as_dtype(plan.weight_N, acc) if self.weight_at == "output" else None
         if plan.inv_order_N is not None:
             # weight_N is in grid order here: (K, T) after the pairs are put back in grid order
+            out_TD = combine_grid(y_ND, w_N, plan.order_N, plan.inv_order_N, plan.num_slots, plan.num_tokens)
+            if out_TD is not None:  # one native pass (CPU float32 / bfloat16)
+                return out_TD
             D = y_ND.shape[-1]  # explicit, so that an empty batch (T = 0) reshapes too
             y_KTD = permute_rows(y_ND, plan.inv_order_N, plan.order_N).view(plan.num_slots, plan.num_tokens, D)
             y_KTD = as_dtype(y_KTD, acc)

@@ -29,7 +29,8 @@ class FFN(Spec):
         activation: a name from ``moekit.experts.ACTIVATIONS`` (silu, gelu, gelu_tanh, relu).
         glu: gated linear unit (SwiGLU / GeGLU) whose gate and up projections are fused in ``w13_E2FD``.
         bias: biases on every projection.
-        impl: ``"auto"`` (grouped_mm where the dtype allows, else a split loop), ``"grouped_mm"`` or ``"loop"``.
+        impl: ``"auto"`` (on CPU float32 with two or more threads moekit's grouped BLAS call, ``"native"``; else
+            grouped_mm where the dtype allows, else a split loop), ``"grouped_mm"``, ``"native"`` or ``"loop"``.
     """
 
     hidden_dim: int | None = None
@@ -235,10 +236,9 @@ class ExpertBank(nn.Module):
         offsets_E = counts_list = None
         if not (torch.compiler.is_compiling() or x_ND.device.type == "meta"):  # else: grouped_linear's custom op
             if impl == "auto":  # decide once per call: every projection then takes the same path
-                dims_ok = grouped_mm_available(x_ND.dtype, self.dim, self.hidden_dim)
-                impl = "grouped_mm" if dims_ok and x_ND.shape[0] > 0 else "loop"
+                impl = self._auto_impl(x_ND)
             offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
-            counts_list = counts_E.tolist() if impl == "loop" else None
+            counts_list = counts_E.tolist() if impl in ("loop", "native") else None
         b_in = self.b_in
         if b_in is not None and expert_N is None:
             expert_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x_ND.device), counts_E)
@@ -250,6 +250,16 @@ class ExpertBank(nn.Module):
         h = proj(x_ND, self.w_in, b_in)
         h_NF = self.glu(h) if self.spec.glu else self.act(h)
         return proj(h_NF, self.w2_EDF, self.b2_ED)
+
+    def _auto_impl(self, x_ND: Tensor) -> str:
+        """``impl="auto"`` for these rows: the native grouped BLAS call where it applies (CPU float32, two or more
+        threads, weights with unit stride along ``in``), else grouped_mm where the dtype and dims allow, else the
+        loop."""
+        if x_ND.shape[0] == 0:
+            return "loop"
+        if native.takes_gemm(x_ND, self.w_in, self.w2_EDF):
+            return "native"
+        return "grouped_mm" if grouped_mm_available(x_ND.dtype, self.dim, self.hidden_dim) else "loop"
 
     def glu(self, h_N2F: Tensor) -> Tensor:
         """The GLU of the fused input projection ``(rows, 2F) -> (rows, F)``: ``act(gate) * up``. A bank subclass

@@ -1,9 +1,13 @@
 """Grouped linear: rows of ``x_ND`` are contiguous per expert; each group multiplies its own weight.
 
-Two implementations with one contract:
+Three implementations with one contract:
 - ``torch.nn.functional.grouped_mm`` (one kernel, float32/bfloat16/float16);
+- ``"native"``: moekit's grouped BLAS call (:func:`moekit.ops.native.grouped_gemm`; CPU float32 with two or more
+  threads), every expert's product one single-core BLAS call, the products side by side; forward and backward;
 - a split loop over ``w.unbind(0)`` (any dtype, float64 for tests). Slicing ``w[e]`` in a loop would make autograd
   allocate a full-size zero gradient per expert; ``unbind`` does not.
+
+``"auto"`` in an expert bank takes ``native`` where it applies, else grouped_mm where the dtype allows, else the loop.
 
 Under ``torch.compile`` / ``torch.export`` and on the meta device both are hidden behind one custom op,
 ``moekit::grouped_linear`` (with its own backward ops), whose fake kernel only states the output shape: grouped_mm's
@@ -16,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
+
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-IMPLS = ("auto", "grouped_mm", "loop")
+IMPLS = ("auto", "grouped_mm", "native", "loop")
 
 
 def grouped_mm_available(dtype: torch.dtype, *dims: int) -> bool:
@@ -39,7 +45,7 @@ def _contiguous_grad(t: Tensor) -> Tensor:
 
 def _eager_grouped_linear(x_ND: Tensor, w_EOI: Tensor, counts_E: Tensor, impl: str) -> Tensor:
     """No autograd: the value of the grouped linear with the chosen implementation (inside the custom ops)."""
-    if impl == "auto":
+    if impl in ("auto", "native"):  # (the custom op runs under tracing, where the native call does not)
         impl = "grouped_mm" if grouped_mm_available(x_ND.dtype, *w_EOI.shape[1:]) and x_ND.shape[0] > 0 else "loop"
     if impl == "grouped_mm":
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
@@ -67,7 +73,7 @@ def _(x_ND, w_EOI, counts_E, impl):
 def _grouped_weight_grad_op(g_NO: Tensor, x_NI: Tensor, counts_E: Tensor, impl: str) -> Tensor:
     """``dw[e] = g[rows of e].T @ x[rows of e]``: (E, O, I)."""
     E, O, I = counts_E.shape[0], g_NO.shape[1], x_NI.shape[1]
-    if impl == "auto":
+    if impl in ("auto", "native"):
         impl = "grouped_mm" if grouped_mm_available(x_NI.dtype, O, I) and x_NI.shape[0] > 0 else "loop"
     if impl == "grouped_mm":
         offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
@@ -103,6 +109,30 @@ def _backward(ctx, g_NO: Tensor):
 _grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _NativeGroupedLinear(torch.autograd.Function):
+    """:func:`native.grouped_gemm` forward and backward (the input and weight gradients are grouped BLAS calls too);
+    a backward that builds a graph takes grouped_mm's differentiable form."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, w_EOI: Tensor, offsets: list[int]) -> Tensor:
+        ctx.save_for_backward(x_ND, w_EOI)
+        ctx.offsets = offsets
+        return native.grouped_gemm("forward", x_ND.contiguous(), w_EOI, offsets)
+
+    @staticmethod
+    def backward(ctx, g_NO: Tensor):
+        x_ND, w_EOI = ctx.saved_tensors
+        g_NO = g_NO.contiguous()
+        if torch.is_grad_enabled() or not native.takes_gemm(g_NO, x_ND, w_EOI):  # create_graph=True
+            offs = torch.tensor(ctx.offsets[1:], dtype=torch.int32)
+            gx = F.grouped_mm(g_NO, w_EOI, offs=offs) if ctx.needs_input_grad[0] else None
+            gw = F.grouped_mm(g_NO.t(), x_ND.contiguous(), offs=offs) if ctx.needs_input_grad[1] else None
+            return gx, gw, None
+        gx = native.grouped_gemm("input_grad", g_NO, w_EOI, ctx.offsets) if ctx.needs_input_grad[0] else None
+        gw = native.grouped_gemm("weight_grad", g_NO, x_ND.contiguous(), ctx.offsets) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
 def _tracing(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or x.device.type == "meta"
 
@@ -127,6 +157,17 @@ def grouped_linear(
         if offsets_E is None:
             offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return _contiguous_grad(F.grouped_mm(x_ND, w_EOI.transpose(-2, -1), offs=offsets_E))
+    if impl == "native":
+        if not native.takes_gemm(x_ND, w_EOI):
+            raise ValueError(f"grouped_linear impl='native' needs float32 CPU operands with unit inner stride, two or "
+                             f"more threads and the native kernels with torch's MKL sgemm (got {x_ND.dtype} on "
+                             f"{x_ND.device}, {torch.get_num_threads()} threads, native: "
+                             f"{native.why_unavailable() or 'built' if native.available() else 'unavailable'})")
+        counts_list = counts_list if counts_list is not None else counts_E.tolist()
+        offsets = [0]
+        for n in counts_list:
+            offsets.append(offsets[-1] + n)
+        return _NativeGroupedLinear.apply(x_ND, w_EOI, offsets)
     if impl != "loop":
         raise ValueError(f"unknown grouped_linear impl {impl!r}; valid choices: {', '.join(IMPLS)}")
     if counts_list is None:

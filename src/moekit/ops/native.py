@@ -35,7 +35,8 @@ MAX_ROWS = 16  # rows per group (native_decode.c: MAX_ROWS)
 # development VM (docs/performance.md), more than it saves on a cache-sized weight
 _PARALLEL_MIN_BYTES = 1 << 18
 _SOURCE = Path(__file__).with_name("native_decode.c")
-_HEADER = Path(__file__).with_name("native_kernels.h")  # included by the source, once per storage type
+_HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_kernels.h", "native_combine.h", "native_gemm.h"))  # included by the
+# source, once per storage type
 DTYPES = (torch.float32, torch.bfloat16)  # storage types of x, y, weights and biases (all the same per call)
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _lib: ctypes.CDLL | None = None
@@ -62,7 +63,7 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    source = _SOURCE.read_bytes() + _HEADER.read_bytes()
+    source = _SOURCE.read_bytes() + b"".join(h.read_bytes() for h in _HEADERS)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
     libs = ["-lm"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
@@ -99,11 +100,20 @@ def _build() -> ctypes.CDLL:
         c_int, c_float = ctypes.c_int, ctypes.c_float
         fn.argtypes = [ptr, i64, ptr, i64, *groups, ptr, i64, i64, c_int, i64, i64, ptr, i64,
                        ptr, i64, i64, c_int, i64, ptr, i64, c_int, c_int, c_float, c_float, c_int]
+        fn = getattr(lib, f"moekit_gather_sum_{suffix}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, ptr, i64, c_int]
+        fn = getattr(lib, f"moekit_combine_backward_{suffix}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int]
         fn = getattr(lib, f"moekit_moe_decode_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
                        c_float, ptr, i64, i64, c_int, ptr, i64, i64, c_int, i64, ptr, i64, ptr, i64, i64, c_int, i64,
                        ptr, i64, c_int, c_int, c_float, c_float, c_int, ptr, ptr, ptr]
+    lib.moekit_grouped_gemm.restype = ctypes.c_int
+    lib.moekit_grouped_gemm.argtypes = [ptr, ctypes.c_int, i64, ptr, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, i64,
+                                        ctypes.c_int]
     return lib
 
 
@@ -375,3 +385,152 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
         raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
     out = (y, *((idx, wts) if return_routing else ()), *((logits,) if return_logits else ()))
     return out if len(out) > 1 else y
+
+
+def takes_grid(*rows: Tensor) -> bool:
+    """Whether :func:`gather_sum` and :func:`combine_backward` take these row matrices: float32 or bfloat16 CPU
+    matrices of one dtype with unit stride along each row, outside ``torch.compile`` tracing, and the kernels
+    available (built on the first call). Autograd is the caller's: these kernels only compute values."""
+    return (all(r.dtype == rows[0].dtype and r.device.type == "cpu" and r.dim() == 2 and r.stride(1) == 1
+                for r in rows)
+            and rows[0].dtype in DTYPES and not torch.compiler.is_compiling() and available())
+
+
+def _grid_args(where: str, idx_N: Tensor, w_N: Tensor | None, num_slots: int, num_tokens: int) -> tuple[Tensor, ...]:
+    N = num_slots * num_tokens
+    if idx_N.shape != (N,) or (w_N is not None and w_N.shape != (N,)):
+        raise ValueError(f"moekit.ops.native.{where}: the index and weights must have num_slots * num_tokens = {N} "
+                         f"entries, got {tuple(idx_N.shape)} and {None if w_N is None else tuple(w_N.shape)}")
+    idx_N = idx_N.to(torch.int64).contiguous()
+    if w_N is not None:
+        w_N = w_N.detach().to(torch.float32).contiguous()
+    return idx_N, w_N
+
+
+def gather_sum(y_ND: Tensor, inv_N: Tensor, w_N: Tensor | None, num_slots: int, num_tokens: int,
+               threads: int | None = None) -> Tensor:
+    """``out[t] = sum_k w[k*T + t] * y[inv[k*T + t]]`` (``w`` None: unweighted), one pass over the rows of ``y``
+    with float32 accumulation (a bfloat16 result rounded once): the combine of a top-k grid whose pairs the experts
+    saw sorted (pair ``j = k*T + t`` at sorted row ``inv[j]``), and unweighted, the backward of the dispatch's gather
+    of K copies. ``w`` is read as float32. Check :func:`takes_grid` first."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    K, T = num_slots, num_tokens
+    if y_ND.shape[0] != K * T:
+        raise ValueError(f"moekit.ops.native.gather_sum: y has {y_ND.shape[0]} rows, not num_slots * num_tokens = "
+                         f"{K * T}")
+    inv_N, w_N = _grid_args("gather_sum", inv_N, w_N, K, T)
+    suffix = _same_dtype("gather_sum", y_ND)
+    D = y_ND.shape[1]
+    out = torch.empty(T, D, dtype=y_ND.dtype)
+    status = getattr(lib, f"moekit_gather_sum_{suffix}")(
+        y_ND.data_ptr(), y_ND.stride(0), inv_N.data_ptr(), None if w_N is None else w_N.data_ptr(), K, T, D,
+        out.data_ptr(), out.stride(0), _threads(y_ND.numel() * y_ND.element_size(), threads))
+    if status:
+        raise ValueError(f"moekit.ops.native.gather_sum: row indices must lie in [0, {K * T})")
+    return out
+
+
+def combine_backward(g_TD: Tensor, y_ND: Tensor, order_N: Tensor, w_N: Tensor | None, num_slots: int,
+                     num_tokens: int, threads: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """The backward of :func:`gather_sum`'s weighted combine, one pass over the sorted rows: ``gy[n] = w[j] * g[t]``
+    and ``gw[j] = <g[t], y[n]>`` for sorted row ``n`` holding pair ``j = order[n] = k*T + t``. ``w`` None (an
+    unweighted combine): ``gy[n] = g[t]`` and ``gw`` is None. ``gy`` has ``y``'s dtype; ``gw`` is float32 in grid
+    order. Check :func:`takes_grid` first."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    K, T = num_slots, num_tokens
+    D = y_ND.shape[1]
+    if y_ND.shape[0] != K * T or g_TD.shape != (T, D):
+        raise ValueError(f"moekit.ops.native.combine_backward: expected y of {K * T} rows and g of shape ({T}, {D}), "
+                         f"got {tuple(y_ND.shape)} and {tuple(g_TD.shape)}")
+    order_N, w_N = _grid_args("combine_backward", order_N, w_N, K, T)
+    suffix = _same_dtype("combine_backward", y_ND, g_TD)
+    gy = torch.empty_like(y_ND, memory_format=torch.contiguous_format)
+    gw = None if w_N is None else torch.empty(K * T, dtype=torch.float32)
+    status = getattr(lib, f"moekit_combine_backward_{suffix}")(
+        g_TD.data_ptr(), g_TD.stride(0), y_ND.data_ptr(), y_ND.stride(0), order_N.data_ptr(),
+        None if w_N is None else w_N.data_ptr(), K, T, D, gy.data_ptr(), gy.stride(0),
+        None if gw is None else gw.data_ptr(), _threads(y_ND.numel() * y_ND.element_size(), threads))
+    if status:
+        raise ValueError(f"moekit.ops.native.combine_backward: row indices must lie in [0, {K * T})")
+    return gy, gw
+
+
+_sgemm: list[int | None] = []  # [address of torch's sgemm_ or None], filled on first use
+
+
+def torch_sgemm() -> int | None:
+    """The address of the BLAS ``sgemm_`` that torch's CPU library exports (MKL in the x86 wheels), or None where
+    torch has no MKL or does not export it. :func:`grouped_gemm` calls it; MKL runs single-threaded inside an
+    OpenMP parallel region, which is what lets the products of one call run side by side."""
+    if not _sgemm:
+        address = None
+        if torch.backends.mkl.is_available():
+            try:
+                libtorch = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+                address = ctypes.cast(libtorch.sgemm_, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                address = None
+        _sgemm.append(address)
+    return _sgemm[0]
+
+
+def takes_gemm(*mats: Tensor) -> bool:
+    """Whether :func:`grouped_gemm` takes these operands: float32 CPU tensors with unit stride along their last dim,
+    sizes and strides below 2**31 (BLAS's int), at least two torch threads (with one, torch's grouped_mm is as fast),
+    outside ``torch.compile`` tracing, the kernels built and torch's ``sgemm_`` found."""
+    return (all(m.dtype == torch.float32 and m.device.type == "cpu" and m.stride(-1) == 1
+                and max(*m.shape, *m.stride()) < 2**31 for m in mats)
+            and torch.get_num_threads() > 1 and not torch.compiler.is_compiling() and available()
+            and torch_sgemm() is not None)
+
+
+GEMM_MODES = {"forward": 0, "input_grad": 1, "weight_grad": 2}
+
+
+def grouped_gemm(mode: str, a: Tensor, b: Tensor, offsets: list[int], threads: int | None = None) -> Tensor:
+    """One BLAS product per expert, the experts' products side by side on torch's threads (``native_gemm.h``).
+    ``offsets``: E + 1 row offsets (``offsets[e]:offsets[e + 1]`` are expert e's rows).
+
+    - ``"forward"``: ``a`` rows (N, I), ``b`` weights (E, O, I) -> (N, O), ``y[rows] = a[rows] @ b[e].T``;
+    - ``"input_grad"``: ``a`` gradient rows (N, O), ``b`` weights (E, O, I) -> (N, I), ``a[rows] @ b[e]``;
+    - ``"weight_grad"``: ``a`` gradient rows (N, O), ``b`` the forward's input rows (N, I) -> (E, O, I),
+      ``a[rows].T @ b[rows]`` (zero for an expert without rows).
+
+    Check :func:`takes_gemm` first."""
+    lib = _load()
+    if lib is None or torch_sgemm() is None:
+        raise RuntimeError(f"moekit native grouped GEMM unavailable: {_failed or 'torch exports no MKL sgemm_'}")
+    if mode not in GEMM_MODES:
+        raise ValueError(f"moekit.ops.native.grouped_gemm: unknown mode {mode!r}; valid: {', '.join(GEMM_MODES)}")
+    E = len(offsets) - 1
+    N = a.shape[0]
+    if E < 1 or offsets[0] != 0 or offsets[-1] != N or any(o1 < o0 for o0, o1 in zip(offsets, offsets[1:])):
+        raise ValueError(f"moekit.ops.native.grouped_gemm: offsets must run from 0 to {N} rows in order, got "
+                         f"{offsets[:8]}{'...' if len(offsets) > 8 else ''}")
+    if mode == "weight_grad":
+        if b.shape[0] != N:
+            raise ValueError(f"moekit.ops.native.grouped_gemm: weight_grad needs as many rows in both operands, got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        O, I = a.shape[1], b.shape[1]
+        y = torch.empty(E, O, I)
+        sWe, ldw = 0, b.stride(0)
+    else:
+        if b.dim() != 3 or b.shape[0] != E or b.shape[2 if mode == "forward" else 1] != a.shape[1]:
+            raise ValueError(f"moekit.ops.native.grouped_gemm: {mode} of rows {tuple(a.shape)} with weights "
+                             f"{tuple(b.shape)} for {E} experts does not chain")
+        O, I = b.shape[1], b.shape[2]
+        y = torch.empty(N, O if mode == "forward" else I)
+        sWe, ldw = b.stride(0), b.stride(1)
+    threads = threads or torch.get_num_threads()
+    chunk = max(256, -(-N // (2 * threads)))  # a group larger than this is split (balance across the threads)
+    offs = array.array("q", offsets)
+    status = lib.moekit_grouped_gemm(torch_sgemm(), GEMM_MODES[mode], E, offs.buffer_info()[0], a.data_ptr(),
+                                     a.stride(0), b.data_ptr(), sWe, ldw, y.data_ptr(), y.stride(0) if y.dim() == 2
+                                     else 0, O, I, chunk, threads)
+    if status:
+        raise MemoryError("moekit.ops.native.grouped_gemm: could not allocate the work list")
+    return y

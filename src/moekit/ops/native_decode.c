@@ -97,6 +97,7 @@ static inline float hsum8(__m256 v) {
 #define ROWS_FEW_MAX ROWS_FEW_MAX_F32
 #endif
 #include "native_kernels.h"
+#include "native_combine.h"
 #undef WT
 #undef SUF
 #undef LD
@@ -165,6 +166,7 @@ static int block4_bf16(const float *x, i64 ldx, const i64 *out, i64 M, const uin
 #define ROWS_FEW_MAX ROWS_FEW_MAX_BF16
 #endif
 #include "native_kernels.h"
+#include "native_combine.h"
 #undef WT
 #undef SUF
 #undef LD
@@ -172,3 +174,5 @@ static int block4_bf16(const float *x, i64 ldx, const i64 *out, i64 M, const uin
 #undef BLOCK4X2
 #undef VLD
 #undef ROWS_FEW_MAX
+
+#include "native_gemm.h"
