@@ -244,3 +244,39 @@ def test_bf16_layer_training_combine_matches_float32_math(two_threads):
     gb = torch.autograd.grad(yb.sum(), xb)[0]
     torch.testing.assert_close(yb.float(), y32, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(gb.float(), g32, atol=3e-2, rtol=3e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("F", [256, 13])  # 13: the 8-wide loop and the scalar tail
+def test_swiglu_kernel_matches_float64(dtype, F):
+    torch.manual_seed(0)
+    h = (torch.randn(40, 2 * F) * 4).to(dtype)
+    h[0, 0], h[0, 1], h[1, 0] = -100.0, 100.0, 0.0  # the exp's clamps and zero
+    hd = h.double().requires_grad_(True)
+    ref = torch.nn.functional.silu(hd[:, :F]) * hd[:, F:]
+    g = torch.randn(40, F).to(dtype)
+    (gref,) = torch.autograd.grad(ref, hd, g.double())
+    out, gh = native.swiglu(h), native.swiglu_backward(g, h)
+    assert out.dtype == gh.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=8e-3)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    torch.testing.assert_close(gh.double(), gref, **tol)
+
+
+@needs_native
+def test_fused_glu_takes_native_swiglu_and_keeps_torch_for_other_activations(monkeypatch):
+    from moekit.experts.glu_fn import fused_glu
+
+    calls = []
+    real = native.swiglu_backward
+    monkeypatch.setattr(native, "swiglu_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    h = torch.randn(10, 16, requires_grad=True)
+    for act in ("silu", "gelu"):
+        y = fused_glu(h, act)
+        (g,) = torch.autograd.grad(y.sum(), h)
+        ref_act = torch.nn.functional.silu if act == "silu" else torch.nn.functional.gelu
+        hh = h.detach().requires_grad_(True)
+        (gr,) = torch.autograd.grad((ref_act(hh[:, :8]) * hh[:, 8:]).sum(), hh)
+        torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1  # silu natively, gelu through aten's kernels

@@ -7,12 +7,17 @@ a fine-grained layer's forward+backward on CPU (docs/performance.md). Here the b
 ``d_up = grad * act(gate)`` and ``d_gate = act'(gate) * grad * up`` straight into the halves of one ``empty`` buffer,
 with aten's own activation backward kernels, so the numbers are those of the unfused graph. A backward that builds
 a graph (``create_graph=True``) takes autograd's own formula instead, so second derivatives work as before.
+
+SwiGLU on CPU float32 / bfloat16 rows takes moekit's native kernel (:func:`moekit.ops.native.swiglu`) instead: one
+pass forward, saving only ``h``, and one pass backward that recomputes the sigmoid.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..ops import native
 
 # activation name -> (forward, backward(grad, input) -> grad_input), aten's kernels
 _KERNELS = {
@@ -27,20 +32,33 @@ _KERNELS = {
 class _FusedGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_N2F: Tensor, activation: str) -> Tensor:
+        ctx.activation = activation
+        ctx.native = activation in _NATIVE and native.takes_grid(h_N2F)
+        if ctx.native:  # one pass; the backward recomputes the sigmoid from h, so nothing else is kept
+            ctx.save_for_backward(h_N2F)
+            return native.swiglu(h_N2F)
         act, _ = _KERNELS[activation]
         F = h_N2F.shape[-1] // 2
         gate, up = h_N2F[..., :F], h_N2F[..., F:]
         a = act(gate)
         ctx.save_for_backward(h_N2F, a)
-        ctx.activation = activation
         return a * up
 
     @staticmethod
     def backward(ctx, grad_NF: Tensor) -> tuple[Tensor, None]:
-        h_N2F, a = ctx.saved_tensors
+        if ctx.native:
+            (h_N2F,) = ctx.saved_tensors
+            grad_NF = grad_NF.contiguous()
+            if not torch.is_grad_enabled() and native.takes_grid(grad_NF, h_N2F):
+                return native.swiglu_backward(grad_NF, h_N2F), None
+            a = None
+        else:
+            h_N2F, a = ctx.saved_tensors
         act, act_backward = _KERNELS[ctx.activation]
         F = h_N2F.shape[-1] // 2
         gate, up = h_N2F[..., :F], h_N2F[..., F:]
+        if a is None:
+            a = act(gate)
         if torch.is_grad_enabled():  # create_graph=True: autograd's own graph, so higher derivatives exist
             y = act(gate) * up
             return torch.autograd.grad(y, h_N2F, grad_NF, create_graph=True)[0], None
@@ -56,3 +74,4 @@ def fused_glu(h_N2F: Tensor, activation: str) -> Tensor:
 
 
 FUSED = frozenset(_KERNELS)  # activations with a fused GLU backward
+_NATIVE = frozenset({"silu", "swish"})  # ... and with a one-pass native kernel (CPU float32 / bfloat16)

@@ -35,8 +35,9 @@ MAX_ROWS = 16  # rows per group (native_decode.c: MAX_ROWS)
 # development VM (docs/performance.md), more than it saves on a cache-sized weight
 _PARALLEL_MIN_BYTES = 1 << 18
 _SOURCE = Path(__file__).with_name("native_decode.c")
-_HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_kernels.h", "native_combine.h", "native_gemm.h"))  # included by the
-# source, once per storage type
+# included by the source: the first three once per storage type, native_gemm.h (float32) once
+_HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_kernels.h", "native_combine.h", "native_glu.h",
+                                                       "native_gemm.h"))
 DTYPES = (torch.float32, torch.bfloat16)  # storage types of x, y, weights and biases (all the same per call)
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _lib: ctypes.CDLL | None = None
@@ -106,6 +107,12 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"moekit_combine_backward_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int]
+        fn = getattr(lib, f"moekit_swiglu_{suffix}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, c_int]
+        fn = getattr(lib, f"moekit_swiglu_backward_{suffix}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, c_int]
         fn = getattr(lib, f"moekit_moe_decode_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
@@ -534,3 +541,37 @@ def grouped_gemm(mode: str, a: Tensor, b: Tensor, offsets: list[int], threads: i
     if status:
         raise MemoryError("moekit.ops.native.grouped_gemm: could not allocate the work list")
     return y
+
+
+def swiglu(h_N2F: Tensor, threads: int | None = None) -> Tensor:
+    """``silu(h[:, :F]) * h[:, F:]`` in one pass over ``h`` (float32 arithmetic; a bfloat16 result rounded once).
+    Check :func:`takes_grid` on ``h`` first."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    N, H = h_N2F.shape
+    if H % 2:
+        raise ValueError(f"moekit.ops.native.swiglu: the fused gate/up rows need an even width, got {H}")
+    suffix = _same_dtype("swiglu", h_N2F)
+    out = torch.empty(N, H // 2, dtype=h_N2F.dtype)
+    getattr(lib, f"moekit_swiglu_{suffix}")(h_N2F.data_ptr(), h_N2F.stride(0), N, H // 2, out.data_ptr(),
+                                             out.stride(0), _threads(h_N2F.numel() * h_N2F.element_size(), threads))
+    return out
+
+
+def swiglu_backward(grad_NF: Tensor, h_N2F: Tensor, threads: int | None = None) -> Tensor:
+    """The gradient of :func:`swiglu` with respect to ``h`` (both halves in one (N, 2F) buffer), recomputing the
+    sigmoid from ``h``. Check :func:`takes_grid` on both first."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    N, H = h_N2F.shape
+    if grad_NF.shape != (N, H // 2) or H % 2:
+        raise ValueError(f"moekit.ops.native.swiglu_backward: grad {tuple(grad_NF.shape)} does not match rows "
+                         f"{tuple(h_N2F.shape)}")
+    suffix = _same_dtype("swiglu_backward", h_N2F, grad_NF)
+    gh = torch.empty(N, H, dtype=h_N2F.dtype)
+    getattr(lib, f"moekit_swiglu_backward_{suffix}")(
+        grad_NF.data_ptr(), grad_NF.stride(0), h_N2F.data_ptr(), h_N2F.stride(0), N, H // 2, gh.data_ptr(),
+        gh.stride(0), _threads(h_N2F.numel() * h_N2F.element_size(), threads))
+    return gh

@@ -98,6 +98,7 @@ static inline float hsum8(__m256 v) {
 #endif
 #include "native_kernels.h"
 #include "native_combine.h"
+#include "native_glu.h"
 #undef WT
 #undef SUF
 #undef LD
@@ -167,6 +168,7 @@ static int block4_bf16(const float *x, i64 ldx, const i64 *out, i64 M, const uin
 #endif
 #include "native_kernels.h"
 #include "native_combine.h"
+#include "native_glu.h"
 #undef WT
 #undef SUF
 #undef LD
