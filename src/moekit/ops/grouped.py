@@ -123,10 +123,11 @@ class _NativeGroupedLinear(torch.autograd.Function):
     def backward(ctx, g_NO: Tensor):
         x_ND, w_EOI = ctx.saved_tensors
         g_NO = g_NO.contiguous()
-        if torch.is_grad_enabled() or not native.takes_gemm(g_NO, x_ND, w_EOI):  # create_graph=True
-            offs = torch.tensor(ctx.offsets[1:], dtype=torch.int32)
-            gx = F.grouped_mm(g_NO, w_EOI, offs=offs) if ctx.needs_input_grad[0] else None
-            gw = F.grouped_mm(g_NO.t(), x_ND.contiguous(), offs=offs) if ctx.needs_input_grad[1] else None
+        if torch.is_grad_enabled() or not native.takes_gemm(g_NO, x_ND, w_EOI):  # create_graph=True: a
+            # differentiable per-expert loop (any dims, unlike grouped_mm's 16-byte alignment)
+            rows = [slice(a, b) for a, b in zip(ctx.offsets, ctx.offsets[1:])]
+            gx = torch.cat([g_NO[r] @ w for r, w in zip(rows, w_EOI.unbind(0))]) if ctx.needs_input_grad[0] else None
+            gw = torch.stack([g_NO[r].T @ x_ND[r] for r in rows]) if ctx.needs_input_grad[1] else None
             return gx, gw, None
         gx = native.grouped_gemm("input_grad", g_NO, w_EOI, ctx.offsets) if ctx.needs_input_grad[0] else None
         gw = native.grouped_gemm("weight_grad", g_NO, x_ND.contiguous(), ctx.offsets) if ctx.needs_input_grad[1] else None
