@@ -60,7 +60,7 @@ from ..experts.bank import small_linear
 from ..experts.glu_fn import FUSED, fused_glu
 from ..numerics import as_dtype
 from ..ops import native
-from ..ops.grouped import grouped_linear, grouped_mm_available
+from ..ops.grouped import auto_impl, grouped_linear
 
 NAME = "moekit"
 _HF_MOE_MODULE = "transformers.integrations.moe"
@@ -327,11 +327,7 @@ def moekit_experts_forward(
     x_ND, handle = _DISPATCHER.dispatch(x_TD, plan)
 
     # One implementation choice per call (every projection then takes the same path, one host sync at most).
-    dims = (w_up.shape[1], w_up.shape[2], w_down.shape[1], w_down.shape[2])
-    if x_ND.shape[0] > 0 and native.takes_gemm(x_ND, w_up, w_down):
-        impl = "native"  # CPU float32: moekit's grouped BLAS call (weights stored (out, in))
-    else:
-        impl = "grouped_mm" if grouped_mm_available(x_ND.dtype, *dims) and x_ND.shape[0] > 0 else "loop"
+    impl = auto_impl(x_ND, w_up, w_down)
     counts_E = plan.counts_E
     offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
     counts_list = counts_E.tolist() if impl in ("loop", "native") else None

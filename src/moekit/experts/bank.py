@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import native
-from ..ops.grouped import IMPLS, grouped_linear, grouped_mm_available
+from ..ops.grouped import IMPLS, auto_impl, grouped_linear
 from ..spec import Spec, register_spec
 from .activations import ACTIVATIONS
 from .glu_fn import FUSED, fused_glu
@@ -236,7 +236,7 @@ class ExpertBank(nn.Module):
         offsets_E = counts_list = None
         if not (torch.compiler.is_compiling() or x_ND.device.type == "meta"):  # else: grouped_linear's custom op
             if impl == "auto":  # decide once per call: every projection then takes the same path
-                impl = self._auto_impl(x_ND)
+                impl = auto_impl(x_ND, self.w_in, self.w2_EDF)
             offsets_E = torch.cumsum(counts_E, 0, dtype=torch.int32) if impl == "grouped_mm" else None
             counts_list = counts_E.tolist() if impl in ("loop", "native") else None
         b_in = self.b_in
@@ -250,16 +250,6 @@ class ExpertBank(nn.Module):
         h = proj(x_ND, self.w_in, b_in)
         h_NF = self.glu(h) if self.spec.glu else self.act(h)
         return proj(h_NF, self.w2_EDF, self.b2_ED)
-
-    def _auto_impl(self, x_ND: Tensor) -> str:
-        """``impl="auto"`` for these rows: the native grouped BLAS call where it applies (CPU float32, two or more
-        threads, weights with unit stride along ``in``), else grouped_mm where the dtype and dims allow, else the
-        loop."""
-        if x_ND.shape[0] == 0:
-            return "loop"
-        if native.takes_gemm(x_ND, self.w_in, self.w2_EDF):
-            return "native"
-        return "grouped_mm" if grouped_mm_available(x_ND.dtype, self.dim, self.hidden_dim) else "loop"
 
     def glu(self, h_N2F: Tensor) -> Tensor:
         """The GLU of the fused input projection ``(rows, 2F) -> (rows, F)``: ``act(gate) * up``. A bank subclass

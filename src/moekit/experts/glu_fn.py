@@ -57,11 +57,11 @@ class _FusedGLU(torch.autograd.Function):
         act, act_backward = _KERNELS[ctx.activation]
         F = h_N2F.shape[-1] // 2
         gate, up = h_N2F[..., :F], h_N2F[..., F:]
-        if a is None:
-            a = act(gate)
         if torch.is_grad_enabled():  # create_graph=True: autograd's own graph, so higher derivatives exist
             y = act(gate) * up
             return torch.autograd.grad(y, h_N2F, grad_NF, create_graph=True)[0], None
+        if a is None:  # the native forward kept only h
+            a = act(gate)
         grad_N2F = torch.empty_like(h_N2F)
         torch.mul(grad_NF, a, out=grad_N2F[..., F:])
         grad_N2F[..., :F] = act_backward(grad_NF * up, gate)

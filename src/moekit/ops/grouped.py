@@ -16,6 +16,8 @@ own fake kernel accepts only bfloat16 on CPU, and the loop needs ``counts_E.toli
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,6 +36,18 @@ def grouped_mm_available(dtype: torch.dtype, *dims: int) -> bool:
         and dtype in _GROUPED_MM_DTYPES
         and all(d * itemsize % 16 == 0 for d in dims)
     )
+
+
+def auto_impl(x_ND: Tensor, *w_EOI: Tensor) -> str:
+    """``impl="auto"`` for one call whose projections use these weights: ``"native"`` where
+    :func:`moekit.ops.native.takes_gemm` holds for the rows and every weight, else ``"grouped_mm"`` where the dtype
+    and every weight's dims allow, else ``"loop"`` (also for no rows)."""
+    if x_ND.shape[0] == 0:
+        return "loop"
+    if native.takes_gemm(x_ND, *w_EOI):
+        return "native"
+    dims = [d for w in w_EOI for d in w.shape[1:]]
+    return "grouped_mm" if grouped_mm_available(x_ND.dtype, *dims) else "loop"
 
 
 def _contiguous_grad(t: Tensor) -> Tensor:
@@ -165,10 +179,7 @@ def grouped_linear(
                              f"{x_ND.device}, {torch.get_num_threads()} threads, native: "
                              f"{native.why_unavailable() or 'built' if native.available() else 'unavailable'})")
         counts_list = counts_list if counts_list is not None else counts_E.tolist()
-        offsets = [0]
-        for n in counts_list:
-            offsets.append(offsets[-1] + n)
-        return _NativeGroupedLinear.apply(x_ND, w_EOI, offsets)
+        return _NativeGroupedLinear.apply(x_ND, w_EOI, list(itertools.accumulate(counts_list, initial=0)))
     if impl != "loop":
         raise ValueError(f"unknown grouped_linear impl {impl!r}; valid choices: {', '.join(IMPLS)}")
     if counts_list is None:

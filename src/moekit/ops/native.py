@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -140,6 +141,14 @@ def _load() -> ctypes.CDLL | None:
     return _lib
 
 
+def _require() -> ctypes.CDLL:
+    """The loaded library, or a RuntimeError saying why there is none (for the entry points)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    return lib
+
+
 def available() -> bool:
     """Whether the native kernels are built and loaded (builds them on the first call)."""
     return _load() is not None
@@ -248,9 +257,7 @@ def ffn(x_ND: Tensor, w_in_EHD: Tensor, b_in_EH: Tensor | None, w2_EDF: Tensor, 
     SwiGLU, ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = clamp(gate, max=limit)``. Each
     weight (E, out, in) with unit stride along ``in`` or (a transposed view) along ``out``; ``activation`` a key of
     :data:`ACTIVATIONS`."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    lib = _require()
     N, D = x_ND.shape
     E, H, Dw = w_in_EHD.shape
     F = H // 2 if glu else H
@@ -284,9 +291,7 @@ def grouped_rows(x_ND: Tensor, w_EOD: Tensor, b_EO: Tensor | None, experts: list
     ``experts[g]`` with rows ``rows[offsets[g]:offsets[g + 1]]`` (at most ``MAX_ROWS``). Returns ``y`` of shape
     (``out_rows`` or N, O); rows in no group are left uninitialised. Check :func:`takes_rows` and
     :func:`takes_weight` first."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    lib = _require()
     N, D = x_ND.shape
     E, O, Dw = w_EOD.shape
     if Dw != D:
@@ -327,9 +332,7 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
     Float32 arithmetic throughout (one rounding to the storage dtype at the end); ties choose the
     lower expert id. ``return_routing``: also the chosen ids (T, k) int64 and their float32 weights (T, k);
     ``return_logits``: also the router's float32 logits (T, E) (after those, when both are asked)."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    lib = _require()
     if x_TD.dim() != 2 or x_TD.stride(1) != 1:
         raise ValueError(f"moekit.ops.native.moe_decode: x must be a (T, D) matrix with unit column stride, got "
                          f"shape {tuple(x_TD.shape)} strides {x_TD.stride()}")
@@ -420,9 +423,7 @@ def gather_sum(y_ND: Tensor, inv_N: Tensor, w_N: Tensor | None, num_slots: int, 
     with float32 accumulation (a bfloat16 result rounded once): the combine of a top-k grid whose pairs the experts
     saw sorted (pair ``j = k*T + t`` at sorted row ``inv[j]``), and unweighted, the backward of the dispatch's gather
     of K copies. ``w`` is read as float32. Check :func:`takes_grid` first."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    lib = _require()
     K, T = num_slots, num_tokens
     if y_ND.shape[0] != K * T:
         raise ValueError(f"moekit.ops.native.gather_sum: y has {y_ND.shape[0]} rows, not num_slots * num_tokens = "
@@ -445,9 +446,7 @@ def combine_backward(g_TD: Tensor, y_ND: Tensor, order_N: Tensor, w_N: Tensor | 
     and ``gw[j] = <g[t], y[n]>`` for sorted row ``n`` holding pair ``j = order[n] = k*T + t``. ``w`` None (an
     unweighted combine): ``gy[n] = g[t]`` and ``gw`` is None. ``gy`` has ``y``'s dtype; ``gw`` is float32 in grid
     order. Check :func:`takes_grid` first."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    lib = _require()
     K, T = num_slots, num_tokens
     D = y_ND.shape[1]
     if y_ND.shape[0] != K * T or g_TD.shape != (T, D):
@@ -466,23 +465,18 @@ def combine_backward(g_TD: Tensor, y_ND: Tensor, order_N: Tensor, w_N: Tensor | 
     return gy, gw
 
 
-_sgemm: list[int | None] = []  # [address of torch's sgemm_ or None], filled on first use
-
-
+@functools.cache
 def torch_sgemm() -> int | None:
     """The address of the BLAS ``sgemm_`` that torch's CPU library exports (MKL in the x86 wheels), or None where
     torch has no MKL or does not export it. :func:`grouped_gemm` calls it; MKL runs single-threaded inside an
     OpenMP parallel region, which is what lets the products of one call run side by side."""
-    if not _sgemm:
-        address = None
-        if torch.backends.mkl.is_available():
-            try:
-                libtorch = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-                address = ctypes.cast(libtorch.sgemm_, ctypes.c_void_p).value
-            except (OSError, AttributeError):
-                address = None
-        _sgemm.append(address)
-    return _sgemm[0]
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        libtorch = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return ctypes.cast(libtorch.sgemm_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 def takes_gemm(*mats: Tensor) -> bool:
@@ -508,9 +502,9 @@ def grouped_gemm(mode: str, a: Tensor, b: Tensor, offsets: list[int], threads: i
       ``a[rows].T @ b[rows]`` (zero for an expert without rows).
 
     Check :func:`takes_gemm` first."""
-    lib = _load()
-    if lib is None or torch_sgemm() is None:
-        raise RuntimeError(f"moekit native grouped GEMM unavailable: {_failed or 'torch exports no MKL sgemm_'}")
+    lib = _require()
+    if torch_sgemm() is None:
+        raise RuntimeError("moekit native grouped GEMM unavailable: torch exports no MKL sgemm_")
     if mode not in GEMM_MODES:
         raise ValueError(f"moekit.ops.native.grouped_gemm: unknown mode {mode!r}; valid: {', '.join(GEMM_MODES)}")
     E = len(offsets) - 1
@@ -546,9 +540,7 @@ def grouped_gemm(mode: str, a: Tensor, b: Tensor, offsets: list[int], threads: i
 def swiglu(h_N2F: Tensor, threads: int | None = None) -> Tensor:
     """``silu(h[:, :F]) * h[:, F:]`` in one pass over ``h`` (float32 arithmetic; a bfloat16 result rounded once).
     Check :func:`takes_grid` on ``h`` first."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    lib = _require()
     N, H = h_N2F.shape
     if H % 2:
         raise ValueError(f"moekit.ops.native.swiglu: the fused gate/up rows need an even width, got {H}")
@@ -562,9 +554,7 @@ def swiglu(h_N2F: Tensor, threads: int | None = None) -> Tensor:
 def swiglu_backward(grad_NF: Tensor, h_N2F: Tensor, threads: int | None = None) -> Tensor:
     """The gradient of :func:`swiglu` with respect to ``h`` (both halves in one (N, 2F) buffer), recomputing the
     sigmoid from ``h``. Check :func:`takes_grid` on both first."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"moekit native kernels unavailable: {_failed}")
+    lib = _require()
     N, H = h_N2F.shape
     if grad_NF.shape != (N, H // 2) or H % 2:
         raise ValueError(f"moekit.ops.native.swiglu_backward: grad {tuple(grad_NF.shape)} does not match rows "

@@ -79,6 +79,7 @@ class _CombineGrid(torch.autograd.Function):
     def backward(ctx, g_TD: Tensor):
         y_ND, w_N, order_N = ctx.saved_tensors
         K, T = ctx.num_slots, ctx.num_tokens
+        g_TD = g_TD.contiguous()  # (a gradient from .sum() is stride-0)
         if torch.is_grad_enabled() or not native.takes_grid(g_TD, y_ND):  # create_graph=True: differentiable ops
             g_ND = g_TD.index_select(0, order_N % T)
             if w_N is None:
@@ -86,7 +87,7 @@ class _CombineGrid(torch.autograd.Function):
             w_sorted = w_N.index_select(0, order_N)
             gw = torch.empty_like(w_N).index_copy(0, order_N, (g_ND.to(w_N.dtype) * y_ND.to(w_N.dtype)).sum(-1))
             return (g_ND * w_sorted.unsqueeze(-1)).to(y_ND.dtype), gw, None, None, None, None
-        gy, gw = native.combine_backward(g_TD.contiguous(), y_ND, order_N, w_N, K, T)
+        gy, gw = native.combine_backward(g_TD, y_ND, order_N, w_N, K, T)
         return gy, gw if ctx.needs_input_grad[1] else None, None, None, None, None
 
 
