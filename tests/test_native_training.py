@@ -123,6 +123,11 @@ def test_grouped_gemm_matches_per_expert_products(two_threads, mode):
     torch.testing.assert_close(out.double(), _loop_products(a, b, offsets, mode), atol=1e-4, rtol=1e-5)
     if mode == "weight_grad":
         assert out[1].abs().max() == 0 and out[5].abs().max() == 0  # no rows: a zero gradient, not garbage
+    if mode != "weight_grad":  # the same weights stored (E, in, out) and seen transposed (gpt-oss, Llama 4)
+        b_t = b.transpose(1, 2).contiguous().transpose(1, 2)
+        assert native.weights_transposed(b_t) and native.takes_gemm(a, b_t)
+        torch.testing.assert_close(native.grouped_gemm(mode, a, b_t, offsets).double(),
+                                   _loop_products(a, b, offsets, mode), atol=1e-4, rtol=1e-5)
 
 
 @needs_gemm
@@ -135,7 +140,9 @@ def test_grouped_gemm_errors(two_threads):
     with pytest.raises(ValueError, match="unknown mode"):
         native.grouped_gemm("backward", a, w, [0, 4, 10])
     assert not native.takes_gemm(a.bfloat16(), w.bfloat16())  # float32 only
-    assert not native.takes_gemm(a, w.transpose(1, 2).contiguous().transpose(1, 2))  # weights stored (in, out)
+    assert not native.takes_gemm(a, w[:, :, ::2])  # no unit stride along either weight dim
+    with pytest.raises(ValueError, match="no unit stride"):
+        native.grouped_gemm("forward", a[:, :4], w[:, :, ::2], [0, 4, 10])
     torch.set_num_threads(1)
     assert not native.takes_gemm(a, w)  # one thread: torch's grouped_mm is as fast
 
@@ -154,6 +161,13 @@ def test_grouped_linear_native_forward_backward_matches_grouped_mm(two_threads):
         grads[impl] = (y, gx, gw)
     for a, b in zip(grads["native"], grads["grouped_mm"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # a parameter stored (E, in, out), used transposed (the swapped gpt-oss bank): native keeps the storage layout
+    w_IO = w.detach().transpose(1, 2).contiguous().requires_grad_()
+    y = grouped_linear(x, w_IO.transpose(1, 2), counts_E, impl="native")
+    gx, gw = torch.autograd.grad(y, (x, w_IO), g)
+    torch.testing.assert_close(y, grads["grouped_mm"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, grads["grouped_mm"][1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, grads["grouped_mm"][2].transpose(1, 2), atol=1e-5, rtol=1e-5)
     torch.set_num_threads(1)
     with pytest.raises(ValueError, match="impl='native' needs"):
         grouped_linear(x, w, counts_E, impl="native")

@@ -245,7 +245,7 @@ class ExpertBank(nn.Module):
 
         def proj(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
             y = grouped_linear(x, w, counts_E, offsets_E, counts_list, impl)
-            return y if b is None else y + b[expert_N]
+            return y if b is None else y + b.index_select(0, expert_N)  # (backward: index_add, not index_put)
 
         h = proj(x_ND, self.w_in, b_in)
         h_NF = self.glu(h) if self.spec.glu else self.act(h)

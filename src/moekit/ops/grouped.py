@@ -144,7 +144,13 @@ class _NativeGroupedLinear(torch.autograd.Function):
             gw = torch.stack([g_NO[r].T @ x_ND[r] for r in rows]) if ctx.needs_input_grad[1] else None
             return gx, gw, None
         gx = native.grouped_gemm("input_grad", g_NO, w_EOI, ctx.offsets) if ctx.needs_input_grad[0] else None
-        gw = native.grouped_gemm("weight_grad", g_NO, x_ND.contiguous(), ctx.offsets) if ctx.needs_input_grad[1] else None
+        gw = None
+        if ctx.needs_input_grad[1]:  # in the weights' own layout: (E, in, out) storage gets an (E, in, out) gradient
+            x_ND = x_ND.contiguous()
+            if native.weights_transposed(w_EOI):
+                gw = native.grouped_gemm("weight_grad", x_ND, g_NO, ctx.offsets).transpose(1, 2)
+            else:
+                gw = native.grouped_gemm("weight_grad", g_NO, x_ND, ctx.offsets)
         return gx, gw, None
 
 

@@ -120,8 +120,8 @@ def _build() -> ctypes.CDLL:
                        c_float, ptr, i64, i64, c_int, ptr, i64, i64, c_int, i64, ptr, i64, ptr, i64, i64, c_int, i64,
                        ptr, i64, c_int, c_int, c_float, c_float, c_int, ptr, ptr, ptr]
     lib.moekit_grouped_gemm.restype = ctypes.c_int
-    lib.moekit_grouped_gemm.argtypes = [ptr, ctypes.c_int, i64, ptr, ptr, i64, ptr, i64, i64, ptr, i64, i64, i64, i64,
-                                        ctypes.c_int]
+    lib.moekit_grouped_gemm.argtypes = [ptr, ctypes.c_int, i64, ptr, ptr, i64, ptr, i64, i64, ctypes.c_int, ptr, i64,
+                                        i64, i64, i64, ctypes.c_int]
     return lib
 
 
@@ -480,13 +480,27 @@ def torch_sgemm() -> int | None:
 
 
 def takes_gemm(*mats: Tensor) -> bool:
-    """Whether :func:`grouped_gemm` takes these operands: float32 CPU tensors with unit stride along their last dim,
-    sizes and strides below 2**31 (BLAS's int), at least two torch threads (with one, torch's grouped_mm is as fast),
-    outside ``torch.compile`` tracing, the kernels built and torch's ``sgemm_`` found."""
-    return (all(m.dtype == torch.float32 and m.device.type == "cpu" and m.stride(-1) == 1
+    """Whether :func:`grouped_gemm` takes these operands: float32 CPU tensors with unit stride along their last dim
+    (a 3-D weight also along its middle dim: (in, out) storage seen transposed), sizes and strides below 2**31 (BLAS's
+    int), at least two torch threads (with one, torch's grouped_mm is as fast), outside ``torch.compile`` tracing, the
+    kernels built and torch's ``sgemm_`` found."""
+    return (all(m.dtype == torch.float32 and m.device.type == "cpu" and _gemm_layout(m) is not None
                 and max(*m.shape, *m.stride()) < 2**31 for m in mats)
             and torch.get_num_threads() > 1 and not torch.compiler.is_compiling() and available()
             and torch_sgemm() is not None)
+
+
+def _gemm_layout(m: Tensor) -> int | None:
+    """How :func:`grouped_gemm` reads a matrix: 0 with unit stride along the last dim, 1 for a 3-D weight with unit
+    stride along the middle dim (an (E, in, out) storage seen as (E, out, in)), None otherwise."""
+    if m.stride(-1) == 1 or m.shape[-1] == 1:
+        return 0
+    return 1 if m.dim() == 3 and m.stride(-2) == 1 else None
+
+
+def weights_transposed(w_EOI: Tensor) -> bool:
+    """Whether :func:`grouped_gemm` reads these (E, out, in) weights as an (E, in, out) storage seen transposed."""
+    return _gemm_layout(w_EOI) == 1
 
 
 GEMM_MODES = {"forward": 0, "input_grad": 1, "weight_grad": 2}
@@ -497,7 +511,8 @@ def grouped_gemm(mode: str, a: Tensor, b: Tensor, offsets: list[int], threads: i
     ``offsets``: E + 1 row offsets (``offsets[e]:offsets[e + 1]`` are expert e's rows).
 
     - ``"forward"``: ``a`` rows (N, I), ``b`` weights (E, O, I) -> (N, O), ``y[rows] = a[rows] @ b[e].T``;
-    - ``"input_grad"``: ``a`` gradient rows (N, O), ``b`` weights (E, O, I) -> (N, I), ``a[rows] @ b[e]``;
+    - ``"input_grad"``: ``a`` gradient rows (N, O), ``b`` weights (E, O, I) -> (N, I), ``a[rows] @ b[e]``
+      (the weights of both may be an (E, I, O) storage seen transposed);
     - ``"weight_grad"``: ``a`` gradient rows (N, O), ``b`` the forward's input rows (N, I) -> (E, O, I),
       ``a[rows].T @ b[rows]`` (zero for an expert without rows).
 
@@ -518,19 +533,25 @@ def grouped_gemm(mode: str, a: Tensor, b: Tensor, offsets: list[int], threads: i
                              f"{tuple(a.shape)} and {tuple(b.shape)}")
         O, I = a.shape[1], b.shape[1]
         y = torch.empty(E, O, I)
-        sWe, ldw = 0, b.stride(0)
+        sWe, ldw, wt = 0, b.stride(0), 0
     else:
         if b.dim() != 3 or b.shape[0] != E or b.shape[2 if mode == "forward" else 1] != a.shape[1]:
             raise ValueError(f"moekit.ops.native.grouped_gemm: {mode} of rows {tuple(a.shape)} with weights "
                              f"{tuple(b.shape)} for {E} experts does not chain")
         O, I = b.shape[1], b.shape[2]
         y = torch.empty(N, O if mode == "forward" else I)
-        sWe, ldw = b.stride(0), b.stride(1)
+        wt = _gemm_layout(b)
+        if wt is None:
+            raise ValueError(f"moekit.ops.native.grouped_gemm: weights of strides {b.stride()} have no unit stride "
+                             f"along in or out")
+        sWe, ldw = b.stride(0), b.stride(2 if wt else 1)
+        if ldw < (O if wt else I) or ldw < 1:  # a size-1 dim's stride is free: BLAS wants ld >= the dim
+            b, sWe, ldw, wt = b.contiguous(), I * O, I, 0
     threads = threads or torch.get_num_threads()
     chunk = max(256, -(-N // (2 * threads)))  # a group larger than this is split (balance across the threads)
     offs = array.array("q", offsets)
     status = lib.moekit_grouped_gemm(torch_sgemm(), GEMM_MODES[mode], E, offs.buffer_info()[0], a.data_ptr(),
-                                     a.stride(0), b.data_ptr(), sWe, ldw, y.data_ptr(), y.stride(0) if y.dim() == 2
+                                     a.stride(0), b.data_ptr(), sWe, ldw, wt, y.data_ptr(), y.stride(0) if y.dim() == 2
                                      else 0, O, I, chunk, threads)
     if status:
         raise MemoryError("moekit.ops.native.grouped_gemm: could not allocate the work list")

@@ -11,6 +11,8 @@
  * Rows of expert e are offs[e]..offs[e+1] (row-major matrices, unit stride along a row):
  *   mode 0: Y[rows] = X[rows] @ W[e]^T    X (N, I), W (E, O, I), Y (N, O)     the forward
  *   mode 1: Y[rows] = X[rows] @ W[e]      X (N, O), W (E, O, I), Y (N, I)     the input gradient
+ * W[e] is row-major (element (o, i) at o * ldw + i) or, with wt set, stored (in, out) and seen transposed (element
+ * (o, i) at i * ldw + o: gpt-oss's and Llama 4's layout); the same products then take the other transposition flag.
  *   mode 2: Y[e] = X[rows]^T @ W[rows]    X (N, O), W (N, I) (the forward's input rows), Y (E, O, I) contiguous:
  *                                                                            the weight gradient (zero for no rows)
  * Returns 1 when the work list cannot be allocated, else 0. */
@@ -19,7 +21,7 @@ typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, c
                          const float *, const int *, const float *, const int *, const float *, float *, const int *);
 
 int moekit_grouped_gemm(void *sgemm_ptr, int mode, i64 E, const i64 *offs, const float *X, i64 ldx, const float *W,
-                        i64 sWe, i64 ldw, float *Y, i64 ldy, i64 O, i64 I, i64 chunk, int threads) {
+                        i64 sWe, i64 ldw, int wt, float *Y, i64 ldy, i64 O, i64 I, i64 chunk, int threads) {
     const sgemm_fn sgemm = (sgemm_fn)sgemm_ptr;
     i64 items = 0;
     for (i64 e = 0; e < E; e++) {
@@ -57,10 +59,12 @@ int moekit_grouped_gemm(void *sgemm_ptr, int mode, i64 E, const i64 *offs, const
                       Ye, &in);
         } else if (cnt) {
             const i64 r = offs[e] + first;
+            /* column-major view: a row-major W[e] is an (I, O) matrix, a transposed one an (O, I) matrix */
+            const char *flag = (mode == 0) != (wt != 0) ? "T" : "N";
             if (mode == 0)
-                sgemm("T", "N", &o, &cnt, &in, &one, W + e * sWe, &lw, X + r * ldx, &lx, &zero, Y + r * ldy, &ly);
+                sgemm(flag, "N", &o, &cnt, &in, &one, W + e * sWe, &lw, X + r * ldx, &lx, &zero, Y + r * ldy, &ly);
             else
-                sgemm("N", "N", &in, &cnt, &o, &one, W + e * sWe, &lw, X + r * ldx, &lx, &zero, Y + r * ldy, &ly);
+                sgemm(flag, "N", &in, &cnt, &o, &one, W + e * sWe, &lw, X + r * ldx, &lx, &zero, Y + r * ldy, &ly);
         }
     }
     free(work);
