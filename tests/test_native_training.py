@@ -294,3 +294,59 @@ def test_fused_glu_takes_native_swiglu_and_keeps_torch_for_other_activations(mon
         (gr,) = torch.autograd.grad((ref_act(hh[:, :8]) * hh[:, 8:]).sum(), hh)
         torch.testing.assert_close(g, gr, atol=1e-5, rtol=1e-5)
     assert len(calls) == 1  # silu natively, gelu through aten's kernels
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("F", [256, 13])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_clamped_interleaved_swiglu_kernel_matches_float64(dtype, F, interleaved):
+    """gpt-oss's form (clamped, gate/up interleaved) and plain SwiGLU on interleaved rows, against float64 torch;
+    values on and beyond both clamp bounds (the clamp's gradient passes on the bound, as torch's)."""
+    from moekit.experts.clamped import clamped_swiglu
+
+    torch.manual_seed(1)
+    h = (torch.randn(40, 2 * F) * 6).to(dtype)
+    h[0, :8] = torch.tensor([7.0, 7.0, 9.0, -7.0, -9.0, 9.0, 3.0, -12.0])  # gate/up at and past +-limit
+    hd = h.double().requires_grad_(True)
+    g, u = (hd[:, 0::2], hd[:, 1::2]) if interleaved else (hd[:, :F], hd[:, F:])
+    grad = torch.randn(40, F).to(dtype)
+    for clamp in (None, (1.702, 7.0)):
+        ref = clamped_swiglu(g, u, *clamp) if clamp else torch.nn.functional.silu(g) * u
+        (gref,) = torch.autograd.grad(ref, hd, grad.double())
+        out = native.swiglu(h, interleaved=interleaved, clamp=clamp)
+        gh = native.swiglu_backward(grad, h, interleaved=interleaved, clamp=clamp)
+        scale = ref.abs().max().item()
+        tol = dict(atol=1e-5 * scale, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3 * scale, rtol=8e-3)
+        torch.testing.assert_close(out.double(), ref, **tol)
+        torch.testing.assert_close(gh.double(), gref, **tol)
+    with pytest.raises(ValueError, match="limit must be > 0"):
+        native.swiglu(h, clamp=(1.0, 0.0))
+
+
+@needs_native
+def test_clamped_bank_and_gpt_oss_experts_take_native_glu(two_threads, monkeypatch):
+    """A gpt-oss-like clamped, interleaved bank trains through the native GLU (counted) and equals the per-token
+    loop; with the kernels refused it takes the torch form, with the same numbers."""
+    from moekit.experts.clamped import ClampedSwiGLU
+
+    calls = []
+    real = native.swiglu_backward
+    monkeypatch.setattr(native, "swiglu_backward", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    layer = MoE(32, 8, router=TopK(k=2), experts=ClampedSwiGLU(hidden_dim=24, interleaved=True, limit=1.5))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)  # pre-activations past the clamp limit
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    params = [x, layer.experts.w13_E2FD, layer.experts.b13_E2F, layer.experts.w2_EDF]
+    g = torch.randn(2, 40, 32)
+    got = torch.autograd.grad(layer(x), params, g)
+    assert calls == [{"interleaved": True, "clamp": (1.702, 1.5)}]
+    ref = moe_reference(layer, x)
+    for a, b in zip(got, torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(native, "takes_grid", lambda *a: False)
+    for a, b in zip(got, torch.autograd.grad(layer(x), params, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1

@@ -57,7 +57,7 @@ from torch import Tensor
 from ..assignment import Assignment
 from ..dispatch.local import LocalDispatcher
 from ..experts.bank import small_linear
-from ..experts.glu_fn import FUSED, fused_glu
+from ..experts.glu_fn import FUSED, fused_glu, native_swiglu
 from ..numerics import as_dtype
 from ..ops import native
 from ..ops.grouped import auto_impl, grouped_linear
@@ -138,6 +138,10 @@ def _default_gate(module: Any, gate_up_N2F: Tensor) -> Tensor:
 def _gate(m: Any, h_N: Tensor) -> Tensor:
     if not m.has_gate:
         return m.act_fn(h_N)
+    form = _native_gating(m)
+    if form is not None and form["activation"] == "silu":  # SwiGLU (plain or gpt-oss's): the native kernels
+        if (y := native_swiglu(h_N, form["interleaved"], form.get("clamp"))) is not None:
+            return y
     if _uses_default_gate(m):
         return _default_gate(m, h_N)
     return m._apply_gate(h_N)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import Tensor
 
 from ..spec import register_spec
 from .bank import FFN, ExpertBank
+from .glu_fn import clamped_swiglu, native_swiglu
+
+__all__ = ["ClampedSwiGLU", "ClampedSwiGLUBank", "clamped_swiglu"]
 
 
 @register_spec("clamped_swiglu", "experts")
@@ -52,13 +54,6 @@ class ClampedSwiGLU(FFN):
                          "or MLP for shared experts")
 
 
-def clamped_swiglu(g: Tensor, u: Tensor, alpha: float, limit: float) -> Tensor:
-    """``(clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')`` with ``g' = clamp(g, max=limit)``."""
-    g = g.clamp(max=limit)
-    u = u.clamp(min=-limit, max=limit)
-    return (u + 1) * (g * torch.sigmoid(g * alpha))
-
-
 class ClampedSwiGLUBank(ExpertBank):
     spec: ClampedSwiGLU
 
@@ -84,6 +79,8 @@ class ClampedSwiGLUBank(ExpertBank):
         return None if self.b13_E2F is None else self._halves(self.b13_E2F)[1]
 
     def glu(self, h_N2F: Tensor) -> Tensor:
+        if (y := native_swiglu(h_N2F, self.spec.interleaved, (self.spec.alpha, self.spec.limit))) is not None:
+            return y  # one pass each way (CPU float32 / bfloat16)
         if self.spec.interleaved:
             g, u = h_N2F[..., 0::2], h_N2F[..., 1::2]
         else:

@@ -29,14 +29,54 @@ _KERNELS = {
 }
 
 
+class _NativeGLU(torch.autograd.Function):
+    """SwiGLU (any :func:`moekit.ops.native.swiglu` form) with the native kernels both ways; ``h`` is all it keeps."""
+
+    @staticmethod
+    def forward(ctx, h_N2F: Tensor, interleaved: bool, clamp: tuple[float, float] | None) -> Tensor:
+        ctx.form = (interleaved, clamp)
+        ctx.save_for_backward(h_N2F)
+        return native.swiglu(h_N2F, interleaved=interleaved, clamp=clamp)
+
+    @staticmethod
+    def backward(ctx, grad_NF: Tensor) -> tuple[Tensor, None, None]:
+        (h_N2F,) = ctx.saved_tensors
+        grad_NF = grad_NF.contiguous()
+        interleaved, clamp = ctx.form
+        if not torch.is_grad_enabled() and native.takes_grid(grad_NF, h_N2F):
+            return native.swiglu_backward(grad_NF, h_N2F, interleaved=interleaved, clamp=clamp), None, None
+        # create_graph=True (or a gradient the kernel does not take): autograd's graph of the torch form
+        y = torch_swiglu(h_N2F, interleaved, clamp)
+        return torch.autograd.grad(y, h_N2F, grad_NF, create_graph=torch.is_grad_enabled())[0], None, None
+
+
+def torch_swiglu(h_N2F: Tensor, interleaved: bool = False, clamp: tuple[float, float] | None = None) -> Tensor:
+    """The torch form of :func:`moekit.ops.native.swiglu`: ``silu(gate) * up``, or gpt-oss's clamped form."""
+    F = h_N2F.shape[-1] // 2
+    g, u = (h_N2F[..., 0::2], h_N2F[..., 1::2]) if interleaved else (h_N2F[..., :F], h_N2F[..., F:])
+    return torch.nn.functional.silu(g) * u if clamp is None else clamped_swiglu(g, u, *clamp)
+
+
+def clamped_swiglu(g: Tensor, u: Tensor, alpha: float, limit: float) -> Tensor:
+    """gpt-oss's gating ``(clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')`` with ``g' = clamp(g,
+    max=limit)``."""
+    g = g.clamp(max=limit)
+    u = u.clamp(min=-limit, max=limit)
+    return (u + 1) * (g * torch.sigmoid(g * alpha))
+
+
+def native_swiglu(h_N2F: Tensor, interleaved: bool = False, clamp: tuple[float, float] | None = None) -> Tensor | None:
+    """SwiGLU through the native kernels (forward and backward) where they take ``h`` (CPU float32 / bfloat16 rows
+    with unit inner stride, not under ``torch.compile``); None otherwise, for the caller's torch form."""
+    if h_N2F.dim() != 2 or torch.compiler.is_compiling() or not native.takes_grid(h_N2F):
+        return None
+    return _NativeGLU.apply(h_N2F, interleaved, clamp)
+
+
 class _FusedGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_N2F: Tensor, activation: str) -> Tensor:
         ctx.activation = activation
-        ctx.native = activation in _NATIVE and native.takes_grid(h_N2F)
-        if ctx.native:  # one pass; the backward recomputes the sigmoid from h, so nothing else is kept
-            ctx.save_for_backward(h_N2F)
-            return native.swiglu(h_N2F)
         act, _ = _KERNELS[activation]
         F = h_N2F.shape[-1] // 2
         gate, up = h_N2F[..., :F], h_N2F[..., F:]
@@ -46,22 +86,13 @@ class _FusedGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_NF: Tensor) -> tuple[Tensor, None]:
-        if ctx.native:
-            (h_N2F,) = ctx.saved_tensors
-            grad_NF = grad_NF.contiguous()
-            if not torch.is_grad_enabled() and native.takes_grid(grad_NF, h_N2F):
-                return native.swiglu_backward(grad_NF, h_N2F), None
-            a = None
-        else:
-            h_N2F, a = ctx.saved_tensors
+        h_N2F, a = ctx.saved_tensors
         act, act_backward = _KERNELS[ctx.activation]
         F = h_N2F.shape[-1] // 2
         gate, up = h_N2F[..., :F], h_N2F[..., F:]
         if torch.is_grad_enabled():  # create_graph=True: autograd's own graph, so higher derivatives exist
             y = act(gate) * up
             return torch.autograd.grad(y, h_N2F, grad_NF, create_graph=True)[0], None
-        if a is None:  # the native forward kept only h
-            a = act(gate)
         grad_N2F = torch.empty_like(h_N2F)
         torch.mul(grad_NF, a, out=grad_N2F[..., F:])
         grad_N2F[..., :F] = act_backward(grad_NF * up, gate)
@@ -69,7 +100,10 @@ class _FusedGLU(torch.autograd.Function):
 
 
 def fused_glu(h_N2F: Tensor, activation: str) -> Tensor:
-    """``act(h[..., :F]) * h[..., F:]`` with the one-buffer backward (``activation`` in :data:`FUSED`)."""
+    """``act(h[..., :F]) * h[..., F:]`` with the one-buffer backward (``activation`` in :data:`FUSED`); SwiGLU takes
+    the native kernels where they apply (:func:`native_swiglu`)."""
+    if activation in _NATIVE and (y := native_swiglu(h_N2F)) is not None:
+        return y
     return _FusedGLU.apply(h_N2F, activation)
 
 

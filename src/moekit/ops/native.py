@@ -110,10 +110,10 @@ def _build() -> ctypes.CDLL:
         fn.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, c_int]
         fn = getattr(lib, f"moekit_swiglu_{suffix}")
         fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, c_int]
+        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, c_int, c_int, c_float, c_float, c_int]
         fn = getattr(lib, f"moekit_swiglu_backward_{suffix}")
         fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, c_int]
+        fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, c_int, c_int, c_float, c_float, c_int]
         fn = getattr(lib, f"moekit_moe_decode_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
@@ -558,31 +558,47 @@ def grouped_gemm(mode: str, a: Tensor, b: Tensor, offsets: list[int], threads: i
     return y
 
 
-def swiglu(h_N2F: Tensor, threads: int | None = None) -> Tensor:
-    """``silu(h[:, :F]) * h[:, F:]`` in one pass over ``h`` (float32 arithmetic; a bfloat16 result rounded once).
-    Check :func:`takes_grid` on ``h`` first."""
+def _glu_form(where: str, clamp: tuple[float, float] | None) -> tuple[int, float, float]:
+    if clamp is None:
+        return 0, 1.0, 0.0
+    alpha, limit = (float(v) for v in clamp)
+    if not limit > 0:
+        raise ValueError(f"moekit.ops.native.{where}: the clamp limit must be > 0, got {limit}")
+    return 1, alpha, limit
+
+
+def swiglu(h_N2F: Tensor, threads: int | None = None, interleaved: bool = False,
+           clamp: tuple[float, float] | None = None) -> Tensor:
+    """``silu(gate) * up`` in one pass over ``h`` (float32 arithmetic; a bfloat16 result rounded once), the gate
+    ``h[:, :F]`` and up ``h[:, F:]``, or ``h[:, 0::2]`` and ``h[:, 1::2]`` with ``interleaved``. ``clamp=(alpha,
+    limit)``: gpt-oss's clamped form ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = min(gate,
+    limit)``. Check :func:`takes_grid` on ``h`` first."""
     lib = _require()
     N, H = h_N2F.shape
     if H % 2:
         raise ValueError(f"moekit.ops.native.swiglu: the fused gate/up rows need an even width, got {H}")
     suffix = _same_dtype("swiglu", h_N2F)
+    clamped, alpha, limit = _glu_form("swiglu", clamp)
     out = torch.empty(N, H // 2, dtype=h_N2F.dtype)
     getattr(lib, f"moekit_swiglu_{suffix}")(h_N2F.data_ptr(), h_N2F.stride(0), N, H // 2, out.data_ptr(),
-                                             out.stride(0), _threads(h_N2F.numel() * h_N2F.element_size(), threads))
+                                             out.stride(0), int(interleaved), clamped, alpha, limit,
+                                             _threads(h_N2F.numel() * h_N2F.element_size(), threads))
     return out
 
 
-def swiglu_backward(grad_NF: Tensor, h_N2F: Tensor, threads: int | None = None) -> Tensor:
-    """The gradient of :func:`swiglu` with respect to ``h`` (both halves in one (N, 2F) buffer), recomputing the
-    sigmoid from ``h``. Check :func:`takes_grid` on both first."""
+def swiglu_backward(grad_NF: Tensor, h_N2F: Tensor, threads: int | None = None, interleaved: bool = False,
+                    clamp: tuple[float, float] | None = None) -> Tensor:
+    """The gradient of :func:`swiglu` (same ``interleaved`` and ``clamp``) with respect to ``h``, in one (N, 2F)
+    buffer in ``h``'s layout, recomputing the sigmoid from ``h``. Check :func:`takes_grid` on both first."""
     lib = _require()
     N, H = h_N2F.shape
     if grad_NF.shape != (N, H // 2) or H % 2:
         raise ValueError(f"moekit.ops.native.swiglu_backward: grad {tuple(grad_NF.shape)} does not match rows "
                          f"{tuple(h_N2F.shape)}")
     suffix = _same_dtype("swiglu_backward", h_N2F, grad_NF)
+    clamped, alpha, limit = _glu_form("swiglu_backward", clamp)
     gh = torch.empty(N, H, dtype=h_N2F.dtype)
     getattr(lib, f"moekit_swiglu_backward_{suffix}")(
         grad_NF.data_ptr(), grad_NF.stride(0), h_N2F.data_ptr(), h_N2F.stride(0), N, H // 2, gh.data_ptr(),
-        gh.stride(0), _threads(h_N2F.numel() * h_N2F.element_size(), threads))
+        gh.stride(0), int(interleaved), clamped, alpha, limit, _threads(h_N2F.numel() * h_N2F.element_size(), threads))
     return gh

@@ -63,12 +63,18 @@ def _expert(layer, e: int, x_D: Tensor) -> Tensor:
     h = bank.gate_EFD[e] @ x_D
     if bank.gate_bias_EF is not None:
         h = h + bank.gate_bias_EF[e]
-    h = bank.act(h)
+    clamped = getattr(bank.spec, "limit", None) is not None  # gpt-oss's clamped SwiGLU (moekit.experts.clamped)
+    if clamped:
+        alpha, limit = bank.spec.alpha, bank.spec.limit
+        h = h.clamp(max=limit)
+        h = h * torch.sigmoid(alpha * h)
+    else:
+        h = bank.act(h)
     if bank.up_EFD is not None:
         u = bank.up_EFD[e] @ x_D
         if bank.up_bias_EF is not None:
             u = u + bank.up_bias_EF[e]
-        h = h * u
+        h = h * (u.clamp(-limit, limit) + 1 if clamped else u)
     y = bank.w2_EDF[e] @ h
     if bank.b2_ED is not None:
         y = y + bank.b2_ED[e]
