@@ -12,47 +12,61 @@
 static inline float FN(bias_at)(const WT *b, i64 o) { return b ? LD(b + o) : 0.0f; }
 
 #ifdef VLD
-/* Output rows [o0, o1) for M <= 3 input rows, one weight row at a time (VLD(p): 8 WT at p as float, AVX2). A block of
- * four weight rows is four streams, each one page long where a row is 4 KiB (D = 1024 float32), and the hardware
- * prefetcher restarts on every page: ~20% below a streaming read. One row at a time, consecutive rows are one
- * sequential stream and reach the read's bandwidth; with so few input rows the FMAs are not the bound, so each weight
- * vector is loaded once and applied to every input row (a third row that does not exist aliases the first and its
- * sums are dropped). */
+/* R (1..4, a constant after inlining) dot products of one weight row with R input rows, U (R * U <= 16, with the
+ * weight vectors) vectors of 8 columns a step: R * U independent sums hide the FMA latency, and each weight vector
+ * is loaded once for the R rows. */
+static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *wr, const float *const *xs, i64 D, int R,
+                                                               int U, float *s) {
+    __m256 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) acc[r][u] = _mm256_setzero_ps();
+    const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
+    const i64 step = 8 * U, Dv = D - D % step;
+    for (i64 d = 0; d < Dv; d += step) {
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+            const __m256 p = VLD(wr + d + 8 * u);
+            const i64 c = d + 8 * u;
+            acc[0][u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(x0 + c), acc[0][u]);
+            if (R > 1) acc[1][u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(x1 + c), acc[1][u]);
+            if (R > 2) acc[2][u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(x2 + c), acc[2][u]);
+            if (R > 3) acc[3][u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(x3 + c), acc[3][u]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        __m256 t = acc[r][0];
+#pragma GCC unroll 4
+        for (int u = 1; u < U; u++) t = _mm256_add_ps(t, acc[r][u]);
+        float v = hsum8(t);
+        for (i64 d = Dv; d < D; d++) v += LD(wr + d) * xs[r][d];
+        s[r] = v;
+    }
+}
+
+/* Output rows [o0, o1) for M <= ROWS_FEW_MAX input rows, one weight row at a time (VLD(p): 8 WT at p as float,
+ * AVX2). A block of four weight rows is four streams, each one page long where a row is 4 KiB (D = 1024 float32),
+ * and the hardware prefetcher restarts on every page: ~20% below a streaming read. One row at a time, consecutive
+ * rows are one sequential stream and reach the read's bandwidth. The input rows go in chunks of up to 4 (the weight
+ * row is in L1 after the first), each chunk register-blocked (FN(dot_rows)). */
 static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const WT *w, i64 ldw, i64 D, i64 o0, i64 o1,
                          const WT *b, float *y, i64 ldy) {
-    i64 D32 = D & ~(i64)31, D16 = D & ~(i64)15;
     for (i64 o = o0; o < o1; o++) {
         const WT *wr = w + o * ldw;
-        float bo = FN(bias_at)(b, o);
-        for (i64 m0 = 0; m0 < M; m0 += 3) { /* chunks of 3 input rows: the weight row is in L1 after the first */
-            i64 mm = M - m0 < 3 ? M - m0 : 3;
-            const float *x0 = x + m0 * ldx, *x1 = mm > 1 ? x0 + ldx : x0, *x2 = mm > 2 ? x0 + 2 * ldx : x0;
-            if (mm == 1) {
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (i64 d = 0; d < D32; d += 32) {
-                    a0 = _mm256_fmadd_ps(VLD(wr + d), _mm256_loadu_ps(x0 + d), a0);
-                    a1 = _mm256_fmadd_ps(VLD(wr + d + 8), _mm256_loadu_ps(x0 + d + 8), a1);
-                    a2 = _mm256_fmadd_ps(VLD(wr + d + 16), _mm256_loadu_ps(x0 + d + 16), a2);
-                    a3 = _mm256_fmadd_ps(VLD(wr + d + 24), _mm256_loadu_ps(x0 + d + 24), a3);
-                }
-                float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-                for (i64 d = D32; d < D; d++) s += LD(wr + d) * x0[d];
-                y[out[m0] * ldy + o] = s + bo;
-                continue;
+        const float bo = FN(bias_at)(b, o);
+        for (i64 m0 = 0; m0 < M; m0 += 4) {
+            const i64 mm = M - m0 < 4 ? M - m0 : 4;
+            const float *xs[4] = {x + m0 * ldx, x + (m0 + 1) * ldx, x + (m0 + 2) * ldx, x + (m0 + 3) * ldx};
+            float s[4];
+            switch (mm) {
+            case 1: FN(dot_rows)(wr, xs, D, 1, 4, s); break;
+            case 2: FN(dot_rows)(wr, xs, D, 2, 4, s); break;
+            case 3: FN(dot_rows)(wr, xs, D, 3, 4, s); break;
+            default: FN(dot_rows)(wr, xs, D, 4, 2, s); break;
             }
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, c0 = a0, c1 = a0, c2 = a0;
-            for (i64 d = 0; d < D16; d += 16) {
-                __m256 p = VLD(wr + d), q = VLD(wr + d + 8);
-                a0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x0 + d), a0), c0 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x0 + d + 8), c0);
-                a1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x1 + d), a1), c1 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x1 + d + 8), c1);
-                a2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(x2 + d), a2), c2 = _mm256_fmadd_ps(q, _mm256_loadu_ps(x2 + d + 8), c2);
-            }
-            float s[3] = {hsum8(_mm256_add_ps(a0, c0)), hsum8(_mm256_add_ps(a1, c1)), hsum8(_mm256_add_ps(a2, c2))};
-            const float *xs[3] = {x0, x1, x2};
-            for (i64 m = 0; m < mm; m++) {
-                for (i64 d = D16; d < D; d++) s[m] += LD(wr + d) * xs[m][d];
-                y[out[m0 + m] * ldy + o] = s[m] + bo;
-            }
+            for (i64 m = 0; m < mm; m++) y[out[m0 + m] * ldy + o] = s[m] + bo;
         }
     }
 }
@@ -181,7 +195,7 @@ static void FN(project)(const float *in, i64 ldi, i64 G, const i64 *experts, con
                         float *out, i64 ldo, float *parts) {
     if (!cols) {
         i64 blocks = (O + OBLOCK - 1) / OBLOCK;
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1)
         for (i64 it = 0; it < G * blocks; it++) {
             i64 g = it / blocks, blk = it % blocks, e = experts[g];
             i64 o0 = blk * OBLOCK, o1 = o0 + OBLOCK < O ? o0 + OBLOCK : O;
