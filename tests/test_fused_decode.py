@@ -38,15 +38,17 @@ def _layer(router, experts=None, shared=None, dtype=torch.float64, seed=0):
 
 
 class _Spy:
+    """Counts native fused decode calls (each runs a prepared :class:`native.DecodeCall`)."""
+
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = native.moe_decode
+        real = native.DecodeCall.__call__
 
-        def spy(*a, **k):
+        def spy(call, *a, **k):
             self.calls += 1
-            return real(*a, **k)
+            return real(call, *a, **k)
 
-        monkeypatch.setattr(native, "moe_decode", spy)
+        monkeypatch.setattr(native.DecodeCall, "__call__", spy)
 
 
 @needs_native
@@ -229,3 +231,49 @@ def test_moe_decode_rejects_bad_arguments():
                           True, "silu")
     with pytest.raises(TypeError, match="dtype"):
         native.moe_decode(x, wr.double(), *args)
+
+
+@needs_native
+def test_prepared_call_follows_the_weights(monkeypatch):
+    """The fused path checks and lays out the weights once per placement: an in-place update is read live, and a
+    weight moved, replaced or converted (``.data =``, ``load_state_dict(assign=True)``, ``.to``) is seen at the
+    next call; a weight that needs autograd (with grad enabled) sends the call to the composed path."""
+    layer = _layer(ROUTERS["softmax-renorm"]).float()
+    x = torch.randn(3, 32)
+    spy = _Spy(monkeypatch)
+
+    def check(expect_fused=True):
+        before = spy.calls
+        with torch.no_grad():
+            y = layer(x)
+            composed = layer.forward_with_aux(x).y
+        assert spy.calls == before + int(expect_fused)
+        torch.testing.assert_close(y, composed, rtol=1e-5, atol=1e-5)
+        return y
+
+    y0 = check()
+    w = layer.experts.w2_EDF
+    with torch.no_grad():
+        w.mul_(2.0)  # same storage: the prepared call reads the new values
+    torch.testing.assert_close(check(), 2 * y0, rtol=1e-5, atol=1e-5)
+    w.data = torch.randn_like(w) * 0.3  # new storage
+    check()
+    state = {k: v.clone() + 0.01 for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state, assign=True)
+    check()
+    layer.router.gate.weight.data = layer.router.gate.weight.data.t().contiguous().t()  # no unit inner stride
+    check(expect_fused=False)
+    layer.router.gate.weight.data = layer.router.gate.weight.data.contiguous()
+    check()
+    layer.to(torch.bfloat16)
+    x = x.bfloat16()
+    with torch.no_grad():
+        before = spy.calls
+        layer(x)
+        assert spy.calls == before + 1
+    x = x.float()
+    layer.float()
+    with torch.enable_grad():
+        before = spy.calls
+        layer(x).sum().backward()  # weights need autograd: composed
+        assert spy.calls == before and layer.experts.w2_EDF.grad is not None

@@ -48,39 +48,75 @@ class DecodeFusion:
         self.groups = None if spec.n_group is None else (spec.n_group, spec.topk_group, spec.group_score)
         self.float32_logits = spec.logits_dtype == "float32" or (spec.logits_dtype is None and spec.fp32)
         self.gating = experts.native_gating()  # glu, activation (+ interleaved, clamp): fixed by the bank's spec
+        self._cache: tuple | None = None  # (weights key, prepared native call, weights need autograd)
+
+    def _tensors(self) -> tuple[Tensor | None, ...]:
+        bank, router = self.experts, self.router
+        gate = router.gate
+        return gate.weight, gate.bias, router.bias_E, bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED
+
+    def _prepared(self, dtype: torch.dtype) -> tuple[native.DecodeCall | None, bool]:
+        """``(the native call for the parts' weights now, whether a weight needs autograd)``; ``(None, _)`` where
+        the weights have no native form for inputs of ``dtype``. Checked once per placement of the weights: the key
+        is every weight's address, dtype, shape, strides and ``requires_grad``, so ``.to()``, ``load_state_dict``
+        with ``assign=True`` or a replaced ``.data`` are seen at the next call."""
+        ts = self._tensors()
+        key = (dtype, *(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.requires_grad)
+                        for t in ts))
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        w_gate, b_gate, bias_E, w_in, b_in, w2, b2 = ts
+        ok = (native.takes_weight_storage(w_in, b_in, dtype) and native.takes_weight_storage(w2, b2, dtype)
+              and w_gate.dtype == dtype and w_gate.stride(1) == 1 and (b_gate is None or b_gate.dtype == dtype)
+              and (dtype == torch.float32 or self.float32_logits))
+        call = None
+        if ok and native.available():
+            call = native.prepare_moe_decode(w_gate.shape[1], w_gate, b_gate, self.k, self.score, self.normalize,
+                                             self.scale, bias_E, w_in, b_in, w2, b2, groups=self.groups,
+                                             dtype=dtype, **self.gating)
+        grad = any(t is not None and t.requires_grad for t in (w_in, b_in, w2, b2))
+        if call is None or not call.copied:  # a converted selection bias is a copy of its values: prepare each time
+            self._cache = (key, call, grad)
+        return call, grad
 
     def takes(self, layer: nn.Module, x: Tensor) -> bool:
         """Whether ``layer(x)`` may run fused now (see the module docstring)."""
+        return self._call_for(layer, x) is not None
+
+    def _call_for(self, layer: nn.Module, x: Tensor) -> native.DecodeCall | None:
         if torch.compiler.is_compiling():  # torch.compile / torch.export trace the composed path
-            return False
+            return None
         if (layer.router is not self.router or layer.experts is not self.experts
                 or layer.dispatcher is not self.dispatcher):
-            return False
+            return None
         if x.dim() < 1 or x.numel() > MAX_TOKENS * x.shape[-1] or x.numel() == 0:
-            return False
-        bank = self.experts
-        if x.dtype != bank.w_in.dtype or (x.dtype != torch.float32 and not self.float32_logits):
-            return False  # a half-precision router computing its logits in that precision: keep its rounding
-        if torch.is_grad_enabled() and (x.requires_grad or bank.w_in.requires_grad):
-            return False
+            return None
+        if x.dtype not in native.DTYPES or x.device.type != "cpu" or x.stride(-1) != 1:
+            return None
+        call, weights_grad = self._prepared(x.dtype)
+        if call is None:
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or weights_grad):
+            return None
         if _hooked(self.router, self.experts, self.dispatcher, self.router.gate):
-            return False
-        gate = self.router.gate
-        return (native.takes_rows(x.reshape(-1, x.shape[-1]))
-                and native.takes_weight(bank.w_in, bank.b_in, x.dtype)
-                and native.takes_weight(bank.w2_EDF, bank.b2_ED, x.dtype)
-                and gate.weight.dtype == x.dtype and gate.weight.stride(1) == 1
-                and (gate.bias is None or gate.bias.dtype == x.dtype))
+            return None
+        return call
+
+    def run(self, layer: nn.Module, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None] | None:
+        """``self(x_TD, logits)`` where ``layer`` may run fused now (:meth:`takes`), else None: the checks and the
+        call at once."""
+        call = self._call_for(layer, x_TD)
+        if call is None:
+            return None
+        out = call(x_TD.contiguous(), return_logits=logits)
+        return out if logits else (out, None)
 
     def __call__(self, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(y_TD, the router's float32 logits (T, E) when asked, else None)``."""
-        bank, gate = self.experts, self.router.gate
-        bias_E = self.router.bias_E
-        with torch.no_grad():
-            out = native.moe_decode(
-                x_TD.contiguous(), gate.weight, gate.bias, self.k, self.score, self.normalize, self.scale, bias_E,
-                bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED, groups=self.groups, return_logits=logits,
-                **self.gating)
+        call, _ = self._prepared(x_TD.dtype)
+        if call is None:
+            raise ValueError(f"moekit fused decode: the layer's weights have no native form for {x_TD.dtype} inputs")
+        out = call(x_TD.contiguous(), return_logits=logits)
         return out if logits else (out, None)
 
 

@@ -27,7 +27,7 @@ from .balance.specs import BalanceSpec
 from .dispatch.local import Dropless
 from .dispatch.plan import DispatchPlan
 from .experts.bank import FFN, SwiGLU
-from .fused_decode import fusion_for
+from .fused_decode import MAX_TOKENS as FUSED_MAX_TOKENS, fusion_for
 from .protocols import RouteContext
 from .routers.base import RouterSpec
 from .routers.topk import TopK
@@ -234,8 +234,10 @@ class MoE(MoELayerBase):
     # --- forward: plain composition ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None,
                 token_ids: Tensor | None = None, token_mask: Tensor | None = None) -> Tensor:
-        if task is None and prev_logits is None and token_ids is None and token_mask is None and self._fuses(x):
-            return self._fused(x)[0]
+        if task is None and prev_logits is None and token_ids is None and token_mask is None:
+            fused = self._fused(x)
+            if fused is not None:
+                return fused[0]
         return self.forward_with_aux(x, task=task, prev_logits=prev_logits, token_ids=token_ids,
                                      token_mask=token_mask).y
 
@@ -243,8 +245,9 @@ class MoE(MoELayerBase):
         """``(self(x), router logits (T, E))``, as one native call where the fused decode path applies (its kernel
         returns the logits it routed on), else from :meth:`forward_with_aux`. For wrappers that must hand the
         logits on (a swapped Hugging Face block)."""
-        if self._fuses(x):
-            return self._fused(x, logits=True)
+        fused = self._fused(x, logits=True)
+        if fused is not None:
+            return fused
         out = self.forward_with_aux(x)
         return out.y, out.assignment.logits_TE
 
@@ -283,17 +286,21 @@ class MoE(MoELayerBase):
         self.last_aux_loss = aux
         return MoEOutput(y_TD.reshape(x.shape), aux, losses, stats, a)
 
-    def _fuses(self, x: Tensor) -> bool:
-        """Whether a call without per-call arguments may take the fused decode path now."""
+    def _fused(self, x: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None] | None:
+        """The call in one native kernel where a call without per-call arguments may take the fused decode path now
+        (the composed path's input checks first): ``(y, logits or None)``, else None. No balance losses or
+        statistics (eval mode, where nothing reads them)."""
         fused = self.decode_fusion
-        return (fused is not None and not self.training and self.routing_log is None and self.replay_queue is None
-                and not self.accumulate_stats and fused.takes(self, x))
-
-    def _fused(self, x: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None]:
-        """The decode call in one native kernel (the checks of the composed path first): ``(y, logits or None)``;
-        no balance losses or statistics (eval mode, where nothing reads them)."""
+        if (fused is None or self.training or self.routing_log is not None or self.replay_queue is not None
+                or self.accumulate_stats or torch.compiler.is_compiling()  # (tracing: no guard on the token count)
+                or not isinstance(x, Tensor) or x.dim() < 1
+                or not 0 < x.numel() <= FUSED_MAX_TOKENS * x.shape[-1]):
+            return None
         x_TD = self._tokens(x)
-        y_TD, logits_TE = self.decode_fusion(x_TD, logits=logits)
+        out = fused.run(self, x_TD, logits)
+        if out is None:
+            return None
+        y_TD, logits_TE = out
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD)
         self.last_aux_loss = None

@@ -170,10 +170,14 @@ def takes_weight(w_EOD: Tensor, b_EO: Tensor | None, dtype: torch.dtype) -> bool
     """Whether :func:`grouped_rows` takes this weight and bias for inputs of ``dtype``: the same dtype (float32 or
     bfloat16), on CPU, unit stride along one of the weight's inner dims ((out, in) storage, or (in, out) seen through
     a transposed view), no autograd needed."""
-    if w_EOD.dtype != dtype or dtype not in DTYPES or w_EOD.device.type != "cpu" or w_EOD.dim() != 3:
+    if torch.is_grad_enabled() and (w_EOD.requires_grad or (b_EO is not None and b_EO.requires_grad)):
         return False
-    grad = torch.is_grad_enabled()
-    if grad and (w_EOD.requires_grad or (b_EO is not None and b_EO.requires_grad)):
+    return takes_weight_storage(w_EOD, b_EO, dtype)
+
+
+def takes_weight_storage(w_EOD: Tensor, b_EO: Tensor | None, dtype: torch.dtype) -> bool:
+    """:func:`takes_weight` without the autograd check: dtype, device and layout only."""
+    if w_EOD.dtype != dtype or dtype not in DTYPES or w_EOD.device.type != "cpu" or w_EOD.dim() != 3:
         return False
     if b_EO is not None and (b_EO.dtype != dtype or b_EO.dim() != 2 or b_EO.stride(1) != 1):
         return False
@@ -331,16 +335,70 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
     sum per token. ``groups``: ``(n_group, topk_group, "top2sum" | "max")``, DeepSeek's group-limited choice.
     Float32 arithmetic throughout (one rounding to the storage dtype at the end); ties choose the
     lower expert id. ``return_routing``: also the chosen ids (T, k) int64 and their float32 weights (T, k);
-    ``return_logits``: also the router's float32 logits (T, E) (after those, when both are asked)."""
-    lib = _require()
-    if x_TD.dim() != 2 or x_TD.stride(1) != 1:
+    ``return_logits``: also the router's float32 logits (T, E) (after those, when both are asked).
+    The same as ``prepare_moe_decode(...)(x_TD, ...)``."""
+    if x_TD.dim() != 2:
         raise ValueError(f"moekit.ops.native.moe_decode: x must be a (T, D) matrix with unit column stride, got "
                          f"shape {tuple(x_TD.shape)} strides {x_TD.stride()}")
-    T, D = x_TD.shape
-    if T > MAX_ROWS:
-        raise ValueError(f"moekit.ops.native.moe_decode: at most {MAX_ROWS} tokens per call, got {T}")
+    call = prepare_moe_decode(x_TD.shape[1], w_router_ED, b_router_E, k, score, normalize, scale, selection_bias_E,
+                              w_in_EHD, b_in_EH, w2_EDF, b2_ED, glu, activation, groups, interleaved=interleaved,
+                              clamp=clamp, dtype=x_TD.dtype)
+    return call(x_TD, threads, return_routing=return_routing, return_logits=return_logits)
+
+
+class DecodeCall:
+    """:func:`moe_decode` with its weights' arguments checked and laid out once (:func:`prepare_moe_decode`): a call
+    checks only the input rows. Holds the weights' addresses, not the tensors: valid while they stay where they are
+    (a caller that keeps one across calls compares the weights' ``data_ptr``, dtype, shape and strides first, as
+    ``moekit.fused_decode`` does). ``copied``: the selection bias was converted (its values are this call's copy)."""
+
+    __slots__ = ("_fn", "_middle", "_keep", "D", "E", "k", "Dout", "dtype", "_expert_bytes", "copied")
+
+    def __init__(self, fn, middle: tuple, keep: Tensor | None, D: int, E: int, k: int, Dout: int,
+                 dtype: torch.dtype, expert_bytes: int) -> None:
+        self._fn, self._middle, self._keep = fn, middle, keep
+        self.D, self.E, self.k, self.Dout, self.dtype, self._expert_bytes = D, E, k, Dout, dtype, expert_bytes
+        self.copied = keep is not None
+
+    def __call__(self, x_TD: Tensor, threads: int | None = None, *, return_routing: bool = False,
+                 return_logits: bool = False) -> Tensor | tuple[Tensor, ...]:
+        if x_TD.dim() != 2 or x_TD.stride(1) != 1 or x_TD.shape[1] != self.D:
+            raise ValueError(f"moekit.ops.native.moe_decode: x must be a (T, {self.D}) matrix with unit column "
+                             f"stride, got shape {tuple(x_TD.shape)} strides {x_TD.stride()}")
+        if x_TD.dtype != self.dtype:
+            raise TypeError(f"moekit.ops.native.moe_decode: every tensor must share the input's dtype {x_TD.dtype}, "
+                            f"got weights of {self.dtype}")
+        T = x_TD.shape[0]
+        if T > MAX_ROWS:
+            raise ValueError(f"moekit.ops.native.moe_decode: at most {MAX_ROWS} tokens per call, got {T}")
+        y = torch.empty(T, self.Dout, dtype=x_TD.dtype)
+        idx = torch.empty(T, self.k, dtype=torch.int64) if return_routing else None
+        wts = torch.empty(T, self.k, dtype=torch.float32) if return_routing else None
+        logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
+        nbytes = min(self.E, T * self.k) * self._expert_bytes
+        status = self._fn(x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), y.stride(0), T, *self._middle,
+                          _threads(nbytes, threads), None if idx is None else idx.data_ptr(),
+                          None if wts is None else wts.data_ptr(), None if logits is None else logits.data_ptr())
+        if status == 1:
+            raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
+        if status:
+            raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
+        if not (return_routing or return_logits):
+            return y
+        return (y, *((idx, wts) if return_routing else ()), *((logits,) if return_logits else ()))
+
+
+def prepare_moe_decode(D: int, w_router_ED: Tensor, b_router_E: Tensor | None, k: int, score: str,
+                       normalize: bool, scale: float, selection_bias_E: Tensor | None, w_in_EHD: Tensor,
+                       b_in_EH: Tensor | None, w2_EDF: Tensor, b2_ED: Tensor | None, glu: bool, activation: str,
+                       groups: tuple[int, int, str] | None = None, *, interleaved: bool = False,
+                       clamp: tuple[float, float] | None = None, dtype: torch.dtype | None = None) -> DecodeCall:
+    """The weights' half of :func:`moe_decode` (same arguments, ``D`` the hidden size, ``dtype`` the inputs' dtype,
+    by default the router weight's), checked once: a :class:`DecodeCall` taking ``x_TD``."""
+    lib = _require()
+    dtype = w_router_ED.dtype if dtype is None else dtype
     E = w_router_ED.shape[0]
-    if tuple(w_router_ED.shape) != (E, D) or w_router_ED.stride(1) != 1:
+    if w_router_ED.dim() != 2 or tuple(w_router_ED.shape) != (E, D) or w_router_ED.stride(1) != 1:
         raise ValueError(f"moekit.ops.native.moe_decode: the router weight must be (E, {D}) with unit inner stride, "
                          f"got {tuple(w_router_ED.shape)}")
     if not 1 <= k <= E:
@@ -351,18 +409,25 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
     Ew, H, Dw = w_in_EHD.shape
     F = H // 2 if glu else H
     if Ew != E or Dw != D or w2_EDF.shape[0] != E or w2_EDF.shape[2] != F or (glu and H % 2):
-        raise ValueError(f"moekit.ops.native.moe_decode: shapes do not chain: x {tuple(x_TD.shape)}, router "
+        raise ValueError(f"moekit.ops.native.moe_decode: shapes do not chain: x (T, {D}), router "
                          f"{tuple(w_router_ED.shape)}, w_in {tuple(w_in_EHD.shape)}, w2 {tuple(w2_EDF.shape)}, "
                          f"glu={glu}")
     ld_in, cols_in = _layout(w_in_EHD, "moe_decode")
     ld2, cols2 = _layout(w2_EDF, "moe_decode")
-    suffix = _same_dtype("moe_decode", x_TD, w_router_ED, b_router_E, w_in_EHD, b_in_EH, w2_EDF, b2_ED)
-    bias = None
+    if dtype not in DTYPES:
+        raise TypeError(f"moekit.ops.native.moe_decode: inputs must be float32 or bfloat16, got {dtype}")
+    bad = [t.dtype for t in (w_router_ED, b_router_E, w_in_EHD, b_in_EH, w2_EDF, b2_ED)
+           if t is not None and t.dtype != dtype]
+    if bad:
+        raise TypeError(f"moekit.ops.native.moe_decode: every tensor must share the input's dtype {dtype}, got {bad}")
+    bias = keep = None
     if selection_bias_E is not None:
         bias = selection_bias_E.detach().to(torch.float32).contiguous()
         if bias.shape != (E,):
             raise ValueError(f"moekit.ops.native.moe_decode: the selection bias must have shape ({E},), got "
                              f"{tuple(bias.shape)}")
+        if bias.data_ptr() != selection_bias_E.data_ptr():
+            keep = bias  # a converted copy: the call holds it
     n_group, topk_group, group_max = 0, 0, 0
     if groups is not None:
         n_group, topk_group, how = groups
@@ -371,30 +436,16 @@ def moe_decode(x_TD: Tensor, w_router_ED: Tensor, b_router_E: Tensor | None, k: 
                              f"[1, n_group], 'top2sum' or 'max'), got {groups}")
         group_max = int(how == "max")
     Dout = w2_EDF.shape[1]
-    y = torch.empty(T, Dout, dtype=x_TD.dtype)
-    idx = torch.empty(T, k, dtype=torch.int64) if return_routing else None
-    wts = torch.empty(T, k, dtype=torch.float32) if return_routing else None
-    logits = torch.empty(T, E, dtype=torch.float32) if return_logits else None
-    experts_touched = min(E, T * k)
-    nbytes = experts_touched * (H * D + Dout * F) * x_TD.element_size()
-    status = getattr(lib, f"moekit_moe_decode_{suffix}")(
-        x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), y.stride(0), T, D,
-        w_router_ED.data_ptr(), w_router_ED.stride(0), None if b_router_E is None else b_router_E.data_ptr(), E, k,
-        SCORES[score], int(bool(normalize)), float(scale), None if bias is None else bias.data_ptr(),
-        n_group, topk_group, group_max,
-        w_in_EHD.data_ptr(), w_in_EHD.stride(0), ld_in, cols_in, H,
-        None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
-        w2_EDF.data_ptr(), w2_EDF.stride(0), ld2, cols2, Dout,
-        None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0),
-        *gating, _threads(nbytes, threads),
-        None if idx is None else idx.data_ptr(), None if wts is None else wts.data_ptr(),
-        None if logits is None else logits.data_ptr())
-    if status == 1:
-        raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
-    if status:
-        raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
-    out = (y, *((idx, wts) if return_routing else ()), *((logits,) if return_logits else ()))
-    return out if len(out) > 1 else y
+    middle = (D, w_router_ED.data_ptr(), w_router_ED.stride(0), None if b_router_E is None else b_router_E.data_ptr(),
+              E, k, SCORES[score], int(bool(normalize)), float(scale), None if bias is None else bias.data_ptr(),
+              n_group, topk_group, group_max,
+              w_in_EHD.data_ptr(), w_in_EHD.stride(0), ld_in, cols_in, H,
+              None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
+              w2_EDF.data_ptr(), w2_EDF.stride(0), ld2, cols2, Dout,
+              None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0), *gating)
+    fn = getattr(lib, f"moekit_moe_decode_{_SUFFIX[dtype]}")
+    return DecodeCall(fn, middle, keep, D, E, k, Dout, dtype, (H * D + Dout * F) * torch.empty((), dtype=dtype)
+                      .element_size())
 
 
 def takes_grid(*rows: Tensor) -> bool:
