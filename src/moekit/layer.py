@@ -296,7 +296,13 @@ class MoE(MoELayerBase):
                 or not isinstance(x, Tensor) or x.dim() < 1
                 or not 0 < x.numel() <= FUSED_MAX_TOKENS * x.shape[-1]):
             return None
-        x_TD = self._tokens(x)
+        if x.shape[-1] != self.dim or not x.is_floating_point():
+            return None  # (the composed path raises the error)
+        if self.check_inputs and not torch.isfinite(x).all():
+            raise ValueError("MoE: input contains NaN or Inf")
+        # (T, D) as given: no view to build (a decode call is ~0.2 ms of Python after the weights have swept the
+        # caches; each object touched costs); the weights' dtype is checked by the fusion, which declines a mismatch
+        x_TD = x if x.dim() == 2 else x.reshape(-1, self.dim)
         out = fused.run(self, x_TD, logits)
         if out is None:
             return None
@@ -304,7 +310,7 @@ class MoE(MoELayerBase):
         if self.shared is not None:
             y_TD = y_TD + self._shared(x_TD)
         self.last_aux_loss = None
-        return y_TD.reshape(x.shape), logits_TE
+        return (y_TD if x.dim() == 2 else y_TD.reshape(x.shape)), logits_TE
 
     # --- the steps --------------------------------------------------------------------------------------------------
     def _tokens(self, x: Tensor) -> Tensor:
