@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 
@@ -331,3 +332,19 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
     res = _python(code, MOEKIT_CACHE_DIR=str(tmp_path))
     assert res.returncode == 0, res.stderr
     assert built.read_bytes() != b"not a shared library"  # rebuilt (and it loaded: available() held)
+
+
+@needs_native
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc to build the AVX2-only variant")
+def test_avx2_build_of_the_few_row_kernel_matches_float64(tmp_path, monkeypatch):
+    """The kernels built without their AVX-512 paths (what a machine without AVX-512 runs; this one may have it):
+    groups of 1 to 7 rows against float64 in float32 and bfloat16."""
+    wrapper = tmp_path / "cc"
+    wrapper.write_text('#!/bin/sh\nexec gcc -DMOEKIT_NO_AVX512 "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_lib", native._build())
+    for dtype in (torch.float32, torch.bfloat16):
+        for D in (77, 1024):
+            test_grouped_rows_groups_of_one_to_seven_rows(D, dtype)

@@ -17,6 +17,34 @@ static inline float FN(bias_at)(const WT *b, i64 o) { return b ? LD(b + o) : 0.0
  * is loaded once for the R rows. */
 static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *wr, const float *const *xs, i64 D, int R,
                                                                int U, float *s) {
+#ifdef VLD16 /* AVX-512: 16 columns a vector, four vectors a step (R * 4 <= 16 sums; 32 registers) */
+    (void)U;
+    __m512 acc[4][4];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) acc[r][u] = _mm512_setzero_ps();
+    const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
+    const i64 Dv = D - D % 64;
+    for (i64 d = 0; d < Dv; d += 64) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            const __m512 p = VLD16(wr + d + 16 * u);
+            const i64 c = d + 16 * u;
+            acc[0][u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x0 + c), acc[0][u]);
+            if (R > 1) acc[1][u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x1 + c), acc[1][u]);
+            if (R > 2) acc[2][u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x2 + c), acc[2][u]);
+            if (R > 3) acc[3][u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x3 + c), acc[3][u]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++) {
+        float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                     _mm512_add_ps(acc[r][2], acc[r][3])));
+        for (i64 d = Dv; d < D; d++) v += LD(wr + d) * xs[r][d];
+        s[r] = v;
+    }
+#else
     __m256 acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
@@ -44,6 +72,7 @@ static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *wr, con
         for (i64 d = Dv; d < D; d++) v += LD(wr + d) * xs[r][d];
         s[r] = v;
     }
+#endif
 }
 
 /* Output rows [o0, o1) for M <= ROWS_FEW_MAX input rows, one weight row at a time (VLD(p): 8 WT at p as float,
