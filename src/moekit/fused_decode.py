@@ -74,7 +74,7 @@ class DecodeFusion:
             call = native.prepare_moe_decode(w_gate.shape[1], w_gate, b_gate, self.k, self.score, self.normalize,
                                              self.scale, bias_E, w_in, b_in, w2, b2, groups=self.groups,
                                              dtype=dtype, **self.gating)
-        grad = any(t is not None and t.requires_grad for t in (w_in, b_in, w2, b2))
+        grad = any(t is not None and t.requires_grad for t in (w_gate, b_gate, w_in, b_in, w2, b2))
         if call is None or not call.copied:  # a converted selection bias is a copy of its values: prepare each time
             self._cache = (key, call, grad)
         return call, grad
