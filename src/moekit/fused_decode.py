@@ -106,18 +106,19 @@ class DecodeFusion:
         """``self(x_TD, logits)`` where ``layer`` may run fused now (:meth:`takes`), else None: the checks and the
         call at once."""
         call = self._call_for(layer, x_TD)
-        if call is None:
-            return None
-        out = call(x_TD.contiguous(), return_logits=logits)
-        return out if logits else (out, None)
+        return None if call is None else _invoke(call, x_TD, logits)
 
     def __call__(self, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(y_TD, the router's float32 logits (T, E) when asked, else None)``."""
         call, _ = self._prepared(x_TD.dtype)
         if call is None:
             raise ValueError(f"moekit fused decode: the layer's weights have no native form for {x_TD.dtype} inputs")
-        out = call(x_TD.contiguous(), return_logits=logits)
-        return out if logits else (out, None)
+        return _invoke(call, x_TD, logits)
+
+
+def _invoke(call: native.DecodeCall, x_TD: Tensor, logits: bool) -> tuple[Tensor, Tensor | None]:
+    out = call(x_TD.contiguous(), return_logits=logits)
+    return out if logits else (out, None)
 
 
 def fusion_for(layer: nn.Module) -> tuple[DecodeFusion | None, str | None]:

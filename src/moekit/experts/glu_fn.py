@@ -76,12 +76,12 @@ def native_swiglu(h_N2F: Tensor, interleaved: bool = False, clamp: tuple[float, 
 class _FusedGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_N2F: Tensor, activation: str) -> Tensor:
-        ctx.activation = activation
         act, _ = _KERNELS[activation]
         F = h_N2F.shape[-1] // 2
         gate, up = h_N2F[..., :F], h_N2F[..., F:]
         a = act(gate)
         ctx.save_for_backward(h_N2F, a)
+        ctx.activation = activation
         return a * up
 
     @staticmethod

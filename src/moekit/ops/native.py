@@ -184,13 +184,15 @@ def takes_weight_storage(w_EOD: Tensor, b_EO: Tensor | None, dtype: torch.dtype)
     return w_EOD.stride(2) == 1 or w_EOD.stride(1) == 1
 
 
-def _same_dtype(where: str, x: Tensor, *others: Tensor | None) -> str:
-    if x.dtype not in DTYPES:
-        raise TypeError(f"moekit.ops.native.{where}: inputs must be float32 or bfloat16, got {x.dtype}")
-    bad = [t.dtype for t in others if t is not None and t.dtype != x.dtype]
+def _same_dtype(where: str, x: Tensor | torch.dtype, *others: Tensor | None) -> str:
+    """The kernels' suffix for the input ``x`` (or its dtype), after checking every other tensor shares it."""
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    if dtype not in DTYPES:
+        raise TypeError(f"moekit.ops.native.{where}: inputs must be float32 or bfloat16, got {dtype}")
+    bad = [t.dtype for t in others if t is not None and t.dtype != dtype]
     if bad:
-        raise TypeError(f"moekit.ops.native.{where}: every tensor must share the input's dtype {x.dtype}, got {bad}")
-    return _SUFFIX[x.dtype]
+        raise TypeError(f"moekit.ops.native.{where}: every tensor must share the input's dtype {dtype}, got {bad}")
+    return _SUFFIX[dtype]
 
 
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}  # the fused FFN's activations
@@ -414,12 +416,7 @@ def prepare_moe_decode(D: int, w_router_ED: Tensor, b_router_E: Tensor | None, k
                          f"glu={glu}")
     ld_in, cols_in = _layout(w_in_EHD, "moe_decode")
     ld2, cols2 = _layout(w2_EDF, "moe_decode")
-    if dtype not in DTYPES:
-        raise TypeError(f"moekit.ops.native.moe_decode: inputs must be float32 or bfloat16, got {dtype}")
-    bad = [t.dtype for t in (w_router_ED, b_router_E, w_in_EHD, b_in_EH, w2_EDF, b2_ED)
-           if t is not None and t.dtype != dtype]
-    if bad:
-        raise TypeError(f"moekit.ops.native.moe_decode: every tensor must share the input's dtype {dtype}, got {bad}")
+    suffix = _same_dtype("moe_decode", dtype, w_router_ED, b_router_E, w_in_EHD, b_in_EH, w2_EDF, b2_ED)
     bias = keep = None
     if selection_bias_E is not None:
         bias = selection_bias_E.detach().to(torch.float32).contiguous()
@@ -443,9 +440,8 @@ def prepare_moe_decode(D: int, w_router_ED: Tensor, b_router_E: Tensor | None, k
               None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
               w2_EDF.data_ptr(), w2_EDF.stride(0), ld2, cols2, Dout,
               None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0), *gating)
-    fn = getattr(lib, f"moekit_moe_decode_{_SUFFIX[dtype]}")
-    return DecodeCall(fn, middle, keep, D, E, k, Dout, dtype, (H * D + Dout * F) * torch.empty((), dtype=dtype)
-                      .element_size())
+    return DecodeCall(getattr(lib, f"moekit_moe_decode_{suffix}"), middle, keep, D, E, k, Dout, dtype,
+                      (H * D + Dout * F) * w_in_EHD.element_size())
 
 
 def takes_grid(*rows: Tensor) -> bool:

@@ -12,68 +12,72 @@
 static inline float FN(bias_at)(const WT *b, i64 o) { return b ? LD(b + o) : 0.0f; }
 
 #ifdef VLD
+/* The vector form of FN(dot_rows): AVX-512 (VLD16: 16 WT at p as float; 32 registers, so four vectors a step at
+ * every R) where the build has it, else AVX2 (8 columns a vector, U vectors a step as the caller asks). */
+#ifdef VLD16
+#define DR_VEC __m512
+#define DR_W 16
+#define DR_U(U) 4
+#define DR_LDW VLD16
+#define DR_LDX _mm512_loadu_ps
+#define DR_FMA _mm512_fmadd_ps
+#define DR_ADD _mm512_add_ps
+#define DR_ZERO _mm512_setzero_ps
+#define DR_HSUM _mm512_reduce_add_ps
+#else
+#define DR_VEC __m256
+#define DR_W 8
+#define DR_U(U) (U)
+#define DR_LDW VLD
+#define DR_LDX _mm256_loadu_ps
+#define DR_FMA _mm256_fmadd_ps
+#define DR_ADD _mm256_add_ps
+#define DR_ZERO _mm256_setzero_ps
+#define DR_HSUM hsum8
+#endif
 /* R (1..4, a constant after inlining) dot products of one weight row with R input rows, U (R * U <= 16, with the
- * weight vectors) vectors of 8 columns a step: R * U independent sums hide the FMA latency, and each weight vector
- * is loaded once for the R rows. */
+ * weight vectors) vectors a step: R * U independent sums hide the FMA latency, and each weight vector is loaded
+ * once for the R rows. */
 static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *wr, const float *const *xs, i64 D, int R,
                                                                int U, float *s) {
-#ifdef VLD16 /* AVX-512: 16 columns a vector, four vectors a step (R * 4 <= 16 sums; 32 registers) */
-    (void)U;
-    __m512 acc[4][4];
+    const int UU = DR_U(U);
+    DR_VEC acc[4][4];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) acc[r][u] = _mm512_setzero_ps();
+        for (int u = 0; u < UU; u++) acc[r][u] = DR_ZERO();
     const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
-    const i64 Dv = D - D % 64;
-    for (i64 d = 0; d < Dv; d += 64) {
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) {
-            const __m512 p = VLD16(wr + d + 16 * u);
-            const i64 c = d + 16 * u;
-            acc[0][u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x0 + c), acc[0][u]);
-            if (R > 1) acc[1][u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x1 + c), acc[1][u]);
-            if (R > 2) acc[2][u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x2 + c), acc[2][u]);
-            if (R > 3) acc[3][u] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x3 + c), acc[3][u]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++) {
-        float v = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
-                                                     _mm512_add_ps(acc[r][2], acc[r][3])));
-        for (i64 d = Dv; d < D; d++) v += LD(wr + d) * xs[r][d];
-        s[r] = v;
-    }
-#else
-    __m256 acc[4][4];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-        for (int u = 0; u < U; u++) acc[r][u] = _mm256_setzero_ps();
-    const float *x0 = xs[0], *x1 = xs[1], *x2 = xs[2], *x3 = xs[3];
-    const i64 step = 8 * U, Dv = D - D % step;
+    const i64 step = DR_W * UU, Dv = D - D % step;
     for (i64 d = 0; d < Dv; d += step) {
 #pragma GCC unroll 4
-        for (int u = 0; u < U; u++) {
-            const __m256 p = VLD(wr + d + 8 * u);
-            const i64 c = d + 8 * u;
-            acc[0][u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(x0 + c), acc[0][u]);
-            if (R > 1) acc[1][u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(x1 + c), acc[1][u]);
-            if (R > 2) acc[2][u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(x2 + c), acc[2][u]);
-            if (R > 3) acc[3][u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(x3 + c), acc[3][u]);
+        for (int u = 0; u < UU; u++) {
+            const i64 c = d + DR_W * u;
+            const DR_VEC p = DR_LDW(wr + c);
+            acc[0][u] = DR_FMA(p, DR_LDX(x0 + c), acc[0][u]);
+            if (R > 1) acc[1][u] = DR_FMA(p, DR_LDX(x1 + c), acc[1][u]);
+            if (R > 2) acc[2][u] = DR_FMA(p, DR_LDX(x2 + c), acc[2][u]);
+            if (R > 3) acc[3][u] = DR_FMA(p, DR_LDX(x3 + c), acc[3][u]);
         }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++) {
-        __m256 t = acc[r][0];
+        DR_VEC t = acc[r][0];
 #pragma GCC unroll 4
-        for (int u = 1; u < U; u++) t = _mm256_add_ps(t, acc[r][u]);
-        float v = hsum8(t);
+        for (int u = 1; u < UU; u++) t = DR_ADD(t, acc[r][u]);
+        float v = DR_HSUM(t);
         for (i64 d = Dv; d < D; d++) v += LD(wr + d) * xs[r][d];
         s[r] = v;
     }
-#endif
 }
+#undef DR_VEC
+#undef DR_W
+#undef DR_U
+#undef DR_LDW
+#undef DR_LDX
+#undef DR_FMA
+#undef DR_ADD
+#undef DR_ZERO
+#undef DR_HSUM
 
 /* Output rows [o0, o1) for M <= ROWS_FEW_MAX input rows, one weight row at a time (VLD(p): 8 WT at p as float,
  * AVX2). A block of four weight rows is four streams, each one page long where a row is 4 KiB (D = 1024 float32),
