@@ -22,8 +22,9 @@ typedef int64_t i64;
 #define OBLOCK 64 /* output rows per work item (rows layout) */
 #ifndef ROWS_FEW_MAX_F32 /* groups of up to this many rows take rows_few (AVX2 builds), per storage type: measured
                           * (one expert after a cache sweep, huge pages) faster than the 4-row block up to 4 float32
-                          * rows (2026-12-07, register-blocked chunks of up to 4 rows: 2-4 rows at 1.1-1.35x a
-                          * streaming read, 5 rows 1.8x against the block's 1.4-1.5x) and up to 6 bfloat16 rows */
+                          * rows (2026-12-07, pairs of weight rows against register-blocked chunks of up to 4 input
+                          * rows: 2-4 rows at 1.0-1.15x a streaming read; 5 rows ~1.2x either way) and up to 6
+                          * bfloat16 rows */
 #define ROWS_FEW_MAX_F32 4
 #endif
 #ifndef ROWS_FEW_MAX_BF16
