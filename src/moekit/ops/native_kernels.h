@@ -36,17 +36,23 @@ static inline float FN(bias_at)(const WT *b, i64 o) { return b ? LD(b + o) : 0.0
 #define DR_ZERO _mm256_setzero_ps
 #define DR_HSUM hsum8
 #endif
-#define DR_PREFETCH 256 /* elements ahead in each weight row of a pair (measured: 128-256 best, 512 worse) */
+/* v stays in a register: without it GCC folds the load into every FMA that uses v, reloading each weight vector
+ * once per input row and each input vector once per weight row (2 loads an FMA, as with one row) */
+#define KEEP(v) ({ __asm__("" : "+v"(v)); })
 /* NW (1 or 2, a constant after inlining) adjacent weight rows (ldw apart) dotted with R (1..4) input rows, U
  * vectors a step (NW * R * U <= 16, with the weight vectors): s[w * 4 + r] = W[w] . x[r]. NW * R * U independent
  * sums hide the FMA latency; each weight vector is loaded once for the R rows and each input vector once for the
  * NW weight rows. A step loads NW + R vectors for NW * R FMAs: with one weight row at 3-4 input rows the loads, not
  * the memory, bound a Zen 4 core (1.3-1.4x a cold read), and a pair brings that to 1.05-1.2x (2026-12-07, in one
- * process after a cache sweep); the pair's rows are also prefetched DR_PREFETCH elements ahead (two streams a
- * page apart, where the hardware prefetcher alone trails: a further ~4%). */
+ * process after a cache sweep). pf (elements, 0 for none): the pair's rows pf ahead are prefetched into L2. A pair
+ * is two streams a page apart, each one page long at D = 1024 float32, and the hardware prefetcher, which starts
+ * again on every page, leaves a core at ~10 GB/s on a VM whose memory latency is high: prefetching the rows four
+ * ahead took 2-4 rows per expert from 1.5-2.1x to 1.15-1.3x a cold read, and decode-8 from 1.53x to 1.26x the
+ * memory floor (2026-12-08, one-process A/B; a prefetch within the row, 256 elements ahead into L1, had gained ~4%
+ * on a faster host). */
 static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *w0, i64 ldw, int NW,
                                                                const float *const *xs, i64 D, int R, int U,
-                                                               float *s) {
+                                                               i64 pf, float *s) {
     const int UU = DR_U(NW, U);
     const WT *w1 = w0 + ldw;
     DR_VEC acc[2][4][4];
@@ -62,24 +68,26 @@ static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *w0, i64
 #pragma GCC unroll 4
         for (int u = 0; u < UU; u++) {
             const i64 c = d + DR_W * u;
-            if (NW > 1 && u == 0) {
-                _mm_prefetch((const char *)(w0 + c + DR_PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(w1 + c + DR_PREFETCH), _MM_HINT_T0);
+            if (NW > 1 && u == 0 && pf) {
+                _mm_prefetch((const char *)(w0 + c + pf), _MM_HINT_T1);
+                _mm_prefetch((const char *)(w1 + c + pf), _MM_HINT_T1);
             }
-            const DR_VEC p = DR_LDW(w0 + c), q = NW > 1 ? DR_LDW(w1 + c) : p;
+            DR_VEC p = DR_LDW(w0 + c), q = NW > 1 ? DR_LDW(w1 + c) : p;
+            KEEP(p), KEEP(q);
             DR_VEC v = DR_LDX(x0 + c);
+            KEEP(v);
             acc[0][0][u] = DR_FMA(p, v, acc[0][0][u]);
             if (NW > 1) acc[1][0][u] = DR_FMA(q, v, acc[1][0][u]);
             if (R > 1) {
-                v = DR_LDX(x1 + c), acc[0][1][u] = DR_FMA(p, v, acc[0][1][u]);
+                v = DR_LDX(x1 + c), KEEP(v), acc[0][1][u] = DR_FMA(p, v, acc[0][1][u]);
                 if (NW > 1) acc[1][1][u] = DR_FMA(q, v, acc[1][1][u]);
             }
             if (R > 2) {
-                v = DR_LDX(x2 + c), acc[0][2][u] = DR_FMA(p, v, acc[0][2][u]);
+                v = DR_LDX(x2 + c), KEEP(v), acc[0][2][u] = DR_FMA(p, v, acc[0][2][u]);
                 if (NW > 1) acc[1][2][u] = DR_FMA(q, v, acc[1][2][u]);
             }
             if (R > 3) {
-                v = DR_LDX(x3 + c), acc[0][3][u] = DR_FMA(p, v, acc[0][3][u]);
+                v = DR_LDX(x3 + c), KEEP(v), acc[0][3][u] = DR_FMA(p, v, acc[0][3][u]);
                 if (NW > 1) acc[1][3][u] = DR_FMA(q, v, acc[1][3][u]);
             }
         }
@@ -107,23 +115,24 @@ static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *w0, i64
 #undef DR_ADD
 #undef DR_ZERO
 #undef DR_HSUM
-#undef DR_PREFETCH
+#undef KEEP
 
 /* NW weight rows from o (1, or 2 at consecutive o) for M <= ROWS_FEW_MAX input rows, the input rows in chunks of up
- * to 4 (the weight rows are in L1 after the first), each chunk register-blocked (FN(dot_rows)). */
+ * to 4 (the weight rows are in L1 after the first), each chunk register-blocked (FN(dot_rows)); pf as there. */
 static inline __attribute__((always_inline)) void FN(few_out)(const float *x, i64 ldx, const i64 *out, i64 M,
                                                               const WT *w, i64 ldw, i64 D, i64 o, int NW,
-                                                              const WT *b, float *y, i64 ldy) {
+                                                              i64 pf, const WT *b, float *y, i64 ldy) {
     const WT *wr = w + o * ldw;
     for (i64 m0 = 0; m0 < M; m0 += 4) {
         const i64 mm = M - m0 < 4 ? M - m0 : 4;
         const float *xs[4] = {x + m0 * ldx, x + (m0 + 1) * ldx, x + (m0 + 2) * ldx, x + (m0 + 3) * ldx};
+        const i64 p = m0 ? 0 : pf; /* a later chunk finds the weight rows in L1 */
         float s[8];
         switch (mm) {
-        case 1: FN(dot_rows)(wr, ldw, NW, xs, D, 1, 4, s); break;
-        case 2: FN(dot_rows)(wr, ldw, NW, xs, D, 2, NW == 1 ? 4 : 2, s); break;
-        case 3: FN(dot_rows)(wr, ldw, NW, xs, D, 3, NW == 1 ? 4 : 1, s); break;
-        default: FN(dot_rows)(wr, ldw, NW, xs, D, 4, NW == 1 ? 2 : 1, s); break;
+        case 1: FN(dot_rows)(wr, ldw, NW, xs, D, 1, 4, p, s); break;
+        case 2: FN(dot_rows)(wr, ldw, NW, xs, D, 2, NW == 1 ? 4 : 2, p, s); break;
+        case 3: FN(dot_rows)(wr, ldw, NW, xs, D, 3, NW == 1 ? 4 : 1, p, s); break;
+        default: FN(dot_rows)(wr, ldw, NW, xs, D, 4, NW == 1 ? 2 : 1, p, s); break;
         }
         for (int q = 0; q < NW; q++) {
             const float bo = FN(bias_at)(b, o + q);
@@ -135,13 +144,14 @@ static inline __attribute__((always_inline)) void FN(few_out)(const float *x, i6
 /* Output rows [o0, o1) for M <= ROWS_FEW_MAX input rows (VLD(p): 8 WT at p as float, AVX2). A block of four weight
  * rows is four streams, each one page long where a row is 4 KiB (D = 1024 float32), and the hardware prefetcher
  * restarts on every page: ~20% below a streaming read. One input row: one weight row at a time, consecutive rows
- * one sequential stream at the read's bandwidth. Two or more: pairs of weight rows (FN(dot_rows)). */
+ * one sequential stream at the read's bandwidth. Two or more: pairs of weight rows (FN(dot_rows)), each pair
+ * prefetching the pair four rows on. */
 static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const WT *w, i64 ldw, i64 D, i64 o0, i64 o1,
                          const WT *b, float *y, i64 ldy) {
     i64 o = o0;
-    if (M > 1)
-        for (; o + 2 <= o1; o += 2) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, b, y, ldy);
-    for (; o < o1; o++) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, b, y, ldy);
+    if (M > 1) /* rows o + 4, o + 5 prefetched while they lie in [o0, o1): the next block is another thread's */
+        for (; o + 2 <= o1; o += 2) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, o + 6 <= o1 ? 4 * ldw : 0, b, y, ldy);
+    for (; o < o1; o++) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, 0, b, y, ldy);
 }
 #endif
 
