@@ -277,3 +277,48 @@ def test_prepared_call_follows_the_weights(monkeypatch):
         before = spy.calls
         layer(x).sum().backward()  # weights need autograd: composed
         assert spy.calls == before and layer.experts.w2_EDF.grad is not None
+
+
+@needs_native
+def test_fused_path_reads_replaced_parts_and_new_biases(monkeypatch):
+    """The fused call reads the layer's parts from the modules' own dicts (not through ``nn.Module.__getattr__``):
+    a router gate replaced by another Linear, a bias added where there was None (a plain attribute that becomes a
+    parameter) and a bank whose input projection is a subclass's own property are all seen, fused, at the next
+    call."""
+    from torch import nn
+
+    from moekit.experts.bank import ExpertBank
+
+    layer = _layer(ROUTERS["softmax-renorm"]).float()
+    x = torch.randn(3, 32)
+    spy = _Spy(monkeypatch)
+
+    def check():
+        before = spy.calls
+        with torch.no_grad():
+            y = layer(x)
+            composed = layer.forward_with_aux(x).y
+        assert spy.calls == before + 1
+        torch.testing.assert_close(y, composed, rtol=1e-5, atol=1e-5)
+        return y
+
+    y0 = check()
+    gate = nn.Linear(32, 8, bias=True)
+    layer.router.gate = gate  # a new submodule, with a bias the old one lacked
+    y1 = check()
+    assert not torch.allclose(y0, y1)
+    assert "b2_ED" in layer.experts.__dict__  # no bias: a plain None attribute
+    layer.experts.b2_ED = nn.Parameter(torch.full((8, 32), 0.25))
+    torch.testing.assert_close(check(), y1 + 0.25, rtol=1e-5, atol=1e-5)
+
+    class Doubled(ExpertBank):  # a subclass whose input projection is its own property
+        @property
+        def w_in(self):
+            return self.w13_E2FD * 2
+
+    layer2 = MoE(32, 8, router=TopK(k=2), experts=SwiGLU(hidden_dim=24)).eval()
+    layer2.experts.__class__ = Doubled
+    layer2.decode_fusion = fused_decode.fusion_for(layer2)[0]
+    assert layer2.decode_fusion._w_in == "w_in"
+    with torch.no_grad():
+        torch.testing.assert_close(layer2(x), layer2.forward_with_aux(x).y, rtol=1e-5, atol=1e-5)

@@ -28,6 +28,7 @@ import os
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from .ops import native
 
@@ -48,23 +49,29 @@ class DecodeFusion:
         self.groups = None if spec.n_group is None else (spec.n_group, spec.topk_group, spec.group_score)
         self.float32_logits = spec.logits_dtype == "float32" or (spec.logits_dtype is None and spec.fp32)
         self.gating = experts.native_gating()  # glu, activation (+ interleaved, clamp): fixed by the bank's spec
-        self._cache: tuple | None = None  # (weights key, prepared native call, weights need autograd)
+        # (weights key, prepared native call, weights need autograd): the call holds the weights' addresses, not the
+        # tensors (a layer moved with .to() frees its old weights); each call holds the tensors it read while it runs
+        self._cache: tuple | None = None
+        # the bank's input projection by the name it is stored under, where it is ExpertBank's own property
+        self._w_in, self._b_in = _stored_name(experts, "w_in"), _stored_name(experts, "b_in")
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         bank, router = self.experts, self.router
-        gate = router.gate
-        return gate.weight, gate.bias, router.bias_E, bank.w_in, bank.b_in, bank.w2_EDF, bank.b2_ED
+        gate = _read(router, "gate")
+        return (_read(gate, "weight"), _read(gate, "bias"), _read(router, "bias_E"), _read(bank, self._w_in),
+                _read(bank, self._b_in), _read(bank, "w2_EDF"), _read(bank, "b2_ED"))
 
-    def _prepared(self, dtype: torch.dtype) -> tuple[native.DecodeCall | None, bool]:
-        """``(the native call for the parts' weights now, whether a weight needs autograd)``; ``(None, _)`` where
-        the weights have no native form for inputs of ``dtype``. Checked once per placement of the weights: the key
+    def _prepared(self, dtype: torch.dtype) -> tuple[native.DecodeCall | None, bool, tuple]:
+        """``(the native call for the parts' weights now, whether a weight needs autograd, those weights)``;
+        ``(None, ...)`` where the weights have no native form for inputs of ``dtype``. The caller holds the weights
+        while the call runs (a property may compute one: the call's address is that temporary's). Checked once per placement of the weights: the key
         is every weight's address, dtype, shape, strides and ``requires_grad``, so ``.to()``, ``load_state_dict``
         with ``assign=True`` or a replaced ``.data`` are seen at the next call."""
         ts = self._tensors()
         key = (dtype, *(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.requires_grad)
                         for t in ts))
         if self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
+            return self._cache[1], self._cache[2], ts
         w_gate, b_gate, bias_E, w_in, b_in, w2, b2 = ts
         ok = (native.takes_weight_storage(w_in, b_in, dtype) and native.takes_weight_storage(w2, b2, dtype)
               and w_gate.dtype == dtype and w_gate.stride(1) == 1 and (b_gate is None or b_gate.dtype == dtype)
@@ -77,47 +84,51 @@ class DecodeFusion:
         grad = any(t is not None and t.requires_grad for t in (w_gate, b_gate, w_in, b_in, w2, b2))
         if call is None or not call.copied:  # a converted selection bias is a copy of its values: prepare each time
             self._cache = (key, call, grad)
-        return call, grad
+        return call, grad, ts
 
     def takes(self, layer: nn.Module, x: Tensor) -> bool:
         """Whether ``layer(x)`` may run fused now (see the module docstring)."""
         return self._call_for(layer, x) is not None
 
-    def _call_for(self, layer: nn.Module, x: Tensor) -> native.DecodeCall | None:
+    def _call_for(self, layer: nn.Module, x: Tensor) -> tuple[native.DecodeCall, tuple] | None:
+        """``(the call, the weights it reads)`` where ``layer(x)`` may run fused now, else None."""
         if torch.compiler.is_compiling():  # torch.compile / torch.export trace the composed path
             return None
-        if (layer.router is not self.router or layer.experts is not self.experts
-                or layer.dispatcher is not self.dispatcher):
+        parts = layer._modules
+        if (parts.get("router") is not self.router or parts.get("experts") is not self.experts
+                or parts.get("dispatcher") is not self.dispatcher):
             return None
         if x.dim() < 1 or x.numel() > MAX_TOKENS * x.shape[-1] or x.numel() == 0:
             return None
         if x.dtype not in native.DTYPES or x.device.type != "cpu" or x.stride(-1) != 1:
             return None
-        call, weights_grad = self._prepared(x.dtype)
+        call, weights_grad, weights = self._prepared(x.dtype)
         if call is None:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or weights_grad):
             return None
-        if _hooked(self.router, self.experts, self.dispatcher, self.router.gate):
+        if _hooked(self.router, self.experts, self.dispatcher, _read(self.router, "gate")):
             return None
-        return call
+        return call, weights
 
     def run(self, layer: nn.Module, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None] | None:
         """``self(x_TD, logits)`` where ``layer`` may run fused now (:meth:`takes`), else None: the checks and the
         call at once."""
-        call = self._call_for(layer, x_TD)
-        return None if call is None else _invoke(call, x_TD, logits)
+        found = self._call_for(layer, x_TD)
+        return None if found is None else _invoke(found[0], x_TD, logits, found[1])
 
     def __call__(self, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(y_TD, the router's float32 logits (T, E) when asked, else None)``."""
-        call, _ = self._prepared(x_TD.dtype)
+        call, _, weights = self._prepared(x_TD.dtype)
         if call is None:
             raise ValueError(f"moekit fused decode: the layer's weights have no native form for {x_TD.dtype} inputs")
-        return _invoke(call, x_TD, logits)
+        return _invoke(call, x_TD, logits, weights)
 
 
-def _invoke(call: native.DecodeCall, x_TD: Tensor, logits: bool) -> tuple[Tensor, Tensor | None]:
+def _invoke(call: native.DecodeCall, x_TD: Tensor, logits: bool, weights: tuple) -> tuple[Tensor, Tensor | None]:
+    """``call`` on ``x_TD``; ``weights`` (the tensors whose addresses it reads) are held until it returns."""
     out = call(x_TD.contiguous(), return_logits=logits)
+    del weights
     return out if logits else (out, None)
 
 
@@ -159,8 +170,38 @@ def _is_topk_softmax(router: nn.Module) -> bool:
 
 
 def _hooked(*modules: nn.Module) -> bool:
-    from torch.nn.modules import module as _m
-
-    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+_MISSING = object()
+
+
+def _read(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a name that is no property of its class, reading the module's own dicts first
+    (``nn.Module.__getattr__`` costs ~0.5-2 us a lookup, a decode call makes about ten): a plain attribute (a None
+    bias), then a parameter, then a buffer or a submodule; anything else through ``getattr``."""
+    d = module.__dict__
+    v = d.get(name, _MISSING)
+    if v is _MISSING:
+        v = d["_parameters"].get(name, _MISSING)
+        if v is _MISSING:
+            v = d["_buffers"].get(name, _MISSING)
+            if v is _MISSING:
+                v = d["_modules"].get(name, _MISSING)
+                if v is _MISSING:
+                    v = getattr(module, name)
+    return v
+
+
+def _stored_name(bank: nn.Module, name: str) -> str:
+    """The name :func:`_read` reads for ``bank.<name>`` (``w_in``, ``b_in``): ExpertBank's own properties resolve to
+    the tensor they return (``w13_E2FD`` or ``w1_EFD``, ``b13_E2F`` or ``b1_EF``); a name a subclass redefines stays
+    the property, read through ``getattr``."""
+    from .experts.bank import ExpertBank
+
+    if getattr(type(bank), name) is not getattr(ExpertBank, name):
+        return name
+    glu = bank.spec.glu
+    return {"w_in": "w13_E2FD" if glu else "w1_EFD", "b_in": "b13_E2F" if glu else "b1_EF"}[name]

@@ -114,15 +114,26 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"moekit_swiglu_backward_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, c_int, c_int, c_float, c_float, c_int]
-        fn = getattr(lib, f"moekit_moe_decode_{suffix}")
+        fn = getattr(lib, f"moekit_moe_decode_args_{suffix}")
         fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64, ctypes.c_int, ctypes.c_int,
-                       c_float, ptr, i64, i64, c_int, ptr, i64, i64, c_int, i64, ptr, i64, ptr, i64, i64, c_int, i64,
-                       ptr, i64, c_int, c_int, c_float, c_float, c_int, ptr, ptr, ptr]
+        fn.argtypes = [ctypes.POINTER(_DecodeArgs), ptr, i64, ptr, i64, i64, c_int, ptr, ptr, ptr]
     lib.moekit_grouped_gemm.restype = ctypes.c_int
     lib.moekit_grouped_gemm.argtypes = [ptr, ctypes.c_int, i64, ptr, ptr, i64, ptr, i64, i64, ctypes.c_int, ptr, i64,
                                         i64, i64, i64, ctypes.c_int]
     return lib
+
+
+class _DecodeArgs(ctypes.Structure):
+    """native_decode.c's ``struct decode_args``: the weights' and the routing rule's arguments of a decode call,
+    laid out once (:func:`prepare_moe_decode`); the fields and their order are the C struct's."""
+
+    _i64, _ptr, _int, _float = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    _fields_ = [("D", _i64), ("wr", _ptr), ("ldr", _i64), ("br", _ptr), ("E", _i64), ("k", _i64), ("score", _int),
+                ("normalize", _int), ("scale", _float), ("sel_bias", _ptr), ("n_group", _i64),
+                ("topk_group", _i64), ("group_max", _int), ("w_in", _ptr), ("sE_in", _i64), ("ld_in", _i64),
+                ("cols_in", _int), ("H", _i64), ("b_in", _ptr), ("sb_in", _i64), ("w2", _ptr), ("sE2", _i64),
+                ("ld2", _i64), ("cols2", _int), ("Dout", _i64), ("b2", _ptr), ("sb2", _i64), ("glu", _int),
+                ("act", _int), ("alpha", _float), ("limit", _float)]
 
 
 def _load() -> ctypes.CDLL | None:
@@ -354,11 +365,11 @@ class DecodeCall:
     (a caller that keeps one across calls compares the weights' ``data_ptr``, dtype, shape and strides first, as
     ``moekit.fused_decode`` does). ``copied``: the selection bias was converted (its values are this call's copy)."""
 
-    __slots__ = ("_fn", "_middle", "_keep", "D", "E", "k", "Dout", "dtype", "_expert_bytes", "copied")
+    __slots__ = ("_fn", "_args", "_args_ref", "_keep", "D", "E", "k", "Dout", "dtype", "_expert_bytes", "copied")
 
-    def __init__(self, fn, middle: tuple, keep: Tensor | None, D: int, E: int, k: int, Dout: int,
+    def __init__(self, fn, args: _DecodeArgs, keep: Tensor | None, D: int, E: int, k: int, Dout: int,
                  dtype: torch.dtype, expert_bytes: int) -> None:
-        self._fn, self._middle, self._keep = fn, middle, keep
+        self._fn, self._args, self._args_ref, self._keep = fn, args, ctypes.byref(args), keep
         self.D, self.E, self.k, self.Dout, self.dtype, self._expert_bytes = D, E, k, Dout, dtype, expert_bytes
         self.copied = keep is not None
 
@@ -378,7 +389,7 @@ class DecodeCall:
         wts = torch.empty(T, self.k, dtype=torch.float32) if return_routing else None
         logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
         nbytes = min(self.E, T * self.k) * self._expert_bytes
-        status = self._fn(x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), y.stride(0), T, *self._middle,
+        status = self._fn(self._args_ref, x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), y.stride(0), T,
                           _threads(nbytes, threads), None if idx is None else idx.data_ptr(),
                           None if wts is None else wts.data_ptr(), None if logits is None else logits.data_ptr())
         if status == 1:
@@ -433,14 +444,14 @@ def prepare_moe_decode(D: int, w_router_ED: Tensor, b_router_E: Tensor | None, k
                              f"[1, n_group], 'top2sum' or 'max'), got {groups}")
         group_max = int(how == "max")
     Dout = w2_EDF.shape[1]
-    middle = (D, w_router_ED.data_ptr(), w_router_ED.stride(0), None if b_router_E is None else b_router_E.data_ptr(),
-              E, k, SCORES[score], int(bool(normalize)), float(scale), None if bias is None else bias.data_ptr(),
-              n_group, topk_group, group_max,
-              w_in_EHD.data_ptr(), w_in_EHD.stride(0), ld_in, cols_in, H,
-              None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
-              w2_EDF.data_ptr(), w2_EDF.stride(0), ld2, cols2, Dout,
-              None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0), *gating)
-    return DecodeCall(getattr(lib, f"moekit_moe_decode_{suffix}"), middle, keep, D, E, k, Dout, dtype,
+    args = _DecodeArgs(D, w_router_ED.data_ptr(), w_router_ED.stride(0),
+                       None if b_router_E is None else b_router_E.data_ptr(), E, k, SCORES[score],
+                       int(bool(normalize)), float(scale), None if bias is None else bias.data_ptr(),
+                       n_group, topk_group, group_max, w_in_EHD.data_ptr(), w_in_EHD.stride(0), ld_in, cols_in, H,
+                       None if b_in_EH is None else b_in_EH.data_ptr(), 0 if b_in_EH is None else b_in_EH.stride(0),
+                       w2_EDF.data_ptr(), w2_EDF.stride(0), ld2, cols2, Dout,
+                       None if b2_ED is None else b2_ED.data_ptr(), 0 if b2_ED is None else b2_ED.stride(0), *gating)
+    return DecodeCall(getattr(lib, f"moekit_moe_decode_args_{suffix}"), args, keep, D, E, k, Dout, dtype,
                       (H * D + Dout * F) * w_in_EHD.element_size())
 
 

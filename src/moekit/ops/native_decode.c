@@ -18,6 +18,37 @@
 #include <omp.h>
 
 typedef int64_t i64;
+
+/* moekit_moe_decode's arguments that describe the weights and the routing rule, laid out once by the caller
+ * (moekit.ops.native.prepare_moe_decode, a ctypes Structure with these fields in this order) and handed to
+ * moekit_moe_decode_args: a decode call then passes ten arguments instead of forty (ctypes converts each one:
+ * ~7 us for forty on the development VM, more once a layer's weights have swept the caches). */
+struct decode_args {
+    i64 D;
+    const void *wr;
+    i64 ldr;
+    const void *br;
+    i64 E, k;
+    int score, normalize;
+    float scale;
+    const float *sel_bias;
+    i64 n_group, topk_group;
+    int group_max;
+    const void *w_in;
+    i64 sE_in, ld_in;
+    int cols_in;
+    i64 H;
+    const void *b_in;
+    i64 sb_in;
+    const void *w2;
+    i64 sE2, ld2;
+    int cols2;
+    i64 Dout;
+    const void *b2;
+    i64 sb2;
+    int glu, act;
+    float alpha, limit;
+};
 #define MAX_ROWS 16
 #define OBLOCK 64 /* output rows per work item (rows layout) */
 #ifndef ROWS_FEW_MAX_F32 /* groups of up to this many rows take rows_few (AVX2 builds), per storage type: measured

@@ -477,13 +477,13 @@ int FN(moekit_ffn)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *exper
  * Ties choose the lower expert id. The chosen ids and weights are written to idx_out (T x k) and w_out (T x k),
  * the float32 logits to logits_out (T x E), when given. Returns 0, 1 (no memory) or 14 (k outside [1, E], T outside
  * [0, MAX_ROWS]). */
-int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, const WT *wr, i64 ldr,
-                          const WT *br, i64 E, i64 k, int score, int normalize, float scale, const float *sel_bias,
-                          i64 n_group, i64 topk_group, int group_max,
-                          const WT *w_in, i64 sE_in, i64 ld_in, int cols_in, i64 H, const WT *b_in, i64 sb_in,
-                          const WT *w2, i64 sE2, i64 ld2, int cols2, i64 Dout, const WT *b2, i64 sb2, int glu,
-                          int act, float alpha, float limit, int threads, int64_t *idx_out, float *w_out,
-                          float *logits_out) {
+static int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, const WT *wr, i64 ldr,
+                                 const WT *br, i64 E, i64 k, int score, int normalize, float scale,
+                                 const float *sel_bias, i64 n_group, i64 topk_group, int group_max,
+                                 const WT *w_in, i64 sE_in, i64 ld_in, int cols_in, i64 H, const WT *b_in, i64 sb_in,
+                                 const WT *w2, i64 sE2, i64 ld2, int cols2, i64 Dout, const WT *b2, i64 sb2, int glu,
+                                 int act, float alpha, float limit, int threads, int64_t *idx_out, float *w_out,
+                                 float *logits_out) {
     if (k < 1 || k > E || T < 0 || T > MAX_ROWS) return 14;
     if (n_group > 0 && (E % n_group || topk_group < 1 || topk_group > n_group)) return 14;
     i64 R = T * k, F = glu ? H / 2 : H;
@@ -616,6 +616,17 @@ int FN(moekit_moe_decode)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, i64 D, co
         for (i64 r = 0; r < R; r++) w_out[r] = wk[r];
     free(xp), free(h), free(gbuf), free(yp), free(xt), free(lg), free(ints), free(wk), free(used);
     return 0;
+}
+
+/* FN(moekit_moe_decode) with its weights' arguments in one struct (struct decode_args) */
+int FN(moekit_moe_decode_args)(const struct decode_args *a, const WT *x, i64 ldx, WT *y, i64 ldy, i64 T, int threads,
+                               int64_t *idx_out, float *w_out, float *logits_out) {
+    return FN(moekit_moe_decode)(x, ldx, y, ldy, T, a->D, (const WT *)a->wr, a->ldr, (const WT *)a->br, a->E, a->k,
+                                 a->score, a->normalize, a->scale, a->sel_bias, a->n_group, a->topk_group,
+                                 a->group_max, (const WT *)a->w_in, a->sE_in, a->ld_in, a->cols_in, a->H,
+                                 (const WT *)a->b_in, a->sb_in, (const WT *)a->w2, a->sE2, a->ld2, a->cols2, a->Dout,
+                                 (const WT *)a->b2, a->sb2, a->glu, a->act, a->alpha, a->limit, threads, idx_out,
+                                 w_out, logits_out);
 }
 
 #undef FN
