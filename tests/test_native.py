@@ -75,9 +75,10 @@ def test_grouped_rows_equals_matmul(layout, threads, N, bias, O, D, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_rows_groups_of_one_to_seven_rows(D, dtype):
     """Groups of 1 to 7 rows against float64: the few-row kernel (one weight row at a time for one input row, pairs
-    of weight rows from two, the odd last of 45 alone; input rows in chunks of up to 4; its 64-, 32- and 16-wide
-    main loops leave different remainders at D = 48 and 77) up to 4 float32 / 6 bfloat16 rows, the four-row block
-    beyond."""
+    of weight rows from two; with AVX-512 the first 32 of the 45 weight rows in groups of 16 whose results are
+    gathered in registers, the rest one or two at a time, the odd last alone; input rows in chunks of up to 4; its
+    64-, 32- and 16-wide main loops leave different remainders at D = 48 and 77) up to 4 float32 / 6 bfloat16 rows,
+    the four-row block beyond."""
     torch.manual_seed(D)
     w = torch.randn(7, 45, D).to(dtype)
     b = torch.randn(7, 45).to(dtype)
