@@ -307,6 +307,14 @@ def test_fused_path_reads_replaced_parts_and_new_biases(monkeypatch):
     layer.router.gate = gate  # a new submodule, with a bias the old one lacked
     y1 = check()
     assert not torch.allclose(y0, y1)
+    for register in (gate.register_forward_pre_hook, layer.experts.register_forward_hook,
+                     torch.nn.modules.module.register_module_forward_hook):  # the new gate's, the bank's, global
+        h = register(lambda *a: None)
+        before = spy.calls
+        with torch.no_grad():
+            layer(x)
+        assert spy.calls == before, register
+        h.remove()
     assert "b2_ED" in layer.experts.__dict__  # no bias: a plain None attribute
     layer.experts.b2_ED = nn.Parameter(torch.full((8, 32), 0.25))
     torch.testing.assert_close(check(), y1 + 0.25, rtol=1e-5, atol=1e-5)

@@ -54,6 +54,9 @@ class DecodeFusion:
         self._cache: tuple | None = None
         # the bank's input projection by the name it is stored under, where it is ExpertBank's own property
         self._w_in, self._b_in = _stored_name(experts, "w_in"), _stored_name(experts, "b_in")
+        # the parts' forward-hook dicts (registering a hook adds to them), refreshed when the router's gate is replaced
+        self._gate = _read(router, "gate")
+        self._hooks = _hook_dicts(router, experts, dispatcher, self._gate)
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         bank, router = self.experts, self.router
@@ -100,14 +103,17 @@ class DecodeFusion:
             return None
         if x.dim() < 1 or x.numel() > MAX_TOKENS * x.shape[-1] or x.numel() == 0:
             return None
-        if x.dtype not in native.DTYPES or x.device.type != "cpu" or x.stride(-1) != 1:
+        if x.dtype not in native.DTYPES or not x.is_cpu or x.stride(-1) != 1:
             return None
         call, weights_grad, weights = self._prepared(x.dtype)
         if call is None:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or weights_grad):
             return None
-        if _hooked(self.router, self.experts, self.dispatcher, _read(self.router, "gate")):
+        gate = _read(self.router, "gate")
+        if gate is not self._gate:
+            self._gate, self._hooks = gate, _hook_dicts(self.router, self.experts, self.dispatcher, gate)
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks or any(self._hooks):
             return None
         return call, weights
 
@@ -169,10 +175,9 @@ def _is_topk_softmax(router: nn.Module) -> bool:
     return type(router) is TopKSoftmaxRouter
 
 
-def _hooked(*modules: nn.Module) -> bool:
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+def _hook_dicts(*modules: nn.Module) -> tuple[dict, ...]:
+    """Each module's forward and forward-pre hook dicts (non-empty: a hook is registered)."""
+    return tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
 
 
 _MISSING = object()
