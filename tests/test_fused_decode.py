@@ -38,17 +38,19 @@ def _layer(router, experts=None, shared=None, dtype=torch.float64, seed=0):
 
 
 class _Spy:
-    """Counts native fused decode calls (each runs a prepared :class:`native.DecodeCall`)."""
+    """Counts native fused decode calls (each runs a prepared :class:`native.DecodeCall`, checked by the caller or
+    by the call)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = native.DecodeCall.__call__
+        for name in ("__call__", "checked"):
+            real = getattr(native.DecodeCall, name)
 
-        def spy(call, *a, **k):
-            self.calls += 1
-            return real(call, *a, **k)
+            def spy(call, *a, _real=real, **k):
+                self.calls += 1
+                return _real(call, *a, **k)
 
-        monkeypatch.setattr(native.DecodeCall, "__call__", spy)
+            monkeypatch.setattr(native.DecodeCall, name, spy)
 
 
 @needs_native
@@ -179,6 +181,9 @@ def test_everything_else_keeps_the_composed_path(monkeypatch):
         layer(x)
         layer.router = old
         assert spy.calls == 0
+        fusion = layer.decode_fusion  # its checks take (T, D) of the layer's width only (the layer flattens)
+        assert fusion.takes(layer, x) and not fusion.takes(layer, x.view(1, 3, 32))
+        assert not fusion.takes(layer, torch.randn(3, 31)) and not fusion.takes(layer, x[:, :16])
         layer(x)
         assert spy.calls == 1
         assert layer.fuse_decode(False) == "turned off"

@@ -67,9 +67,9 @@ class DecodeFusion:
     def _prepared(self, dtype: torch.dtype) -> tuple[native.DecodeCall | None, bool, tuple]:
         """``(the native call for the parts' weights now, whether a weight needs autograd, those weights)``;
         ``(None, ...)`` where the weights have no native form for inputs of ``dtype``. The caller holds the weights
-        while the call runs (a property may compute one: the call's address is that temporary's). Checked once per placement of the weights: the key
-        is every weight's address, dtype, shape, strides and ``requires_grad``, so ``.to()``, ``load_state_dict``
-        with ``assign=True`` or a replaced ``.data`` are seen at the next call."""
+        while the call runs (a property may compute one: the call's address is that temporary's). Checked once per
+        placement of the weights: the key is every weight's address, dtype, shape, strides and ``requires_grad``,
+        so ``.to()``, ``load_state_dict`` with ``assign=True`` or a replaced ``.data`` are seen at the next call."""
         ts = self._tensors()
         key = (dtype, *(None if t is None else (t.data_ptr(), t.dtype, t.shape, t.stride(), t.requires_grad)
                         for t in ts))
@@ -90,7 +90,7 @@ class DecodeFusion:
         return call, grad, ts
 
     def takes(self, layer: nn.Module, x: Tensor) -> bool:
-        """Whether ``layer(x)`` may run fused now (see the module docstring)."""
+        """Whether ``layer(x)`` may run fused now for a (T, D) ``x`` (see the module docstring)."""
         return self._call_for(layer, x) is not None
 
     def _call_for(self, layer: nn.Module, x: Tensor) -> tuple[native.DecodeCall, tuple] | None:
@@ -101,12 +101,12 @@ class DecodeFusion:
         if (parts.get("router") is not self.router or parts.get("experts") is not self.experts
                 or parts.get("dispatcher") is not self.dispatcher):
             return None
-        if x.dim() < 1 or x.numel() > MAX_TOKENS * x.shape[-1] or x.numel() == 0:
+        if x.dim() != 2 or not 0 < x.shape[0] <= MAX_TOKENS:
             return None
         if x.dtype not in native.DTYPES or not x.is_cpu or x.stride(-1) != 1:
             return None
         call, weights_grad, weights = self._prepared(x.dtype)
-        if call is None:
+        if call is None or x.shape[1] != call.D:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or weights_grad):
             return None
@@ -128,14 +128,18 @@ class DecodeFusion:
         call, _, weights = self._prepared(x_TD.dtype)
         if call is None:
             raise ValueError(f"moekit fused decode: the layer's weights have no native form for {x_TD.dtype} inputs")
-        return _invoke(call, x_TD, logits, weights)
+        out = call(x_TD.contiguous(), return_logits=logits)  # (the call checks x_TD)
+        del weights
+        return out if logits else (out, None)
 
 
 def _invoke(call: native.DecodeCall, x_TD: Tensor, logits: bool, weights: tuple) -> tuple[Tensor, Tensor | None]:
-    """``call`` on ``x_TD``; ``weights`` (the tensors whose addresses it reads) are held until it returns."""
-    out = call(x_TD.contiguous(), return_logits=logits)
+    """``call`` on ``x_TD``, checked by :meth:`DecodeFusion._call_for` (2-D with the layer's width, at most
+    ``MAX_TOKENS`` rows, unit column stride, the call's dtype: its key); ``weights`` (the tensors whose addresses it
+    reads) are held until it returns."""
+    out = call.checked(x_TD, x_TD.shape[0], logits)
     del weights
-    return out if logits else (out, None)
+    return out
 
 
 def fusion_for(layer: nn.Module) -> tuple[DecodeFusion | None, str | None]:

@@ -117,6 +117,11 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, f"moekit_moe_decode_args_{suffix}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.POINTER(_DecodeArgs), ptr, i64, ptr, i64, i64, c_int, ptr, ptr, ptr]
+    lib.moekit_decode_args_size.restype = i64
+    lib.moekit_decode_args_size.argtypes = []
+    if lib.moekit_decode_args_size() != ctypes.sizeof(_DecodeArgs):  # one side edited without the other
+        raise RuntimeError(f"struct decode_args is {lib.moekit_decode_args_size()} bytes in C but "
+                           f"{ctypes.sizeof(_DecodeArgs)} in moekit.ops.native._DecodeArgs")
     lib.moekit_grouped_gemm.restype = ctypes.c_int
     lib.moekit_grouped_gemm.argtypes = [ptr, ctypes.c_int, i64, ptr, ptr, i64, ptr, i64, i64, ctypes.c_int, ptr, i64,
                                         i64, i64, i64, ctypes.c_int]
@@ -373,6 +378,19 @@ class DecodeCall:
         self.D, self.E, self.k, self.Dout, self.dtype, self._expert_bytes = D, E, k, Dout, dtype, expert_bytes
         self.copied = keep is not None
 
+    def checked(self, x_TD: Tensor, T: int, return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(y, the float32 logits or None)`` for a caller that has checked ``x_TD`` itself: a (T, D) matrix of the
+        call's dtype with unit column stride, ``T <= MAX_ROWS`` (``moekit.fused_decode``). No checks, the default
+        threads: after a layer's weights have swept the caches each tensor method costs microseconds."""
+        y = torch.empty(T, self.Dout, dtype=self.dtype)
+        logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
+        nbytes = min(self.E, T * self.k) * self._expert_bytes
+        status = self._fn(self._args_ref, x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), self.Dout, T,
+                          _threads(nbytes, None), None, None, None if logits is None else logits.data_ptr())
+        if status:
+            _decode_failed(status)
+        return y, logits
+
     def __call__(self, x_TD: Tensor, threads: int | None = None, *, return_routing: bool = False,
                  return_logits: bool = False) -> Tensor | tuple[Tensor, ...]:
         if x_TD.dim() != 2 or x_TD.stride(1) != 1 or x_TD.shape[1] != self.D:
@@ -392,13 +410,17 @@ class DecodeCall:
         status = self._fn(self._args_ref, x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), y.stride(0), T,
                           _threads(nbytes, threads), None if idx is None else idx.data_ptr(),
                           None if wts is None else wts.data_ptr(), None if logits is None else logits.data_ptr())
-        if status == 1:
-            raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
         if status:
-            raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
+            _decode_failed(status)
         if not (return_routing or return_logits):
             return y
         return (y, *((idx, wts) if return_routing else ()), *((logits,) if return_logits else ()))
+
+
+def _decode_failed(status: int) -> None:
+    if status == 1:
+        raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
+    raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
 
 
 def prepare_moe_decode(D: int, w_router_ED: Tensor, b_router_E: Tensor | None, k: int, score: str,

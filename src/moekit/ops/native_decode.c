@@ -49,6 +49,9 @@ struct decode_args {
     int glu, act;
     float alpha, limit;
 };
+
+/* sizeof(struct decode_args), checked against the ctypes Structure when the library loads */
+i64 moekit_decode_args_size(void) { return (i64)sizeof(struct decode_args); }
 #define MAX_ROWS 16
 #define OBLOCK 64 /* output rows per work item (rows layout) */
 #ifndef ROWS_FEW_MAX_F32 /* groups of up to this many rows take rows_few (AVX2 builds), per storage type: measured

@@ -47,8 +47,8 @@ static inline float FN(bias_at)(const WT *b, i64 o) { return b ? LD(b + o) : 0.0
  * process after a cache sweep). pf (elements, 0 for none): the pair's rows pf ahead are prefetched into L2. A pair
  * is two streams a page apart, each one page long at D = 1024 float32, and the hardware prefetcher, which starts
  * again on every page, leaves a core at ~10 GB/s on a VM whose memory latency is high: prefetching the rows four
- * ahead took 2-4 rows per expert from 1.5-2.1x to 1.15-1.3x a cold read, and decode-8 from 1.53x to 1.26x the
- * memory floor (2026-12-08, one-process A/B; a prefetch within the row, 256 elements ahead into L1, had gained ~4%
+ * ahead took 2-4 rows per expert from 1.7-2.4x to 1.2-1.5x a cold read, and decode-8 from 1.53x to 1.26x the
+ * memory floor (2026-12-07, one-process A/B; a prefetch within the row, 256 elements ahead into L1, had gained ~4%
  * on a faster host). */
 static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *w0, i64 ldw, int NW,
                                                                const float *const *xs, i64 D, int R, int U,
