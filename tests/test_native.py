@@ -214,22 +214,25 @@ def test_layer_decode_in_bfloat16_runs_natively_and_matches_float64(T, monkeypat
 @needs_native
 @pytest.mark.parametrize("activation", list(native.ACTIVATIONS))
 @pytest.mark.parametrize("glu", [True, False])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fused_ffn_equals_torch(activation, glu, threads):
-    """``native.ffn`` equals the three torch steps in float64 to 1e-5 (each activation's C form included)."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("assign", [[1, 3, 1, 0, 3, 3, 2], [1, 3, 1, 0, 3, 0, 2, 2], [2, 0]])
+def test_fused_ffn_equals_torch(activation, glu, threads, assign):
+    """``native.ffn`` equals the three torch steps in float64 to 1e-5 (each activation's C form included). Groups
+    of unequal sizes run phase by phase over all threads; equal groups whose count the threads divide (4 groups of
+    2 rows or 2 of 1 at 2 threads) run a whole expert per thread."""
     from moekit.experts.activations import ACTIVATIONS
 
     torch.manual_seed(3)
-    E, D, F, N = 4, 40, 27, 7
+    E, D, F, N = 4, 40, 27, len(assign)
     w_in = torch.randn(E, 2 * F if glu else F, D) * 0.3
     b_in = torch.randn(E, w_in.shape[1])
     w2, b2 = torch.randn(E, 19, F) * 0.3, torch.randn(E, 19)
     x = torch.randn(N, D)
-    experts, offsets, rows = _groups([1, 3, 1, 0, 3, 3, 2])
+    experts, offsets, rows = _groups(assign)
     y = native.ffn(x, w_in, b_in, w2, b2, glu, activation, experts, offsets, rows, threads=threads)
     act = ACTIVATIONS.get(activation)
     ref = torch.empty(N, 19, dtype=torch.float64)
-    for n, e in enumerate([1, 3, 1, 0, 3, 3, 2]):
+    for n, e in enumerate(assign):
         h = x[n].double() @ w_in[e].double().T + b_in[e].double()
         g = act(h[:F]) * h[F:] if glu else act(h)
         ref[n] = g @ w2[e].double().T + b2[e].double()

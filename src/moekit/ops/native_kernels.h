@@ -445,6 +445,25 @@ int FN(moekit_cols)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *expe
  * clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = clamp(gate, max=limit).
  * One parallel region, the phases separated by barriers. h, g: work buffers of R rows (strides ldh, ldg).
  * Returns 0, or 1 when a work buffer cannot be allocated. */
+/* The gating of one row (ffn_packed's): g[j] from the input projection's row h (see ffn_packed for glu, limit). */
+static inline void FN(gate_row)(const float *hr, float *gr, i64 F, int glu, int act, float alpha, float limit) {
+    if (!glu) {
+        for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act);
+    } else if (limit > 0) { /* comparisons keep NaN, as torch.clamp */
+        i64 step = glu == 2 ? 2 : 1, up = glu == 2 ? 1 : F;
+        for (i64 j = 0; j < F; j++) {
+            float gv = hr[j * step], uv = hr[j * step + up];
+            gv = gv > limit ? limit : gv;
+            uv = uv > limit ? limit : (uv < -limit ? -limit : uv);
+            gr[j] = (uv + 1.0f) * (gv / (1.0f + expf(-alpha * gv)));
+        }
+    } else if (glu == 2) {
+        for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[2 * j], act) * hr[2 * j + 1];
+    } else {
+        for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act) * hr[F + j];
+    }
+}
+
 static int FN(ffn_packed)(const float *xp, i64 ldp, i64 G, const i64 *experts, const i64 *offs, const i64 *pos,
                           i64 R, const WT *w_in, i64 sE_in, i64 ld_in, int cols_in, i64 H, i64 D, const WT *b_in,
                           i64 sb_in, const WT *w2, i64 sE2, i64 ld2, int cols2, i64 Dout, const WT *b2, i64 sb2,
@@ -465,30 +484,29 @@ static int FN(ffn_packed)(const float *xp, i64 ldp, i64 G, const i64 *experts, c
         for (i64 g = 0; g < G; g++)
             for (i64 r = offs[g]; r < offs[g + 1]; r++) rexp[r] = experts[g];
     }
+    /* Whole experts to each thread where they divide evenly (the same rows each, e.g. one token's k experts over the
+     * threads): each thread's input projection, gating and output projection in turn, no barrier between them,
+     * one stream over each of its weights. */
+    int whole = !cols_in && !cols2 && threads > 1 && G >= threads && G % threads == 0;
+    for (i64 g = 1; whole && g < G; g++) whole = offs[g + 1] - offs[g] == offs[1] - offs[0];
+    if (whole) {
+#pragma omp parallel num_threads(threads)
+        for (i64 g = omp_get_thread_num(); g < G; g += threads) {
+            const i64 r0 = offs[g], M = offs[g + 1] - r0, e = experts[g];
+            FN(rows_block)(xp + r0 * ldp, ldp, pos + r0, M, w_in + e * sE_in, ld_in, D, 0, H,
+                           b_in ? b_in + e * sb_in : NULL, h, ldh);
+            for (i64 r = r0; r < r0 + M; r++) FN(gate_row)(h + pos[r] * ldh, gbuf + r * ldg, F, glu, act, alpha, limit);
+            FN(rows_block)(gbuf + r0 * ldg, ldg, pos + r0, M, w2 + e * sE2, ld2, F, 0, Dout, b2 ? b2 + e * sb2 : NULL,
+                           yp, ldo);
+        }
+        return 0;
+    }
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         FN(project)(xp, ldp, G, experts, offs, pos, R, rexp, w_in, sE_in, ld_in, cols_in, H, D, b_in, sb_in, h, ldh,
                     parts);
 #pragma omp for schedule(static)
-        for (i64 r = 0; r < R; r++) {
-            const float *hr = h + r * ldh;
-            float *gr = gbuf + r * ldg;
-            if (!glu) {
-                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act);
-            } else if (limit > 0) { /* comparisons keep NaN, as torch.clamp */
-                i64 step = glu == 2 ? 2 : 1, up = glu == 2 ? 1 : F;
-                for (i64 j = 0; j < F; j++) {
-                    float gv = hr[j * step], uv = hr[j * step + up];
-                    gv = gv > limit ? limit : gv;
-                    uv = uv > limit ? limit : (uv < -limit ? -limit : uv);
-                    gr[j] = (uv + 1.0f) * (gv / (1.0f + expf(-alpha * gv)));
-                }
-            } else if (glu == 2) {
-                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[2 * j], act) * hr[2 * j + 1];
-            } else {
-                for (i64 j = 0; j < F; j++) gr[j] = act_fn(hr[j], act) * hr[F + j];
-            }
-        }
+        for (i64 r = 0; r < R; r++) FN(gate_row)(h + r * ldh, gbuf + r * ldg, F, glu, act, alpha, limit);
         FN(project)(gbuf, ldg, G, experts, offs, pos, R, rexp, w2, sE2, ld2, cols2, Dout, F, b2, sb2, yp, ldo, parts);
     }
     free(parts), free(rexp);
