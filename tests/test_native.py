@@ -74,17 +74,17 @@ def test_grouped_rows_equals_matmul(layout, threads, N, bias, O, D, dtype):
 @pytest.mark.parametrize("D", [48, 77, 1024])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_rows_groups_of_one_to_seven_rows(D, dtype):
-    """Groups of 1 to 7 rows against float64: the few-row kernel (one weight row at a time for one input row, pairs
-    of weight rows from two; with AVX-512 the first 32 of the 45 weight rows in groups of 16 whose results are
-    gathered in registers, the rest one or two at a time, the odd last alone; input rows in chunks of up to 4; its
-    64-, 32- and 16-wide main loops leave different remainders at D = 48 and 77) up to 4 float32 / 6 bfloat16 rows,
-    the four-row block beyond."""
+    """Groups of 1 to 7, 9 and 16 rows against float64: the few-row kernel (one weight row at a time for one input
+    row, pairs of weight rows from two; with AVX-512 the first 32 of the 45 weight rows in groups of 16 whose
+    results are gathered in registers, the rest one or two at a time, the odd last alone; input rows in chunks of up
+    to 4; its 64-, 32- and 16-wide main loops leave different remainders at D = 48 and 77) up to 6 bfloat16 rows and
+    every float32 group with AVX-512 (4 rows without), the four-row block beyond."""
     torch.manual_seed(D)
-    w = torch.randn(7, 45, D).to(dtype)
-    b = torch.randn(7, 45).to(dtype)
-    sizes = [1, 2, 3, 4, 5, 6, 7]
+    w = torch.randn(9, 45, D).to(dtype)
+    b = torch.randn(9, 45).to(dtype)
+    sizes = [1, 2, 3, 4, 5, 6, 7, 9, 16]  # (9 and 16: three and four chunks of input rows)
     x = torch.randn(sum(sizes), D).to(dtype)
-    experts = [2, 0, 3, 1, 6, 4, 5]
+    experts = [2, 0, 3, 1, 6, 4, 5, 8, 7]
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)

@@ -54,12 +54,17 @@ struct decode_args {
 i64 moekit_decode_args_size(void) { return (i64)sizeof(struct decode_args); }
 #define MAX_ROWS 16
 #define OBLOCK 64 /* output rows per work item (rows layout) */
-#ifndef ROWS_FEW_MAX_F32 /* groups of up to this many rows take rows_few (AVX2 builds), per storage type: measured
-                          * (one expert after a cache sweep, huge pages) faster than the 4-row block up to 4 float32
-                          * rows (2026-12-07, pairs of weight rows against register-blocked chunks of up to 4 input
-                          * rows: 2-4 rows at 1.0-1.15x a streaming read; 5 rows ~1.2x either way) and up to 6
-                          * bfloat16 rows */
+/* Groups of up to ROWS_FEW_MAX rows take rows_few, per storage type: measured (one expert after a cache sweep, huge
+ * pages) faster than the 4-row block up to 4 float32 rows (2026-12-07, AVX2 and AVX-512 alike then) and up to 6
+ * bfloat16 rows. With the AVX-512 form's loads kept in registers, the L2 prefetch and the 16-row groups, float32
+ * takes it at every group size: 5 / 8 / 16 rows at 1.46 / 1.52 / 2.23x a cold read of the expert, against 1.59 /
+ * 1.92 / 2.86x for the 4-row block (2026-12-07, night, one-process A/B). */
+#ifndef ROWS_FEW_MAX_F32
+#if defined(__AVX512F__) && !defined(MOEKIT_NO_AVX512)
+#define ROWS_FEW_MAX_F32 MAX_ROWS
+#else
 #define ROWS_FEW_MAX_F32 4
+#endif
 #endif
 #ifndef ROWS_FEW_MAX_BF16
 #define ROWS_FEW_MAX_BF16 6
