@@ -61,6 +61,8 @@ class DecodeFusion:
     def _tensors(self) -> tuple[Tensor | None, ...]:
         bank, router = self.experts, self.router
         gate = _read(router, "gate")
+        if gate is not self._gate:  # a replaced gate: watch its hooks instead
+            self._gate, self._hooks = gate, _hook_dicts(router, bank, self.dispatcher, gate)
         return (_read(gate, "weight"), _read(gate, "bias"), _read(router, "bias_E"), _read(bank, self._w_in),
                 _read(bank, self._b_in), _read(bank, "w2_EDF"), _read(bank, "b2_ED"))
 
@@ -110,9 +112,6 @@ class DecodeFusion:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or weights_grad):
             return None
-        gate = _read(self.router, "gate")
-        if gate is not self._gate:
-            self._gate, self._hooks = gate, _hook_dicts(self.router, self.experts, self.dispatcher, gate)
         if _module._global_forward_hooks or _module._global_forward_pre_hooks or any(self._hooks):
             return None
         return call, weights
@@ -121,25 +120,18 @@ class DecodeFusion:
         """``self(x_TD, logits)`` where ``layer`` may run fused now (:meth:`takes`), else None: the checks and the
         call at once."""
         found = self._call_for(layer, x_TD)
-        return None if found is None else _invoke(found[0], x_TD, logits, found[1])
+        if found is None:
+            return None
+        call, weights = found  # (held until the call returns: their addresses are the call's)
+        return call.checked(x_TD, logits)
 
     def __call__(self, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(y_TD, the router's float32 logits (T, E) when asked, else None)``."""
         call, _, weights = self._prepared(x_TD.dtype)
         if call is None:
             raise ValueError(f"moekit fused decode: the layer's weights have no native form for {x_TD.dtype} inputs")
-        out = call(x_TD.contiguous(), return_logits=logits)  # (the call checks x_TD)
-        del weights
+        out = call(x_TD.contiguous(), return_logits=logits)  # (the call checks x_TD; weights held until it returns)
         return out if logits else (out, None)
-
-
-def _invoke(call: native.DecodeCall, x_TD: Tensor, logits: bool, weights: tuple) -> tuple[Tensor, Tensor | None]:
-    """``call`` on ``x_TD``, checked by :meth:`DecodeFusion._call_for` (2-D with the layer's width, at most
-    ``MAX_TOKENS`` rows, unit column stride, the call's dtype: its key); ``weights`` (the tensors whose addresses it
-    reads) are held until it returns."""
-    out = call.checked(x_TD, x_TD.shape[0], logits)
-    del weights
-    return out
 
 
 def fusion_for(layer: nn.Module) -> tuple[DecodeFusion | None, str | None]:
@@ -192,16 +184,11 @@ def _read(module: nn.Module, name: str):
     (``nn.Module.__getattr__`` costs ~0.5-2 us a lookup, a decode call makes about ten): a plain attribute (a None
     bias), then a parameter, then a buffer or a submodule; anything else through ``getattr``."""
     d = module.__dict__
-    v = d.get(name, _MISSING)
-    if v is _MISSING:
-        v = d["_parameters"].get(name, _MISSING)
-        if v is _MISSING:
-            v = d["_buffers"].get(name, _MISSING)
-            if v is _MISSING:
-                v = d["_modules"].get(name, _MISSING)
-                if v is _MISSING:
-                    v = getattr(module, name)
-    return v
+    for store in (d, d["_parameters"], d["_buffers"], d["_modules"]):
+        v = store.get(name, _MISSING)
+        if v is not _MISSING:
+            return v
+    return getattr(module, name)
 
 
 def _stored_name(bank: nn.Module, name: str) -> str:

@@ -378,18 +378,27 @@ class DecodeCall:
         self.D, self.E, self.k, self.Dout, self.dtype, self._expert_bytes = D, E, k, Dout, dtype, expert_bytes
         self.copied = keep is not None
 
-    def checked(self, x_TD: Tensor, T: int, return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
+    def checked(self, x_TD: Tensor, return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
         """``(y, the float32 logits or None)`` for a caller that has checked ``x_TD`` itself: a (T, D) matrix of the
         call's dtype with unit column stride, ``T <= MAX_ROWS`` (``moekit.fused_decode``). No checks, the default
         threads: after a layer's weights have swept the caches each tensor method costs microseconds."""
-        y = torch.empty(T, self.Dout, dtype=self.dtype)
+        T = x_TD.shape[0]
         logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
+        return self._launch(x_TD, T, None, None, None, logits), logits
+
+    def _launch(self, x_TD: Tensor, T: int, threads: int | None, idx: Tensor | None, wts: Tensor | None,
+                logits: Tensor | None) -> Tensor:
+        """The kernel on checked arguments: ``y`` (T, Dout), filling the optional outputs."""
+        y = torch.empty(T, self.Dout, dtype=self.dtype)
         nbytes = min(self.E, T * self.k) * self._expert_bytes
         status = self._fn(self._args_ref, x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), self.Dout, T,
-                          _threads(nbytes, None), None, None, None if logits is None else logits.data_ptr())
+                          _threads(nbytes, threads), None if idx is None else idx.data_ptr(),
+                          None if wts is None else wts.data_ptr(), None if logits is None else logits.data_ptr())
+        if status == 1:
+            raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
         if status:
-            _decode_failed(status)
-        return y, logits
+            raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
+        return y
 
     def __call__(self, x_TD: Tensor, threads: int | None = None, *, return_routing: bool = False,
                  return_logits: bool = False) -> Tensor | tuple[Tensor, ...]:
@@ -402,25 +411,13 @@ class DecodeCall:
         T = x_TD.shape[0]
         if T > MAX_ROWS:
             raise ValueError(f"moekit.ops.native.moe_decode: at most {MAX_ROWS} tokens per call, got {T}")
-        y = torch.empty(T, self.Dout, dtype=x_TD.dtype)
         idx = torch.empty(T, self.k, dtype=torch.int64) if return_routing else None
         wts = torch.empty(T, self.k, dtype=torch.float32) if return_routing else None
         logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
-        nbytes = min(self.E, T * self.k) * self._expert_bytes
-        status = self._fn(self._args_ref, x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), y.stride(0), T,
-                          _threads(nbytes, threads), None if idx is None else idx.data_ptr(),
-                          None if wts is None else wts.data_ptr(), None if logits is None else logits.data_ptr())
-        if status:
-            _decode_failed(status)
+        y = self._launch(x_TD, T, threads, idx, wts, logits)
         if not (return_routing or return_logits):
             return y
         return (y, *((idx, wts) if return_routing else ()), *((logits,) if return_logits else ()))
-
-
-def _decode_failed(status: int) -> None:
-    if status == 1:
-        raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
-    raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
 
 
 def prepare_moe_decode(D: int, w_router_ED: Tensor, b_router_E: Tensor | None, k: int, score: str,

@@ -117,36 +117,16 @@ static inline __attribute__((always_inline)) void FN(dot_rows)(const WT *w0, i64
 #undef DR_HSUM
 #undef KEEP
 
-/* NW weight rows from o (1, or 2 at consecutive o) for M <= ROWS_FEW_MAX input rows, the input rows in chunks of up
- * to 4 (the weight rows are in L1 after the first), each chunk register-blocked (FN(dot_rows)); pf as there. */
-static inline __attribute__((always_inline)) void FN(few_out)(const float *x, i64 ldx, const i64 *out, i64 M,
-                                                              const WT *w, i64 ldw, i64 D, i64 o, int NW,
-                                                              i64 pf, const WT *b, float *y, i64 ldy) {
-    const WT *wr = w + o * ldw;
-    for (i64 m0 = 0; m0 < M; m0 += 4) {
-        const i64 mm = M - m0 < 4 ? M - m0 : 4;
-        const float *xs[4] = {x + m0 * ldx, x + (m0 + 1) * ldx, x + (m0 + 2) * ldx, x + (m0 + 3) * ldx};
-        const i64 p = m0 ? 0 : pf; /* a later chunk finds the weight rows in L1 */
-        float s[8];
-        switch (mm) {
-        case 1: FN(dot_rows)(wr, ldw, NW, xs, D, 1, 4, p, s); break;
-        case 2: FN(dot_rows)(wr, ldw, NW, xs, D, 2, NW == 1 ? 4 : 2, p, s); break;
-        case 3: FN(dot_rows)(wr, ldw, NW, xs, D, 3, NW == 1 ? 4 : 1, p, s); break;
-        default: FN(dot_rows)(wr, ldw, NW, xs, D, 4, NW == 1 ? 2 : 1, p, s); break;
-        }
-        for (int q = 0; q < NW; q++) {
-            const float bo = FN(bias_at)(b, o + q);
-            for (i64 m = 0; m < mm; m++) y[out[m0 + m] * ldy + o + q] = s[q * 4 + m] + bo;
-        }
-    }
-}
+/* U (vectors a step, AVX2) for R input rows and NW weight rows: NW * R * U independent sums */
+#define FEW_U(R, NW) \
+    ((R) == 1 ? 4 : (R) == 2 ? ((NW) == 1 ? 4 : 2) : (R) == 3 ? ((NW) == 1 ? 4 : 1) : ((NW) == 1 ? 2 : 1))
 
 #ifdef VLD16
-/* 16 weight rows from o, as FN(few_out) (NW at a time), for one chunk of R <= 4 input rows xs: each row's dot
- * products go into lane j of a register (one per input row), written with one 16-wide store per input row at the
- * end. A scalar store after every weight row stalls the next row's loads: its address matches one of them in the
- * low 12 bits (a 4 KiB row covers every offset), which the core takes for a dependence until the store's data is
- * ready, at the end of the reduction (measured in C on the development VM: 5-12% of a cold one-row pass).
+/* 16 weight rows from o (NW at a time) for one chunk of R <= 4 input rows xs: each row's dot products go into lane j
+ * of a register (one per input row), written with one 16-wide store per input row at the end. A scalar store after
+ * every weight row stalls the next row's loads: its address matches one of them in the low 12 bits (a 4 KiB row
+ * covers every offset), which the core takes for a dependence until the store's data is ready, at the end of the
+ * reduction (measured in C on the development VM: 5-12% of a cold one-row pass).
  * pf: the pair's rows 4 on are prefetched while j + 6 <= pf_rows. */
 static inline __attribute__((always_inline)) void FN(group16)(const float *const *xs, int R, int NW, const WT *w,
                                                               i64 ldw, i64 D, i64 pf_rows, const WT *b, i64 o,
@@ -154,7 +134,7 @@ static inline __attribute__((always_inline)) void FN(group16)(const float *const
     __m512 r0 = _mm512_setzero_ps(), r1 = r0, r2 = r0, r3 = r0;
     for (int j = 0; j < 16; j += NW) {
         float s[8];
-        FN(dot_rows)(w + j * ldw, ldw, NW, xs, D, R, NW == 1 ? 4 : 2, NW > 1 && j + 6 <= pf_rows ? 4 * ldw : 0, s);
+        FN(dot_rows)(w + j * ldw, ldw, NW, xs, D, R, FEW_U(R, NW), NW > 1 && j + 6 <= pf_rows ? 4 * ldw : 0, s);
 #pragma GCC unroll 2
         for (int q = 0; q < NW; q++) {
             const __mmask16 lane = (__mmask16)(1u << (j + q));
@@ -170,31 +150,47 @@ static inline __attribute__((always_inline)) void FN(group16)(const float *const
     if (R > 2) _mm512_storeu_ps(y + out[2] * ldy + o, _mm512_add_ps(r2, bv));
     if (R > 3) _mm512_storeu_ps(y + out[3] * ldy + o, _mm512_add_ps(r3, bv));
 }
+#endif
 
-/* FN(few_out) for the 16 weight rows from o, in input-row chunks of 4 (FN(group16)); pf_rows: rows from o that
- * may be prefetched (the rest of the work item). */
-static inline __attribute__((always_inline)) void FN(few_out16)(const float *x, i64 ldx, const i64 *out, i64 M,
-                                                                const WT *w, i64 ldw, i64 D, i64 o, i64 pf_rows,
-                                                                const WT *b, float *y, i64 ldy) {
+/* One chunk of R <= 4 input rows xs against NW weight rows from o, or (G16, AVX-512) 16 weight rows from o taken NW
+ * at a time (FN(group16)); results to rows out[0..R) of y. pf_rows: rows from o that may be prefetched (the rest of
+ * the work item: the next one is another thread's); a pair prefetches the pair four rows on. */
+static inline __attribute__((always_inline)) void FN(few_chunk)(const float *const *xs, int R, int NW, int G16,
+                                                                const WT *wr, i64 ldw, i64 D, i64 pf_rows,
+                                                                const WT *b, i64 o, float *y, i64 ldy,
+                                                                const i64 *out) {
+#ifdef VLD16
+    if (G16) {
+        FN(group16)(xs, R, NW, wr, ldw, D, pf_rows, b, o, y, ldy, out);
+        return;
+    }
+#endif
+    float s[8];
+    FN(dot_rows)(wr, ldw, NW, xs, D, R, FEW_U(R, NW), NW > 1 && 6 <= pf_rows ? 4 * ldw : 0, s);
+    for (int q = 0; q < NW; q++) {
+        const float bo = FN(bias_at)(b, o + q);
+        for (int m = 0; m < R; m++) y[out[m] * ldy + o + q] = s[q * 4 + m] + bo;
+    }
+}
+
+/* The weight rows from o of FN(few_chunk) (NW, G16 constants after inlining) for M <= ROWS_FEW_MAX input rows, in
+ * chunks of up to 4 (the weight rows are in cache after the first). */
+static inline __attribute__((always_inline)) void FN(few_out)(const float *x, i64 ldx, const i64 *out, i64 M,
+                                                              const WT *w, i64 ldw, i64 D, i64 o, int NW, int G16,
+                                                              i64 pf_rows, const WT *b, float *y, i64 ldy) {
     const WT *wr = w + o * ldw;
     for (i64 m0 = 0; m0 < M; m0 += 4) {
-        const i64 mm = M - m0 < 4 ? M - m0 : 4;
         const float *xs[4] = {x + m0 * ldx, x + (m0 + 1) * ldx, x + (m0 + 2) * ldx, x + (m0 + 3) * ldx};
-        const i64 p = m0 ? 0 : pf_rows; /* a later chunk finds the weight rows in L2 */
-        const i64 *om = out + m0;
-        if (M == 1) {
-            FN(group16)(xs, 1, 1, wr, ldw, D, 0, b, o, y, ldy, om);
-            continue;
-        }
-        switch (mm) {
-        case 1: FN(group16)(xs, 1, 2, wr, ldw, D, p, b, o, y, ldy, om); break;
-        case 2: FN(group16)(xs, 2, 2, wr, ldw, D, p, b, o, y, ldy, om); break;
-        case 3: FN(group16)(xs, 3, 2, wr, ldw, D, p, b, o, y, ldy, om); break;
-        default: FN(group16)(xs, 4, 2, wr, ldw, D, p, b, o, y, ldy, om); break;
+        const i64 p = m0 ? 0 : pf_rows, *om = out + m0;
+        switch (M - m0 < 4 ? M - m0 : 4) {
+        case 1: FN(few_chunk)(xs, 1, NW, G16, wr, ldw, D, p, b, o, y, ldy, om); break;
+        case 2: FN(few_chunk)(xs, 2, NW, G16, wr, ldw, D, p, b, o, y, ldy, om); break;
+        case 3: FN(few_chunk)(xs, 3, NW, G16, wr, ldw, D, p, b, o, y, ldy, om); break;
+        default: FN(few_chunk)(xs, 4, NW, G16, wr, ldw, D, p, b, o, y, ldy, om); break;
         }
     }
 }
-#endif
+#undef FEW_U
 
 /* Output rows [o0, o1) for M <= ROWS_FEW_MAX input rows (VLD(p): 8 WT at p as float, AVX2). A block of four weight
  * rows is four streams, each one page long where a row is 4 KiB (D = 1024 float32), and the hardware prefetcher
@@ -205,11 +201,14 @@ static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const W
                          const WT *b, float *y, i64 ldy) {
     i64 o = o0;
 #ifdef VLD16
-    for (; o + 16 <= o1; o += 16) FN(few_out16)(x, ldx, out, M, w, ldw, D, o, o1 - o, b, y, ldy);
+    for (; o + 16 <= o1; o += 16) {
+        if (M > 1) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, 1, o1 - o, b, y, ldy);
+        else FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, 1, 0, b, y, ldy);
+    }
 #endif
-    if (M > 1) /* rows o + 4, o + 5 prefetched while they lie in [o0, o1): the next block is another thread's */
-        for (; o + 2 <= o1; o += 2) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, o + 6 <= o1 ? 4 * ldw : 0, b, y, ldy);
-    for (; o < o1; o++) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, 0, b, y, ldy);
+    if (M > 1)
+        for (; o + 2 <= o1; o += 2) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, 0, o1 - o, b, y, ldy);
+    for (; o < o1; o++) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, 0, 0, b, y, ldy);
 }
 #endif
 
