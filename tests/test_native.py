@@ -244,6 +244,35 @@ def test_fused_ffn_equals_torch(activation, glu, threads, assign):
 
 
 @needs_native
+@pytest.mark.parametrize("F,Dout", [(32, 64), (75, 100), (150, 203)])
+@pytest.mark.parametrize("D", [77, 256])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ffn_one_row_per_expert_in_four_streams(F, Dout, D, threads, dtype):
+    """One input row per expert, the decode step of one token: with AVX-512 each run of 64 or more weight rows is
+    read as four streams of a multiple of 16 rows, the rest 16, 2 or 1 at a time. Whole experts per thread (two
+    experts, two threads: 64, 150 and 300 input-projection rows, 64, 100, 203 output rows) and 64-row work items
+    (one thread) against float64, with biases; D = 77 leaves a remainder after the 32-wide steps."""
+    torch.manual_seed(F + D)
+    E = 3
+    w_in, b_in = (torch.randn(E, 2 * F, D) * 0.2).to(dtype), torch.randn(E, 2 * F).to(dtype)
+    w2, b2 = (torch.randn(E, Dout, F) * 0.2).to(dtype), torch.randn(E, Dout).to(dtype)
+    x = torch.randn(2, D).to(dtype)
+    assign = [2, 0]
+    experts, offsets, rows = _groups(assign)
+    y = native.ffn(x, w_in, b_in, w2, b2, True, "silu", experts, offsets, rows, threads=threads)
+    ref = torch.empty(2, Dout, dtype=torch.float64)
+    for n, e in enumerate(assign):
+        h = x[n].double() @ w_in[e].double().T + b_in[e].double()
+        g = torch.nn.functional.silu(h[:F]) * h[F:]
+        if dtype == torch.bfloat16:  # the kernel's float32 gating output, as the output projection reads it
+            g = g.float().double()
+        ref[n] = g @ w2[e].double().T + b2[e].double()
+    tol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-3, 2 ** -7)
+    torch.testing.assert_close(y.double(), ref, atol=tol[0] * D ** 0.5, rtol=tol[1])
+
+
+@needs_native
 @pytest.mark.parametrize("layout", ["rows-cols", "cols-rows", "cols-cols"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

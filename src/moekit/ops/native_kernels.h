@@ -150,6 +150,48 @@ static inline __attribute__((always_inline)) void FN(group16)(const float *const
     if (R > 2) _mm512_storeu_ps(y + out[2] * ldy + o, _mm512_add_ps(r2, bv));
     if (R > 3) _mm512_storeu_ps(y + out[3] * ldy + o, _mm512_add_ps(r3, bv));
 }
+/* One input row x against 16 weight rows in each of four streams q rows apart (rows o + s * q + [0, 16), s < 4):
+ * each stream's results go into lane j of its register, stored with one 16-wide write. A core keeps four
+ * sequential streams in flight where one row at a time is one: the hardware prefetcher runs each stream's pages in
+ * turn, and each stream's lines 4 KiB ahead are prefetched into L2 every other step (measured in C on the development
+ * VM, two threads, after a cache sweep: 22.7 -> 29.0 GB/s at 4 KiB rows, 25.9 -> 29.3 at 11 KiB rows; four
+ * streams without the prefetch 26.7, two streams 27.3). */
+static inline __attribute__((always_inline)) void FN(streams16)(const float *x, const WT *w, i64 ldw, i64 D, i64 q,
+                                                                const WT *b, i64 o, float *y) {
+    const i64 pf = 4096 / sizeof(WT), Dv = D - D % 32;
+    const WT *ws[4] = {w + o * ldw, w + (o + q) * ldw, w + (o + 2 * q) * ldw, w + (o + 3 * q) * ldw};
+    __m512 r[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int j = 0; j < 16; j++) {
+        __m512 a[4][2];
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) a[s][0] = a[s][1] = _mm512_setzero_ps();
+        for (i64 d = 0; d < Dv; d += 32) {
+            __m512 x0 = _mm512_loadu_ps(x + d), x1 = _mm512_loadu_ps(x + d + 16);
+            __asm__("" : "+v"(x0), "+v"(x1));
+#pragma GCC unroll 4
+            for (int s = 0; s < 4; s++) {
+                const WT *p = ws[s] + j * ldw + d;
+                if (!(d & 32)) _mm_prefetch((const char *)(p + pf), _MM_HINT_T1);
+                __m512 p0 = VLD16(p), p1 = VLD16(p + 16);
+                __asm__("" : "+v"(p0), "+v"(p1));
+                a[s][0] = _mm512_fmadd_ps(p0, x0, a[s][0]);
+                a[s][1] = _mm512_fmadd_ps(p1, x1, a[s][1]);
+            }
+        }
+        const __mmask16 lane = (__mmask16)(1u << j);
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++) {
+            float v = _mm512_reduce_add_ps(_mm512_add_ps(a[s][0], a[s][1]));
+            for (i64 d = Dv; d < D; d++) v += LD(ws[s] + j * ldw + d) * x[d];
+            r[s] = _mm512_mask_broadcastss_ps(r[s], lane, _mm_set_ss(v));
+        }
+    }
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; s++) {
+        const __m512 bv = b ? VLD16(b + o + s * q) : _mm512_setzero_ps();
+        _mm512_storeu_ps(y + o + s * q, _mm512_add_ps(r[s], bv));
+    }
+}
 #endif
 
 /* One chunk of R <= 4 input rows xs against NW weight rows from o, or (G16, AVX-512) 16 weight rows from o taken NW
@@ -201,6 +243,11 @@ static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const W
                          const WT *b, float *y, i64 ldy) {
     i64 o = o0;
 #ifdef VLD16
+    if (M == 1 && o1 - o0 >= 64) { /* four streams of q rows (a multiple of 16), then the rest */
+        const i64 q = (o1 - o0) / 64 * 16;
+        for (i64 j = 0; j < q; j += 16) FN(streams16)(x, w, ldw, D, q, b, o0 + j, y + out[0] * ldy);
+        o = o0 + 4 * q;
+    }
     for (; o + 16 <= o1; o += 16) {
         if (M > 1) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, 1, o1 - o, b, y, ldy);
         else FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, 1, 0, b, y, ldy);
