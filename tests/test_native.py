@@ -250,7 +250,8 @@ def test_fused_ffn_equals_torch(activation, glu, threads, assign):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_ffn_one_row_per_expert_in_four_streams(F, Dout, D, threads, dtype):
     """One input row per expert, the decode step of one token: with AVX-512 each run of 64 or more weight rows is
-    read as four streams of a multiple of 16 rows, the rest 16, 2 or 1 at a time. Whole experts per thread (two
+    read as four streams of a multiple of 16 rows (several input rows: test_grouped_rows_equals_matmul's 64-row work
+    items), the rest 16, 2 or 1 at a time. Whole experts per thread (two
     experts, two threads: 64, 150 and 300 input-projection rows, 64, 100, 203 output rows) and 64-row work items
     (one thread) against float64, with biases; D = 77 leaves a remainder after the 32-wide steps."""
     torch.manual_seed(F + D)

@@ -150,46 +150,67 @@ static inline __attribute__((always_inline)) void FN(group16)(const float *const
     if (R > 2) _mm512_storeu_ps(y + out[2] * ldy + o, _mm512_add_ps(r2, bv));
     if (R > 3) _mm512_storeu_ps(y + out[3] * ldy + o, _mm512_add_ps(r3, bv));
 }
-/* One input row x against 16 weight rows in each of four streams q rows apart (rows o + s * q + [0, 16), s < 4):
- * each stream's results go into lane j of its register, stored with one 16-wide write. A core keeps four
- * sequential streams in flight where one row at a time is one: the hardware prefetcher runs each stream's pages in
- * turn, and each stream's lines 4 KiB ahead are prefetched into L2 every other step (measured in C on the development
- * VM, two threads, after a cache sweep: 22.7 -> 29.0 GB/s at 4 KiB rows, 25.9 -> 29.3 at 11 KiB rows; four
- * streams without the prefetch 26.7, two streams 27.3). */
-static inline __attribute__((always_inline)) void FN(streams16)(const float *x, const WT *w, i64 ldw, i64 D, i64 q,
-                                                                const WT *b, i64 o, float *y) {
-    const i64 pf = 4096 / sizeof(WT), Dv = D - D % 32;
+/* R (1 or 2) input rows xs against 16 weight rows in each of four streams q rows apart (rows o + s * q + [0, 16),
+ * s < 4): each stream's results go into lane j of a register per input row, stored with one 16-wide write per
+ * input row. A core keeps four sequential streams in flight where one row at a time (or an adjacent pair) is one or
+ * two page-long ones: the hardware prefetcher runs each stream's pages in turn, and with pf (elements, 0 for none)
+ * each stream's lines pf ahead are prefetched into L2, one every 256 bytes of float32 (measured in C on the
+ * development VM, two threads, after a cache sweep: one input row 22.7 -> 29.0 GB/s at 4 KiB rows, 25.9 -> 29.3 at
+ * 11 KiB rows, four streams without the prefetch 26.7, two streams 27.3; two input rows 34.6 -> 40.7 against
+ * adjacent pairs that prefetch four rows on, four rows 27.5 -> 35.4). U vectors a step per stream: 2 for one input
+ * row, 1 for two (22 vector registers either way). */
+static inline __attribute__((always_inline)) void FN(streams16)(const float *const *xs, int R, const WT *w, i64 ldw,
+                                                                i64 D, i64 q, i64 pf, const WT *b, i64 o, float *y,
+                                                                i64 ldy, const i64 *out) {
+    const int U = R == 1 ? 2 : 1;
+    const i64 step = 16 * U, Dv = D - D % step;
     const WT *ws[4] = {w + o * ldw, w + (o + q) * ldw, w + (o + 2 * q) * ldw, w + (o + 3 * q) * ldw};
-    __m512 r[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int j = 0; j < 16; j++) {
-        __m512 a[4][2];
+    __m512 r[4][4];
 #pragma GCC unroll 4
-        for (int s = 0; s < 4; s++) a[s][0] = a[s][1] = _mm512_setzero_ps();
-        for (i64 d = 0; d < Dv; d += 32) {
-            __m512 x0 = _mm512_loadu_ps(x + d), x1 = _mm512_loadu_ps(x + d + 16);
-            __asm__("" : "+v"(x0), "+v"(x1));
+    for (int s = 0; s < 4; s++) r[s][0] = r[s][1] = r[s][2] = r[s][3] = _mm512_setzero_ps();
+    for (int j = 0; j < 16; j++) {
+        __m512 a[4][4][2];
+#pragma GCC unroll 4
+        for (int s = 0; s < 4; s++)
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; m++) a[s][m][0] = a[s][m][1] = _mm512_setzero_ps();
+        for (i64 d = 0; d < Dv; d += step) {
+            __m512 x[4][2];
+#pragma GCC unroll 4
+            for (int m = 0; m < R; m++)
+#pragma GCC unroll 2
+                for (int u = 0; u < U; u++) {
+                    x[m][u] = _mm512_loadu_ps(xs[m] + d + 16 * u);
+                    __asm__("" : "+v"(x[m][u]));
+                }
 #pragma GCC unroll 4
             for (int s = 0; s < 4; s++) {
                 const WT *p = ws[s] + j * ldw + d;
-                if (!(d & 32)) _mm_prefetch((const char *)(p + pf), _MM_HINT_T1);
-                __m512 p0 = VLD16(p), p1 = VLD16(p + 16);
-                __asm__("" : "+v"(p0), "+v"(p1));
-                a[s][0] = _mm512_fmadd_ps(p0, x0, a[s][0]);
-                a[s][1] = _mm512_fmadd_ps(p1, x1, a[s][1]);
+                if (pf && !(d & 63)) _mm_prefetch((const char *)(p + pf), _MM_HINT_T1);
+#pragma GCC unroll 2
+                for (int u = 0; u < U; u++) {
+                    __m512 v = VLD16(p + 16 * u);
+                    __asm__("" : "+v"(v));
+#pragma GCC unroll 4
+                    for (int m = 0; m < R; m++) a[s][m][u] = _mm512_fmadd_ps(v, x[m][u], a[s][m][u]);
+                }
             }
         }
         const __mmask16 lane = (__mmask16)(1u << j);
 #pragma GCC unroll 4
-        for (int s = 0; s < 4; s++) {
-            float v = _mm512_reduce_add_ps(_mm512_add_ps(a[s][0], a[s][1]));
-            for (i64 d = Dv; d < D; d++) v += LD(ws[s] + j * ldw + d) * x[d];
-            r[s] = _mm512_mask_broadcastss_ps(r[s], lane, _mm_set_ss(v));
-        }
+        for (int s = 0; s < 4; s++)
+#pragma GCC unroll 4
+            for (int m = 0; m < R; m++) {
+                float v = _mm512_reduce_add_ps(U > 1 ? _mm512_add_ps(a[s][m][0], a[s][m][1]) : a[s][m][0]);
+                for (i64 d = Dv; d < D; d++) v += LD(ws[s] + j * ldw + d) * xs[m][d];
+                r[s][m] = _mm512_mask_broadcastss_ps(r[s][m], lane, _mm_set_ss(v));
+            }
     }
 #pragma GCC unroll 4
     for (int s = 0; s < 4; s++) {
         const __m512 bv = b ? VLD16(b + o + s * q) : _mm512_setzero_ps();
-        _mm512_storeu_ps(y + o + s * q, _mm512_add_ps(r[s], bv));
+#pragma GCC unroll 4
+        for (int m = 0; m < R; m++) _mm512_storeu_ps(y + out[m] * ldy + o + s * q, _mm512_add_ps(r[s][m], bv));
     }
 }
 #endif
@@ -234,18 +255,30 @@ static inline __attribute__((always_inline)) void FN(few_out)(const float *x, i6
 }
 #undef FEW_U
 
-/* Output rows [o0, o1) for M <= ROWS_FEW_MAX input rows (VLD(p): 8 WT at p as float, AVX2). A block of four weight
- * rows is four streams, each one page long where a row is 4 KiB (D = 1024 float32), and the hardware prefetcher
- * restarts on every page: ~20% below a streaming read. One input row: one weight row at a time, consecutive rows
- * one sequential stream at the read's bandwidth. Two or more: pairs of weight rows (FN(dot_rows)), each pair
- * prefetching the pair four rows on. */
+/* Output rows [o0, o1) for M <= ROWS_FEW_MAX input rows (VLD(p): 8 WT at p as float, AVX2). A block of four
+ * adjacent weight rows is four streams, each one page long where a row is 4 KiB (D = 1024 float32), and the
+ * hardware prefetcher restarts on every page: ~20% below a streaming read. With AVX-512, a range of 64 rows or more
+ * is read as four long streams (FN(streams16), input rows four at a time: 0.74-0.97x the time of what follows, at 1
+ * to 16 float32 rows, 5632 x 1024 and 1024 x 2816 weights; bfloat16 0.6-1.0x); the rest, and every range without
+ * AVX-512: one input row takes one weight row at a time (consecutive rows one sequential stream), two or more take
+ * pairs of weight rows (FN(dot_rows)), each pair prefetching the pair four rows on. */
 static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const WT *w, i64 ldw, i64 D, i64 o0, i64 o1,
                          const WT *b, float *y, i64 ldy) {
     i64 o = o0;
 #ifdef VLD16
-    if (M == 1 && o1 - o0 >= 64) { /* four streams of q rows (a multiple of 16), then the rest */
-        const i64 q = (o1 - o0) / 64 * 16;
-        for (i64 j = 0; j < q; j += 16) FN(streams16)(x, w, ldw, D, q, b, o0 + j, y + out[0] * ldy);
+    if (o1 - o0 >= 64) { /* four streams of q rows (a multiple of 16), input rows four at a time, then the rest */
+        const i64 q = (o1 - o0) / 64 * 16, pf = 4096 / sizeof(WT);
+        for (i64 j = 0; j < q; j += 16)
+            for (i64 m0 = 0; m0 < M; m0 += 4) { /* (the weight rows are in L2 after the first chunk) */
+                const float *xs[4] = {x + m0 * ldx, x + (m0 + 1) * ldx, x + (m0 + 2) * ldx, x + (m0 + 3) * ldx};
+                const i64 p = m0 ? 0 : pf, *om = out + m0;
+                switch (M - m0 < 4 ? M - m0 : 4) {
+                case 1: FN(streams16)(xs, 1, w, ldw, D, q, p, b, o0 + j, y, ldy, om); break;
+                case 2: FN(streams16)(xs, 2, w, ldw, D, q, p, b, o0 + j, y, ldy, om); break;
+                case 3: FN(streams16)(xs, 3, w, ldw, D, q, p, b, o0 + j, y, ldy, om); break;
+                default: FN(streams16)(xs, 4, w, ldw, D, q, p, b, o0 + j, y, ldy, om); break;
+                }
+            }
         o = o0 + 4 * q;
     }
     for (; o + 16 <= o1; o += 16) {
