@@ -43,7 +43,7 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        for name in ("__call__", "checked"):
+        for name in ("__call__", "checked", "launch_checked"):
             real = getattr(native.DecodeCall, name)
 
             def spy(call, *a, _real=real, **k):
@@ -189,6 +189,104 @@ def test_everything_else_keeps_the_composed_path(monkeypatch):
         assert layer.fuse_decode(False) == "turned off"
         layer(x)
         assert spy.calls == 1 and layer.fuse_decode() is None
+
+
+@needs_native
+def test_quick_path_after_a_fused_call_sees_every_change(monkeypatch):
+    """After a fused call, the next one takes DecodeFusion.quick's short checks; each change below must still send
+    the call to the composed path (no native call; its result, its error), and undoing it must fuse again."""
+    layer = _layer(TopK(k=2)).float()
+    x = torch.randn(3, 32)
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        composed = layer.forward_with_aux(x).y
+
+        def fused_again():
+            before = spy.calls
+            torch.testing.assert_close(layer(x), composed, atol=1e-5, rtol=1e-5)
+            assert spy.calls == before + 1
+
+        def composed_only(call=lambda: layer(x)):
+            before = spy.calls
+            out = call()
+            assert spy.calls == before
+            return out
+
+        fused_again()
+        for flag, on, off in [("training", True, False), ("routing_log", [], None), ("accumulate_stats", True, False)]:
+            setattr(layer, flag, on)
+            composed_only()
+            setattr(layer, flag, off)
+            fused_again()
+        layer.replay_queue = [torch.tensor([[0, 1]] * 3)]
+        composed_only()
+        layer.replay_queue = None
+        fused_again()
+        layer.check_inputs = True
+        with pytest.raises(ValueError, match="NaN"):
+            layer(torch.full((3, 32), float("nan")))
+        layer.check_inputs = False
+        fused_again()
+        layer.last_aux_loss = torch.ones(())
+        fused_again()
+        assert layer.last_aux_loss is None
+        layer.shared = _layer(TopK(k=2), shared=SwiGLU(hidden_dim=8)).float().shared
+        torch.testing.assert_close(layer(x), composed + layer.shared(x), atol=1e-5, rtol=1e-5)
+        layer.shared = None
+        fused_again()
+        h = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)  # a global hook
+        composed_only()
+        h.remove()
+        fused_again()
+        old = layer.router
+        layer.router = _layer(TopK(k=2), seed=1).float().router
+        y = composed_only()
+        torch.testing.assert_close(y, layer.forward_with_aux(x).y)
+        layer.router = old
+        fused_again()
+        composed_only(lambda: torch.testing.assert_close(layer(torch.randn(17, 32)).shape, (17, 32)))
+        with pytest.raises(ValueError):
+            layer(torch.randn(3, 16))  # the layer's width is checked
+        wide = torch.randn(3, 64)
+        torch.testing.assert_close(layer(wide[:, ::2]), layer.forward_with_aux(wide[:, ::2].contiguous()).y,
+                                   atol=1e-5, rtol=1e-5)  # a strided input gives its own values
+        fused_again()
+        with pytest.raises(ValueError, match="dtype"):
+            layer(x.double())  # the composed path's error, not float64 read as float32
+        gate = layer.router.gate
+        full = gate.weight.data
+        gate.weight.data = full[:4]  # the same address, four experts' rows: a new shape the call must see
+        with pytest.raises(ValueError, match="do not chain"):
+            layer(x)
+        gate.weight.data = full
+        fused_again()
+        monkeypatch.setattr(fused_decode, "_is_compiling", lambda: True)  # (the quick path's, bound at import)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        composed_only()
+        monkeypatch.undo()
+        spy = _Spy(monkeypatch)
+        fused_again()
+    xg = x.clone().requires_grad_(True)
+    assert composed_only(lambda: layer(xg)).requires_grad  # autograd: the composed path
+    with torch.no_grad():
+        fused_again()
+
+
+@needs_native
+def test_quick_path_sees_an_in_place_update_of_a_converted_selection_bias(monkeypatch):
+    """A bfloat16 layer's selection bias is converted to float32 for the kernel (a copy): the call is prepared again
+    every time, so an in-place update of the bias moves the routing at the next call, as on the composed path."""
+    layer = _layer(TopK(k=2, score="sigmoid", correction_bias=True)).to(torch.bfloat16)
+    x = torch.randn(2, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+        first = layer(x)
+        layer.router.bias_E.zero_()
+        layer.router.bias_E[5] = 100.0  # every token now takes expert 5
+        y = layer(x)
+        want = layer.forward_with_aux(x).y
+    assert not torch.equal(y, first)
+    torch.testing.assert_close(y.float(), want.float(), atol=0.05, rtol=0.05)
 
 
 def test_layers_without_a_fused_form_say_why(monkeypatch):

@@ -25,6 +25,7 @@ for a layer; the environment variable ``MOEKIT_FUSED_DECODE=0`` keeps it off for
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from torch.nn.modules import module as _module
 from .ops import native
 
 MAX_TOKENS = native.MAX_ROWS
+_is_compiling = torch.compiler.is_compiling  # (bound once: a cold attribute chain costs microseconds a call)
 
 
 class DecodeFusion:
@@ -57,6 +59,9 @@ class DecodeFusion:
         # the parts' forward-hook dicts (registering a hook adds to them), refreshed when the router's gate is replaced
         self._gate = _read(router, "gate")
         self._hooks = _hook_dicts(router, experts, dispatcher, self._gate)
+        # the last call's parts for quick(): (call, where each part was read and a weak reference to it, the
+        # weights' data pointers and shapes), set by a call that passed every check
+        self._quick: tuple | None = None
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
         bank, router = self.experts, self.router
@@ -114,7 +119,64 @@ class DecodeFusion:
             return None
         if _module._global_forward_hooks or _module._global_forward_pre_hooks or any(self._hooks):
             return None
+        if self._quick is None or self._quick[0] is not call:
+            self._quick = self._quick_state(call)
         return call, weights
+
+    def _quick_state(self, call: native.DecodeCall) -> tuple | None:
+        """What :meth:`quick` compares: every part's slot (the module dict it was read from, its name, a weak
+        reference to what it held) and each weight's data pointer and shape. None where a part is computed (a
+        subclass's property: a new tensor each read) or where the call holds a converted copy of the selection
+        bias (prepared again at every call, so an in-place update of the bias is seen)."""
+        if call.copied:
+            return None
+        router, bank = self.router, self.experts
+        gate = self._gate
+        slots, weights = [], []
+        for module, name in ((router, "gate"), (gate, "weight"), (gate, "bias"), (router, "bias_E"),
+                             (bank, self._w_in), (bank, self._b_in), (bank, "w2_EDF"), (bank, "b2_ED")):
+            store, v = _slot(module, name)
+            if store is None:
+                return None
+            slots.append((store, name, None if v is None else weakref.ref(v)))
+            if isinstance(v, Tensor):
+                weights.append((weakref.ref(v), v.data_ptr(), v.shape))
+        return call, tuple(slots), tuple(weights)
+
+    def quick(self, layer: nn.Module, x: Tensor) -> Tensor | None:
+        """``layer(x)`` as the fused call for a (T, D) ``x`` under ``torch.no_grad``, where nothing changed since the
+        last fused call: the same parts, weights at the same addresses and shapes, no hooks, no per-call state on
+        the layer. Else None, and the caller takes the full checks (:meth:`run`). The same checks as :meth:`run` in
+        fewer Python calls: after a layer's weights have streamed through the caches, each costs microseconds."""
+        q = self._quick
+        if q is None or torch.is_grad_enabled() or _is_compiling():
+            return None
+        d = layer.__dict__
+        if (d["training"] or d["routing_log"] is not None or d["replay_queue"] is not None or d["accumulate_stats"]
+                or d["check_inputs"] or d["_modules"].get("shared") is not None or d.get("shared") is not None):
+            return None
+        call, slots, weights = q
+        if type(x) is not Tensor or x.dim() != 2 or x.dtype is not call.dtype or not x.is_cpu:
+            return None
+        T, D = x.shape
+        s0, s1 = x.stride()
+        if not 0 < T <= MAX_TOKENS or D != call.D or s1 != 1:
+            return None
+        for store, name, ref in slots:
+            v = store.get(name, _MISSING)
+            if v is not (None if ref is None else ref()):
+                return None
+        for ref, ptr, shape in weights:
+            t = ref()
+            if t.data_ptr() != ptr or t.shape != shape:
+                return None
+        if (_module._global_forward_hooks or _module._global_forward_pre_hooks or any(self._hooks)
+                or d["_modules"].get("router") is not self.router or d["_modules"].get("experts") is not self.experts
+                or d["_modules"].get("dispatcher") is not self.dispatcher):
+            return None
+        if d["last_aux_loss"] is not None:
+            layer.last_aux_loss = None
+        return call.launch_checked(x, T, s0)
 
     def run(self, layer: nn.Module, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None] | None:
         """``self(x_TD, logits)`` where ``layer`` may run fused now (:meth:`takes`), else None: the checks and the
@@ -183,12 +245,18 @@ def _read(module: nn.Module, name: str):
     """``getattr(module, name)`` for a name that is no property of its class, reading the module's own dicts first
     (``nn.Module.__getattr__`` costs ~0.5-2 us a lookup, a decode call makes about ten): a plain attribute (a None
     bias), then a parameter, then a buffer or a submodule; anything else through ``getattr``."""
+    return _slot(module, name)[1]
+
+
+def _slot(module: nn.Module, name: str) -> tuple[dict | None, object]:
+    """``(the dict of module's that holds name, its value)`` as :func:`_read` finds it; ``(None, value)`` where only
+    ``getattr`` does (a property)."""
     d = module.__dict__
     for store in (d, d["_parameters"], d["_buffers"], d["_modules"]):
         v = store.get(name, _MISSING)
         if v is not _MISSING:
-            return v
-    return getattr(module, name)
+            return store, v
+    return None, getattr(module, name)
 
 
 def _stored_name(bank: nn.Module, name: str) -> str:

@@ -235,6 +235,11 @@ class MoE(MoELayerBase):
     def forward(self, x: Tensor, *, task: Tensor | int | None = None, prev_logits: Tensor | None = None,
                 token_ids: Tensor | None = None, token_mask: Tensor | None = None) -> Tensor:
         if task is None and prev_logits is None and token_ids is None and token_mask is None:
+            fusion = self.decode_fusion
+            if fusion is not None:
+                y = fusion.quick(self, x)  # (None unless the last fused call's parts are all still in place)
+                if y is not None:
+                    return y
             fused = self._fused(x)
             if fused is not None:
                 return fused[0]

@@ -42,6 +42,7 @@ _HEADERS = tuple(Path(__file__).with_name(n) for n in ("native_kernels.h", "nati
 DTYPES = (torch.float32, torch.bfloat16)  # storage types of x, y, weights and biases (all the same per call)
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _lib: ctypes.CDLL | None = None
+_empty, _get_num_threads = torch.empty, torch.get_num_threads  # (bound once, for the decode call)
 _failed: str | None = None
 
 
@@ -386,6 +387,17 @@ class DecodeCall:
         logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
         return self._launch(x_TD, T, None, None, None, logits), logits
 
+    def launch_checked(self, x_TD: Tensor, T: int, stride0: int) -> Tensor:
+        """``y`` for a checked ``x_TD`` of ``T`` rows ``stride0`` apart (as :meth:`checked`, the caller giving what
+        it has read of ``x_TD``), no logits, the default threads (``moekit.fused_decode.DecodeFusion.quick``)."""
+        y = _empty(T, self.Dout, dtype=self.dtype)
+        nbytes = (self.E if self.E < T * self.k else T * self.k) * self._expert_bytes
+        status = self._fn(self._args_ref, x_TD.data_ptr(), stride0, y.data_ptr(), self.Dout, T,
+                          _get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1, None, None, None)
+        if status:
+            self._raise(status)
+        return y
+
     def _launch(self, x_TD: Tensor, T: int, threads: int | None, idx: Tensor | None, wts: Tensor | None,
                 logits: Tensor | None) -> Tensor:
         """The kernel on checked arguments: ``y`` (T, Dout), filling the optional outputs."""
@@ -394,11 +406,15 @@ class DecodeCall:
         status = self._fn(self._args_ref, x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), self.Dout, T,
                           _threads(nbytes, threads), None if idx is None else idx.data_ptr(),
                           None if wts is None else wts.data_ptr(), None if logits is None else logits.data_ptr())
+        if status:
+            self._raise(status)
+        return y
+
+    @staticmethod
+    def _raise(status: int) -> None:
         if status == 1:
             raise MemoryError("moekit.ops.native.moe_decode: the native kernel could not allocate its work buffers")
-        if status:
-            raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
-        return y
+        raise ValueError(f"moekit.ops.native.moe_decode: the kernel rejected its arguments (status {status})")
 
     def __call__(self, x_TD: Tensor, threads: int | None = None, *, return_routing: bool = False,
                  return_logits: bool = False) -> Tensor | tuple[Tensor, ...]:
