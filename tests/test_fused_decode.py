@@ -251,6 +251,18 @@ def test_quick_path_after_a_fused_call_sees_every_change(monkeypatch):
         torch.testing.assert_close(layer(wide[:, ::2]), layer.forward_with_aux(wide[:, ::2].contiguous()).y,
                                    atol=1e-5, rtol=1e-5)  # a strided input gives its own values
         fused_again()
+        before = spy.calls  # (B, S, D) inputs, as a transformers block passes them, and the logits it hands on
+        x_BSD = torch.randn(2, 3, 32)
+        want = layer.forward_with_aux(x_BSD)
+        y, logits = layer.forward_and_logits(x_BSD)
+        assert spy.calls == before + 1 and y.shape == (2, 3, 32) and logits.shape == (6, 8)
+        torch.testing.assert_close(y, want.y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, want.assignment.logits_TE.float(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(layer(x_BSD), want.y, atol=1e-5, rtol=1e-5)
+        x_SBD = x_BSD.transpose(0, 1)  # not contiguous: rows are not D apart
+        torch.testing.assert_close(layer(x_SBD), layer.forward_with_aux(x_SBD.contiguous()).y, atol=1e-5, rtol=1e-5)
+        assert spy.calls == before + 3
+        fused_again()
         with pytest.raises(ValueError, match="dtype"):
             layer(x.double())  # the composed path's error, not float64 read as float32
         gate = layer.router.gate

@@ -143,11 +143,12 @@ class DecodeFusion:
                 weights.append((weakref.ref(v), v.data_ptr(), v.shape))
         return call, tuple(slots), tuple(weights)
 
-    def quick(self, layer: nn.Module, x: Tensor) -> Tensor | None:
-        """``layer(x)`` as the fused call for a (T, D) ``x`` under ``torch.no_grad``, where nothing changed since the
-        last fused call: the same parts, weights at the same addresses and shapes, no hooks, no per-call state on
-        the layer. Else None, and the caller takes the full checks (:meth:`run`). The same checks as :meth:`run` in
-        fewer Python calls: after a layer's weights have streamed through the caches, each costs microseconds."""
+    def quick(self, layer: nn.Module, x: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None] | None:
+        """``(layer(x), the router's float32 logits (T, E) when asked, else None)`` as the fused call, for a (T, D) or
+        contiguous (B, S, D) ``x`` under ``torch.no_grad``, where nothing changed since the last fused call: the same
+        parts, weights at the same addresses and shapes, no hooks, no per-call state on the layer. Else None, and
+        the caller takes the full checks (:meth:`run`). The same checks as :meth:`run` in fewer Python calls: after
+        a layer's weights have streamed through the caches, each costs microseconds."""
         q = self._quick
         if q is None or torch.is_grad_enabled() or _is_compiling():
             return None
@@ -156,19 +157,28 @@ class DecodeFusion:
                 or d["check_inputs"] or d["_modules"].get("shared") is not None or d.get("shared") is not None):
             return None
         call, slots, weights = q
-        if type(x) is not Tensor or x.dim() != 2 or x.dtype is not call.dtype or not x.is_cpu:
+        if type(x) is not Tensor or x.dtype is not call.dtype or not x.is_cpu:
             return None
-        T, D = x.shape
-        s0, s1 = x.stride()
-        if not 0 < T <= MAX_TOKENS or D != call.D or s1 != 1:
+        shape = x.shape
+        if len(shape) == 2:
+            T, D = shape
+            s0, s1 = x.stride()
+            if s1 != 1:
+                return None
+        elif len(shape) == 3 and x.is_contiguous():  # (B, S, D): the rows are D apart (a transformers block's input)
+            T, D = shape[0] * shape[1], shape[2]
+            s0 = D
+        else:
+            return None
+        if not 0 < T <= MAX_TOKENS or D != call.D:
             return None
         for store, name, ref in slots:
             v = store.get(name, _MISSING)
             if v is not (None if ref is None else ref()):
                 return None
-        for ref, ptr, shape in weights:
+        for ref, ptr, w_shape in weights:
             t = ref()
-            if t.data_ptr() != ptr or t.shape != shape:
+            if t.data_ptr() != ptr or t.shape != w_shape:
                 return None
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks or any(self._hooks)
                 or d["_modules"].get("router") is not self.router or d["_modules"].get("experts") is not self.experts
@@ -176,7 +186,7 @@ class DecodeFusion:
             return None
         if d["last_aux_loss"] is not None:
             layer.last_aux_loss = None
-        return call.launch_checked(x, T, s0)
+        return call.launch_checked(x, T, s0, shape, logits)
 
     def run(self, layer: nn.Module, x_TD: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None] | None:
         """``self(x_TD, logits)`` where ``layer`` may run fused now (:meth:`takes`), else None: the checks and the

@@ -237,9 +237,9 @@ class MoE(MoELayerBase):
         if task is None and prev_logits is None and token_ids is None and token_mask is None:
             fusion = self.decode_fusion
             if fusion is not None:
-                y = fusion.quick(self, x)  # (None unless the last fused call's parts are all still in place)
-                if y is not None:
-                    return y
+                out = fusion.quick(self, x)  # (None unless the last fused call's parts are all still in place)
+                if out is not None:
+                    return out[0]
             fused = self._fused(x)
             if fused is not None:
                 return fused[0]
@@ -250,6 +250,11 @@ class MoE(MoELayerBase):
         """``(self(x), router logits (T, E))``, as one native call where the fused decode path applies (its kernel
         returns the logits it routed on), else from :meth:`forward_with_aux`. For wrappers that must hand the
         logits on (a swapped Hugging Face block)."""
+        fusion = self.decode_fusion
+        if fusion is not None:
+            out = fusion.quick(self, x, logits=True)
+            if out is not None:
+                return out
         fused = self._fused(x, logits=True)
         if fused is not None:
             return fused

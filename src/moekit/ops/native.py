@@ -387,16 +387,20 @@ class DecodeCall:
         logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
         return self._launch(x_TD, T, None, None, None, logits), logits
 
-    def launch_checked(self, x_TD: Tensor, T: int, stride0: int) -> Tensor:
-        """``y`` for a checked ``x_TD`` of ``T`` rows ``stride0`` apart (as :meth:`checked`, the caller giving what
-        it has read of ``x_TD``), no logits, the default threads (``moekit.fused_decode.DecodeFusion.quick``)."""
-        y = _empty(T, self.Dout, dtype=self.dtype)
+    def launch_checked(self, x: Tensor, T: int, stride0: int, shape: tuple[int, ...],
+                       return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``(y, the float32 logits (T, E) or None)`` for a checked ``x`` of ``T`` rows ``stride0`` apart, of the
+        given ``shape`` ((T, D), or (B, S, D) for contiguous rows; ``y`` has the same leading dimensions), the default
+        threads (``moekit.fused_decode.DecodeFusion.quick``: the caller gives what it has read of ``x``)."""
+        y = _empty(*shape[:-1], self.Dout, dtype=self.dtype)
+        logits = _empty(T, self.E, dtype=torch.float32) if return_logits else None
         nbytes = (self.E if self.E < T * self.k else T * self.k) * self._expert_bytes
-        status = self._fn(self._args_ref, x_TD.data_ptr(), stride0, y.data_ptr(), self.Dout, T,
-                          _get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1, None, None, None)
+        status = self._fn(self._args_ref, x.data_ptr(), stride0, y.data_ptr(), self.Dout, T,
+                          _get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1, None, None,
+                          None if logits is None else logits.data_ptr())
         if status:
             self._raise(status)
-        return y
+        return y, logits
 
     def _launch(self, x_TD: Tensor, T: int, threads: int | None, idx: Tensor | None, wts: Tensor | None,
                 logits: Tensor | None) -> Tensor:
