@@ -285,6 +285,21 @@ def test_quick_path_after_a_fused_call_sees_every_change(monkeypatch):
 
 
 @needs_native
+def test_quick_path_sees_a_bias_removed_after_a_fused_call(monkeypatch):
+    """A router bias set to None after a fused call (its Parameter freed, the weak reference dead): the next call
+    routes without it, as the composed path does."""
+    layer = _layer(TopK(k=2, router_bias=True)).float()
+    with torch.no_grad():
+        layer.router.gate.bias.fill_(3.0)
+        layer.router.gate.bias[6] = 50.0  # every token takes expert 6 while the bias is there
+        x = torch.randn(3, 32)
+        layer(x)
+        layer.router.gate.bias = None
+        y = layer(x)
+        torch.testing.assert_close(y, layer.forward_with_aux(x).y, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
 def test_quick_path_sees_an_in_place_update_of_a_converted_selection_bias(monkeypatch):
     """A bfloat16 layer's selection bias is converted to float32 for the kernel (a copy): the call is prepared again
     every time, so an in-place update of the bias moves the routing at the next call, as on the composed path."""

@@ -173,8 +173,8 @@ class DecodeFusion:
         if not 0 < T <= MAX_TOKENS or D != call.D:
             return None
         for store, name, ref in slots:
-            v = store.get(name, _MISSING)
-            if v is not (None if ref is None else ref()):
+            held = None if ref is None else ref()
+            if store.get(name, _MISSING) is not held or (held is None and ref is not None):  # (a part freed: None)
                 return None
         for ref, ptr, w_shape in weights:
             t = ref()
