@@ -150,15 +150,17 @@ static inline __attribute__((always_inline)) void FN(group16)(const float *const
     if (R > 2) _mm512_storeu_ps(y + out[2] * ldy + o, _mm512_add_ps(r2, bv));
     if (R > 3) _mm512_storeu_ps(y + out[3] * ldy + o, _mm512_add_ps(r3, bv));
 }
-/* R (1 or 2) input rows xs against 16 weight rows in each of four streams q rows apart (rows o + s * q + [0, 16),
+
+/* R (1 to 4) input rows xs against 16 weight rows in each of four streams q rows apart (rows o + s * q + [0, 16),
  * s < 4): each stream's results go into lane j of a register per input row, stored with one 16-wide write per
- * input row. A core keeps four sequential streams in flight where one row at a time (or an adjacent pair) is one or
- * two page-long ones: the hardware prefetcher runs each stream's pages in turn, and with pf (elements, 0 for none)
- * each stream's lines pf ahead are prefetched into L2, one every 256 bytes of float32 (measured in C on the
- * development VM, two threads, after a cache sweep: one input row 22.7 -> 29.0 GB/s at 4 KiB rows, 25.9 -> 29.3 at
- * 11 KiB rows, four streams without the prefetch 26.7, two streams 27.3; two input rows 34.6 -> 40.7 against
+ * stream and input row. A core keeps four sequential streams in flight where one row at a time (or an adjacent pair)
+ * is one or two page-long ones: the hardware prefetcher runs each stream's pages in turn, and with pf (elements, 0
+ * for none) each stream's lines pf ahead are prefetched into L2, one every 256 bytes of float32 (measured in C on
+ * the development VM, two threads, after a cache sweep: one input row 22.7 -> 29.0 GB/s at 4 KiB rows, 25.9 -> 29.3
+ * at 11 KiB rows, four streams without the prefetch 26.7, two streams 27.3; two input rows 34.6 -> 40.7 against
  * adjacent pairs that prefetch four rows on, four rows 27.5 -> 35.4). U vectors a step per stream: 2 for one input
- * row, 1 for two (22 vector registers either way). */
+ * row, 1 for more (at four rows the 16 result registers, written once per weight row, do not all stay in
+ * registers: still 0.74-0.79x the previous kernel's time at 4 rows). */
 static inline __attribute__((always_inline)) void FN(streams16)(const float *const *xs, int R, const WT *w, i64 ldw,
                                                                 i64 D, i64 q, i64 pf, const WT *b, i64 o, float *y,
                                                                 i64 ldy, const i64 *out) {
