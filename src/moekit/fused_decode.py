@@ -61,8 +61,8 @@ class DecodeFusion:
         # the parts' forward-hook dicts (registering a hook adds to them), refreshed when the router's gate is replaced
         self._gate = _read(router, "gate")
         self._hooks = _hook_dicts(router, experts, dispatcher, self._gate)
-        # the last call's parts for quick(): (call, where each part was read and a weak reference to it, the
-        # weights' data pointers and shapes), set by a call that passed every check
+        # the last call's parts for quick(): (call, where each part was read, a weak reference to it and a weight's
+        # data pointer and shape), set by a call that passed every check
         self._quick: tuple | None = None
 
     def _tensors(self) -> tuple[Tensor | None, ...]:
@@ -126,24 +126,24 @@ class DecodeFusion:
         return call, weights
 
     def _quick_state(self, call: native.DecodeCall) -> tuple | None:
-        """What :meth:`quick` compares: every part's slot (the module dict it was read from, its name, a weak
-        reference to what it held) and each weight's data pointer and shape. None where a part is computed (a
-        subclass's property: a new tensor each read) or where the call holds a converted copy of the selection
-        bias (prepared again at every call, so an in-place update of the bias is seen)."""
+        """What :meth:`quick` compares: ``(call, slots)``, each slot the module dict a part was read from, its name,
+        a weak reference to what it held (None for None) and, for a tensor, its data pointer and shape. None where a
+        part is computed (a subclass's property: a new tensor each read) or where the call holds a converted copy
+        of the selection bias (prepared again at every call, so an in-place update of the bias is seen)."""
         if call.copied:
             return None
         router, bank = self.router, self.experts
         gate = self._gate
-        slots, weights = [], []
+        slots = []
         for module, name in ((router, "gate"), (gate, "weight"), (gate, "bias"), (router, "bias_E"),
                              (bank, self._w_in), (bank, self._b_in), (bank, "w2_EDF"), (bank, "b2_ED")):
             store, v = _slot(module, name)
             if store is None:
                 return None
-            slots.append((store, name, None if v is None else weakref.ref(v)))
-            if isinstance(v, Tensor):
-                weights.append((weakref.ref(v), v.data_ptr(), v.shape))
-        return call, tuple(slots), tuple(weights)
+            tensor = isinstance(v, Tensor)
+            slots.append((store, name, None if v is None else weakref.ref(v), v.data_ptr() if tensor else None,
+                          v.shape if tensor else None))
+        return call, tuple(slots)
 
     def quick(self, layer: nn.Module, x: Tensor, logits: bool = False) -> tuple[Tensor, Tensor | None] | None:
         """``(layer(x), the router's float32 logits (T, E) when asked, else None)`` as the fused call, for a (T, D) or
@@ -158,7 +158,7 @@ class DecodeFusion:
         if (d["training"] or d["routing_log"] is not None or d["replay_queue"] is not None or d["accumulate_stats"]
                 or d["check_inputs"] or d["_modules"].get("shared") is not None or d.get("shared") is not None):
             return None
-        call, slots, weights = q
+        call, slots = q
         if type(x) is not Tensor or x.dtype is not call.dtype or not x.is_cpu:
             return None
         shape = x.shape
@@ -174,13 +174,11 @@ class DecodeFusion:
             return None
         if not 0 < T <= MAX_TOKENS or D != call.D:
             return None
-        for store, name, ref in slots:
+        for store, name, ref, ptr, w_shape in slots:
             held = None if ref is None else ref()
             if store.get(name, _MISSING) is not held or (held is None and ref is not None):  # (a part freed: None)
                 return None
-        for ref, ptr, w_shape in weights:
-            t = ref()
-            if t.data_ptr() != ptr or t.shape != w_shape:
+            if ptr is not None and (held.data_ptr() != ptr or held.shape != w_shape):
                 return None
         if (_module._global_forward_hooks or _module._global_forward_pre_hooks or any(self._hooks)
                 or d["_modules"].get("router") is not self.router or d["_modules"].get("experts") is not self.experts

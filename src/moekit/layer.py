@@ -300,7 +300,7 @@ class MoE(MoELayerBase):
         """The call in one native kernel where a call without per-call arguments may take the fused decode path now
         (the composed path's input checks first): ``(y, logits or None)``, else None. No balance losses or
         statistics (eval mode, where nothing reads them)."""
-        fused = self.decode_fusion
+        fused = self.decode_fusion  # (DecodeFusion.quick repeats these checks, from the layer's __dict__)
         if (fused is None or self.training or self.routing_log is not None or self.replay_queue is not None
                 or self.accumulate_stats or torch.compiler.is_compiling()  # (tracing: no guard on the token count)
                 or not isinstance(x, Tensor) or x.dim() < 1

@@ -383,9 +383,7 @@ class DecodeCall:
         """``(y, the float32 logits or None)`` for a caller that has checked ``x_TD`` itself: a (T, D) matrix of the
         call's dtype with unit column stride, ``T <= MAX_ROWS`` (``moekit.fused_decode``). No checks, the default
         threads: after a layer's weights have swept the caches each tensor method costs microseconds."""
-        T = x_TD.shape[0]
-        logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
-        return self._launch(x_TD, T, None, None, None, logits), logits
+        return self.launch_checked(x_TD, x_TD.shape[0], x_TD.stride(0), x_TD.shape, return_logits)
 
     def launch_checked(self, x: Tensor, T: int, stride0: int, shape: tuple[int, ...],
                        return_logits: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -151,8 +151,8 @@ static inline __attribute__((always_inline)) void FN(group16)(const float *const
     if (R > 3) _mm512_storeu_ps(y + out[3] * ldy + o, _mm512_add_ps(r3, bv));
 }
 
-/* R (1 to 4) input rows xs against 16 weight rows in each of four streams q rows apart (rows o + s * q + [0, 16),
- * s < 4): each stream's results go into lane j of a register per input row, stored with one 16-wide write per
+/* R (1 to 4) input rows xs against 16 weight rows in each of four streams q rows apart (rows o + s * q + [0, 16) of
+ * the weight, s < 4, from wr = its row o): each stream's results go into lane j of a register per input row, stored with one 16-wide write per
  * stream and input row. A core keeps four sequential streams in flight where one row at a time (or an adjacent pair)
  * is one or two page-long ones: the hardware prefetcher runs each stream's pages in turn, and with pf (elements, 0
  * for none) each stream's lines pf ahead are prefetched into L2, one every 256 bytes of float32 (measured in C on
@@ -161,12 +161,12 @@ static inline __attribute__((always_inline)) void FN(group16)(const float *const
  * adjacent pairs that prefetch four rows on, four rows 27.5 -> 35.4). U vectors a step per stream: 2 for one input
  * row, 1 for more (at four rows the 16 result registers, written once per weight row, do not all stay in
  * registers: still 0.74-0.79x the previous kernel's time at 4 rows). */
-static inline __attribute__((always_inline)) void FN(streams16)(const float *const *xs, int R, const WT *w, i64 ldw,
+static inline __attribute__((always_inline)) void FN(streams16)(const float *const *xs, int R, const WT *wr, i64 ldw,
                                                                 i64 D, i64 q, i64 pf, const WT *b, i64 o, float *y,
                                                                 i64 ldy, const i64 *out) {
     const int U = R == 1 ? 2 : 1;
     const i64 step = 16 * U, Dv = D - D % step;
-    const WT *ws[4] = {w + o * ldw, w + (o + q) * ldw, w + (o + 2 * q) * ldw, w + (o + 3 * q) * ldw};
+    const WT *ws[4] = {wr, wr + q * ldw, wr + 2 * q * ldw, wr + 3 * q * ldw};
     __m512 r[4][4];
 #pragma GCC unroll 4
     for (int s = 0; s < 4; s++) r[s][0] = r[s][1] = r[s][2] = r[s][3] = _mm512_setzero_ps();
@@ -217,16 +217,25 @@ static inline __attribute__((always_inline)) void FN(streams16)(const float *con
 }
 #endif
 
-/* One chunk of R <= 4 input rows xs against NW weight rows from o, or (G16, AVX-512) 16 weight rows from o taken NW
- * at a time (FN(group16)); results to rows out[0..R) of y. pf_rows: rows from o that may be prefetched (the rest of
- * the work item: the next one is another thread's); a pair prefetches the pair four rows on. */
-static inline __attribute__((always_inline)) void FN(few_chunk)(const float *const *xs, int R, int NW, int G16,
-                                                                const WT *wr, i64 ldw, i64 D, i64 pf_rows,
+/* The forms of FN(few_chunk) (a constant after inlining) */
+#define FEW_ROWS 0    /* NW weight rows from o */
+#define FEW_G16 1     /* 16 weight rows from o, NW at a time (FN(group16), AVX-512) */
+#define FEW_STREAMS 2 /* 16 weight rows from o + s * q for each s < 4 (FN(streams16), AVX-512) */
+
+/* One chunk of R <= 4 input rows xs against the weight rows of form (FEW_*) from o (wr: row o); results to rows
+ * out[0..R) of y. pf_rows: rows from o that may be prefetched (the rest of the work item: the next one is another
+ * thread's); a pair prefetches the pair four rows on, the streams (pf_rows nonzero) their lines 4 KiB ahead. */
+static inline __attribute__((always_inline)) void FN(few_chunk)(const float *const *xs, int R, int NW, int form,
+                                                                i64 q, const WT *wr, i64 ldw, i64 D, i64 pf_rows,
                                                                 const WT *b, i64 o, float *y, i64 ldy,
                                                                 const i64 *out) {
 #ifdef VLD16
-    if (G16) {
+    if (form == FEW_G16) {
         FN(group16)(xs, R, NW, wr, ldw, D, pf_rows, b, o, y, ldy, out);
+        return;
+    }
+    if (form == FEW_STREAMS) {
+        FN(streams16)(xs, R, wr, ldw, D, q, pf_rows ? 4096 / (i64)sizeof(WT) : 0, b, o, y, ldy, out);
         return;
     }
 #endif
@@ -238,20 +247,20 @@ static inline __attribute__((always_inline)) void FN(few_chunk)(const float *con
     }
 }
 
-/* The weight rows from o of FN(few_chunk) (NW, G16 constants after inlining) for M <= ROWS_FEW_MAX input rows, in
- * chunks of up to 4 (the weight rows are in cache after the first). */
+/* The weight rows from o of FN(few_chunk) (NW, form constants after inlining) for M <= ROWS_FEW_MAX input rows, in
+ * chunks of up to 4 (the weight rows are in cache after the first: L1 or L2). */
 static inline __attribute__((always_inline)) void FN(few_out)(const float *x, i64 ldx, const i64 *out, i64 M,
-                                                              const WT *w, i64 ldw, i64 D, i64 o, int NW, int G16,
-                                                              i64 pf_rows, const WT *b, float *y, i64 ldy) {
+                                                              const WT *w, i64 ldw, i64 D, i64 o, int NW, int form,
+                                                              i64 q, i64 pf_rows, const WT *b, float *y, i64 ldy) {
     const WT *wr = w + o * ldw;
     for (i64 m0 = 0; m0 < M; m0 += 4) {
         const float *xs[4] = {x + m0 * ldx, x + (m0 + 1) * ldx, x + (m0 + 2) * ldx, x + (m0 + 3) * ldx};
         const i64 p = m0 ? 0 : pf_rows, *om = out + m0;
         switch (M - m0 < 4 ? M - m0 : 4) {
-        case 1: FN(few_chunk)(xs, 1, NW, G16, wr, ldw, D, p, b, o, y, ldy, om); break;
-        case 2: FN(few_chunk)(xs, 2, NW, G16, wr, ldw, D, p, b, o, y, ldy, om); break;
-        case 3: FN(few_chunk)(xs, 3, NW, G16, wr, ldw, D, p, b, o, y, ldy, om); break;
-        default: FN(few_chunk)(xs, 4, NW, G16, wr, ldw, D, p, b, o, y, ldy, om); break;
+        case 1: FN(few_chunk)(xs, 1, NW, form, q, wr, ldw, D, p, b, o, y, ldy, om); break;
+        case 2: FN(few_chunk)(xs, 2, NW, form, q, wr, ldw, D, p, b, o, y, ldy, om); break;
+        case 3: FN(few_chunk)(xs, 3, NW, form, q, wr, ldw, D, p, b, o, y, ldy, om); break;
+        default: FN(few_chunk)(xs, 4, NW, form, q, wr, ldw, D, p, b, o, y, ldy, om); break;
         }
     }
 }
@@ -268,30 +277,23 @@ static void FN(rows_few)(const float *x, i64 ldx, const i64 *out, i64 M, const W
                          const WT *b, float *y, i64 ldy) {
     i64 o = o0;
 #ifdef VLD16
-    if (o1 - o0 >= 64) { /* four streams of q rows (a multiple of 16), input rows four at a time, then the rest */
-        const i64 q = (o1 - o0) / 64 * 16, pf = 4096 / sizeof(WT);
-        for (i64 j = 0; j < q; j += 16)
-            for (i64 m0 = 0; m0 < M; m0 += 4) { /* (the weight rows are in L2 after the first chunk) */
-                const float *xs[4] = {x + m0 * ldx, x + (m0 + 1) * ldx, x + (m0 + 2) * ldx, x + (m0 + 3) * ldx};
-                const i64 p = m0 ? 0 : pf, *om = out + m0;
-                switch (M - m0 < 4 ? M - m0 : 4) {
-                case 1: FN(streams16)(xs, 1, w, ldw, D, q, p, b, o0 + j, y, ldy, om); break;
-                case 2: FN(streams16)(xs, 2, w, ldw, D, q, p, b, o0 + j, y, ldy, om); break;
-                case 3: FN(streams16)(xs, 3, w, ldw, D, q, p, b, o0 + j, y, ldy, om); break;
-                default: FN(streams16)(xs, 4, w, ldw, D, q, p, b, o0 + j, y, ldy, om); break;
-                }
-            }
+    if (o1 - o0 >= 64) { /* four streams of q rows (a multiple of 16), then the rest */
+        const i64 q = (o1 - o0) / 64 * 16;
+        for (i64 j = 0; j < q; j += 16) FN(few_out)(x, ldx, out, M, w, ldw, D, o0 + j, 1, FEW_STREAMS, q, 1, b, y, ldy);
         o = o0 + 4 * q;
     }
     for (; o + 16 <= o1; o += 16) {
-        if (M > 1) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, 1, o1 - o, b, y, ldy);
-        else FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, 1, 0, b, y, ldy);
+        if (M > 1) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, FEW_G16, 0, o1 - o, b, y, ldy);
+        else FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, FEW_G16, 0, 0, b, y, ldy);
     }
 #endif
     if (M > 1)
-        for (; o + 2 <= o1; o += 2) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, 0, o1 - o, b, y, ldy);
-    for (; o < o1; o++) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, 0, 0, b, y, ldy);
+        for (; o + 2 <= o1; o += 2) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 2, FEW_ROWS, 0, o1 - o, b, y, ldy);
+    for (; o < o1; o++) FN(few_out)(x, ldx, out, M, w, ldw, D, o, 1, FEW_ROWS, 0, 0, b, y, ldy);
 }
+#undef FEW_ROWS
+#undef FEW_G16
+#undef FEW_STREAMS
 #endif
 
 /* Output rows [o0, o1) of one expert for M packed float rows x (row m at x + m * ldx), into the float rows
