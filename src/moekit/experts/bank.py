@@ -254,8 +254,11 @@ class ExpertBank(nn.Module):
     def glu(self, h_N2F: Tensor) -> Tensor:
         """The GLU of the fused input projection ``(rows, 2F) -> (rows, F)``: ``act(gate) * up``. A bank subclass
         with another gating (``moekit.experts.clamped.ClampedSwiGLU``) overrides this one method."""
-        if h_N2F.requires_grad and self.spec.activation in FUSED and not torch.compiler.is_compiling():
-            return fused_glu(h_N2F, self.spec.activation)  # training: one buffer for the gradient of both halves
+        if ((h_N2F.requires_grad or h_N2F.shape[0] > DECODE_MAX_ROWS) and self.spec.activation in FUSED
+                and not torch.compiler.is_compiling()):
+            # training: one buffer for the gradient of both halves; and beyond decode sizes without autograd, the
+            # same one-pass native SwiGLU as training's forward (torch's act + mul are two passes over the rows)
+            return fused_glu(h_N2F, self.spec.activation)
         F = self.hidden_dim  # slicing, not Tensor.split: split's Python wrapper costs more than the op at decode
         return self.act(h_N2F[..., :F]) * h_N2F[..., F:]
 
