@@ -57,6 +57,18 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _cpu_vendor() -> str:
+    """/proc/cpuinfo's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``), or "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("MOEKIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "moekit")
     return Path(root) / "native"
@@ -68,6 +80,8 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
     source = _SOURCE.read_bytes() + b"".join(h.read_bytes() for h in _HEADERS)
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+    if _cpu_vendor() == "AuthenticAMD":  # the decode read's prefetch as measured best there (native_decode.c)
+        flags.append("-DMOEKIT_CPU_AMD")
     libs = ["-lm"]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), str(version).encode(),

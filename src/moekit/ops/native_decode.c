@@ -69,6 +69,20 @@ i64 moekit_decode_args_size(void) { return (i64)sizeof(struct decode_args); }
 #ifndef ROWS_FEW_MAX_BF16
 #define ROWS_FEW_MAX_BF16 6
 #endif
+/* The four-stream read's prefetch into L2 (native_kernels.h, FN(streams16)): how far ahead, and which lines (a
+ * line at byte offset b of a row is prefetched where !(b & STREAM_PF_MASK)). Measured best, in one process on each
+ * host (2026-12-08): every line 2 KiB ahead on the Intel Xeon VM (moe_decode 0.84-0.90x the time of one line in
+ * four, 4 KiB ahead), one line in four 4 KiB ahead on the AMD EPYC (Zen 4) VM, where the other was not measured.
+ * native.py defines MOEKIT_CPU_AMD from /proc/cpuinfo's vendor. */
+#ifndef STREAM_PF_BYTES
+#ifdef MOEKIT_CPU_AMD
+#define STREAM_PF_BYTES 4096
+#define STREAM_PF_MASK 255
+#else
+#define STREAM_PF_BYTES 2048
+#define STREAM_PF_MASK 63
+#endif
+#endif
 
 /* Every entry point first checks its groups and returns, computing nothing: 11 where the offsets do not run from 0
  * to R in order, 12 for an expert id outside [0, E) or a group of more than MAX_ROWS rows, 13 for a row id outside

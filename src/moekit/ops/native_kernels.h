@@ -152,16 +152,16 @@ static inline __attribute__((always_inline)) void FN(group16)(const float *const
 }
 
 /* R (1 to 4) input rows xs against 16 weight rows in each of four streams q rows apart (rows o + s * q + [0, 16) of
- * the weight, s < 4, from wr = its row o): each stream's results go into lane j of a register per input row, stored with one 16-wide write per
- * stream and input row. A core keeps four sequential streams in flight where one row at a time (or an adjacent pair)
- * is one or two page-long ones: the hardware prefetcher runs each stream's pages in turn, and with pf (elements, 0
- * for none) every line of each stream pf ahead is prefetched into L2 (measured in C on the development VM, two
- * threads, after a cache sweep: one input row 22.7 -> 29.0 GB/s at 4 KiB rows, 25.9 -> 29.3 at 11 KiB rows, four
- * streams without the prefetch 26.7, two streams 27.3; two input rows 34.6 -> 40.7 against adjacent pairs that
- * prefetch four rows on, four rows 27.5 -> 35.4). Every line 2 KiB ahead, not one line in four 4 KiB ahead
- * (2026-12-08, moe_decode in one process, huge pages): 0.84-0.90x the time at 1 to 16 float32 tokens, 0.80-0.90x
- * bfloat16; 3 KiB measured the same, 4 KiB and 6 KiB 0.88-0.95x, one or two streams 0.92-0.96x; a streaming
- * read prefetching one line in two gains nothing (C, one stream a thread). U vectors a step per stream: 2 for one input
+ * the weight, s < 4, from wr = its row o): each stream's results go into lane j of a register per input row, stored
+ * with one 16-wide write per stream and input row. A core keeps four sequential streams in flight where one row at a
+ * time (or an adjacent pair) is one or two page-long ones: the hardware prefetcher runs each stream's pages in turn.
+ * With pf (elements, 0 for none) each stream's lines pf ahead are prefetched into L2, the lines STREAM_PF_MASK picks
+ * (native_decode.c). On the AMD (Zen 4) VM, one line in four 4 KiB ahead (measured in C, two threads, after a cache
+ * sweep: one input row 22.7 -> 29.0 GB/s at 4 KiB rows, 25.9 -> 29.3 at 11 KiB rows, four streams without the
+ * prefetch 26.7, two streams 27.3; two input rows 34.6 -> 40.7 against adjacent pairs that prefetch four rows on,
+ * four rows 27.5 -> 35.4). On the Intel Xeon VM, every line 2 KiB ahead (moe_decode in one process, huge pages,
+ * against one line in four 4 KiB ahead: 0.84-0.90x the time at 1 to 16 float32 tokens, 0.80-0.90x bfloat16; 3 KiB
+ * the same, 4 and 6 KiB 0.88-0.95x, one or two streams 0.92-0.96x). U vectors a step per stream: 2 for one input
  * row, 1 for more (at four rows the 16 result registers, written once per weight row, do not all stay in
  * registers: still 0.74-0.79x the previous kernel's time at 4 rows). */
 static inline __attribute__((always_inline)) void FN(streams16)(const float *const *xs, int R, const WT *wr, i64 ldw,
@@ -193,7 +193,7 @@ static inline __attribute__((always_inline)) void FN(streams16)(const float *con
                 const WT *p = ws[s] + j * ldw + d;
 #pragma GCC unroll 2
                 for (int u = 0; u < U; u++) {
-                    if (pf && !((d + 16 * u) * (i64)sizeof(WT) & 63)) /* every line once */
+                    if (pf && !((d + 16 * u) * (i64)sizeof(WT) & STREAM_PF_MASK))
                         _mm_prefetch((const char *)(p + 16 * u + pf), _MM_HINT_T1);
                     __m512 v = VLD16(p + 16 * u);
                     __asm__("" : "+v"(v));
@@ -228,7 +228,8 @@ static inline __attribute__((always_inline)) void FN(streams16)(const float *con
 
 /* One chunk of R <= 4 input rows xs against the weight rows of form (FEW_*) from o (wr: row o); results to rows
  * out[0..R) of y. pf_rows: rows from o that may be prefetched (the rest of the work item: the next one is another
- * thread's); a pair prefetches the pair four rows on, the streams (pf_rows nonzero) their lines 2 KiB ahead. */
+ * thread's); a pair prefetches the pair four rows on, the streams (pf_rows nonzero) their lines STREAM_PF_BYTES
+ * ahead. */
 static inline __attribute__((always_inline)) void FN(few_chunk)(const float *const *xs, int R, int NW, int form,
                                                                 i64 q, const WT *wr, i64 ldw, i64 D, i64 pf_rows,
                                                                 const WT *b, i64 o, float *y, i64 ldy,
@@ -239,7 +240,7 @@ static inline __attribute__((always_inline)) void FN(few_chunk)(const float *con
         return;
     }
     if (form == FEW_STREAMS) {
-        FN(streams16)(xs, R, wr, ldw, D, q, pf_rows ? 2048 / (i64)sizeof(WT) : 0, b, o, y, ldy, out);
+        FN(streams16)(xs, R, wr, ldw, D, q, pf_rows ? STREAM_PF_BYTES / (i64)sizeof(WT) : 0, b, o, y, ldy, out);
         return;
     }
 #endif
