@@ -370,6 +370,33 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path):
 
 
 @needs_native
+def test_the_other_vendors_prefetch_form_builds_and_computes_the_same(tmp_path, monkeypatch):
+    """The four-stream read prefetches per CPU vendor (native_decode.c: STREAM_PF_BYTES, STREAM_PF_MASK; AMD hosts
+    build with -DMOEKIT_CPU_AMD): the other vendor's build is another cache entry, passes the four-stream test, and
+    gives bit for bit this build's results (a prefetch changes no arithmetic)."""
+    other = "GenuineIntel" if native._cpu_vendor() == "AuthenticAMD" else "AuthenticAMD"
+    torch.manual_seed(0)
+    E, F, D, Dout = 3, 150, 256, 203
+    w_in, b_in = torch.randn(E, 2 * F, D) * 0.2, torch.randn(E, 2 * F)
+    w2, b2 = torch.randn(E, Dout, F) * 0.2, torch.randn(E, Dout)
+    x = torch.randn(5, D)
+    experts, offsets, rows = _groups([2, 0, 2, 1, 0])
+    args = (x, w_in, b_in, w2, b2, True, "silu", experts, offsets, rows)
+    mine = [native.ffn(*args, threads=t) for t in (1, 2)]
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "here"))
+    native._build()
+    monkeypatch.setattr(native, "_cpu_vendor", lambda: other)
+    monkeypatch.setenv("MOEKIT_CACHE_DIR", str(tmp_path / "other"))
+    monkeypatch.setattr(native, "_lib", native._build())
+    (here,), (there,) = (list((tmp_path / d).rglob("*.so")) for d in ("here", "other"))
+    assert here.name != there.name  # the vendor's flag is part of the build key
+    for t, y in zip((1, 2), mine):
+        assert torch.equal(native.ffn(*args, threads=t), y)
+    for threads in (1, 2):
+        test_fused_ffn_one_row_per_expert_in_four_streams(150, 203, 256, threads, torch.bfloat16)
+
+
+@needs_native
 @pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc to build the AVX2-only variant")
 def test_avx2_build_of_the_few_row_kernel_matches_float64(tmp_path, monkeypatch):
     """The kernels built without their AVX-512 paths (what a machine without AVX-512 runs; this one may have it):
