@@ -46,27 +46,26 @@ _empty, _get_num_threads = torch.empty, torch.get_num_threads  # (bound once, fo
 _failed: str | None = None
 
 
-def _cpu_flags() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo (``flags``, ``vendor_id``), or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor()
+    return None
+
+
+def _cpu_flags() -> str:
+    flags = _cpuinfo("flags")
+    return platform.processor() if flags is None else flags
 
 
 def _cpu_vendor() -> str:
     """/proc/cpuinfo's ``vendor_id`` (``GenuineIntel``, ``AuthenticAMD``), or "" where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo("vendor_id") or ""
 
 
 def _cache_dir() -> Path:

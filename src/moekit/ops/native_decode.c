@@ -72,7 +72,8 @@ i64 moekit_decode_args_size(void) { return (i64)sizeof(struct decode_args); }
 /* The four-stream read's prefetch into L2 (native_kernels.h, FN(streams16)): how far ahead, and which lines (a
  * line at byte offset b of a row is prefetched where !(b & STREAM_PF_MASK)). Measured best, in one process on each
  * host (2026-12-08): every line 2 KiB ahead on the Intel Xeon VM (moe_decode 0.84-0.90x the time of one line in
- * four, 4 KiB ahead), one line in four 4 KiB ahead on the AMD EPYC (Zen 4) VM, where the other was not measured.
+ * four, 4 KiB ahead), one line in four 4 KiB ahead on the AMD EPYC (Zen 4) VM, where the other was not measured
+ * (bfloat16 rows there: one line in four too, where the kernel before took one in two).
  * native.py defines MOEKIT_CPU_AMD from /proc/cpuinfo's vendor. */
 #ifndef STREAM_PF_BYTES
 #ifdef MOEKIT_CPU_AMD
