@@ -398,32 +398,24 @@ class DecodeCall:
         threads: after a layer's weights have swept the caches each tensor method costs microseconds."""
         return self.launch_checked(x_TD, x_TD.shape[0], x_TD.stride(0), x_TD.shape, return_logits)
 
-    def launch_checked(self, x: Tensor, T: int, stride0: int, shape: tuple[int, ...],
-                       return_logits: bool = False) -> tuple[Tensor, Tensor | None]:
+    def launch_checked(self, x: Tensor, T: int, stride0: int, shape: tuple[int, ...], return_logits: bool = False,
+                       threads: int | None = None, idx: Tensor | None = None,
+                       wts: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """``(y, the float32 logits (T, E) or None)`` for a checked ``x`` of ``T`` rows ``stride0`` apart, of the
-        given ``shape`` ((T, D), or (B, S, D) for contiguous rows; ``y`` has the same leading dimensions), the default
-        threads (``moekit.fused_decode.DecodeFusion.quick``: the caller gives what it has read of ``x``)."""
+        given ``shape`` ((T, D), or (B, S, D) for contiguous rows; ``y`` has the same leading dimensions)
+        (``moekit.fused_decode.DecodeFusion.quick``: the caller gives what it has read of ``x``). ``threads``: None
+        for the default; ``idx`` / ``wts``: optional (T, k) outputs of the routing."""
         y = _empty(*shape[:-1], self.Dout, dtype=self.dtype)
         logits = _empty(T, self.E, dtype=torch.float32) if return_logits else None
-        nbytes = (self.E if self.E < T * self.k else T * self.k) * self._expert_bytes
-        status = self._fn(self._args_ref, x.data_ptr(), stride0, y.data_ptr(), self.Dout, T,
-                          _get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1, None, None,
+        if threads is None:
+            nbytes = (self.E if self.E < T * self.k else T * self.k) * self._expert_bytes
+            threads = _get_num_threads() if nbytes >= _PARALLEL_MIN_BYTES else 1
+        status = self._fn(self._args_ref, x.data_ptr(), stride0, y.data_ptr(), self.Dout, T, threads,
+                          None if idx is None else idx.data_ptr(), None if wts is None else wts.data_ptr(),
                           None if logits is None else logits.data_ptr())
         if status:
             self._raise(status)
         return y, logits
-
-    def _launch(self, x_TD: Tensor, T: int, threads: int | None, idx: Tensor | None, wts: Tensor | None,
-                logits: Tensor | None) -> Tensor:
-        """The kernel on checked arguments: ``y`` (T, Dout), filling the optional outputs."""
-        y = torch.empty(T, self.Dout, dtype=self.dtype)
-        nbytes = min(self.E, T * self.k) * self._expert_bytes
-        status = self._fn(self._args_ref, x_TD.data_ptr(), x_TD.stride(0), y.data_ptr(), self.Dout, T,
-                          _threads(nbytes, threads), None if idx is None else idx.data_ptr(),
-                          None if wts is None else wts.data_ptr(), None if logits is None else logits.data_ptr())
-        if status:
-            self._raise(status)
-        return y
 
     @staticmethod
     def _raise(status: int) -> None:
@@ -444,8 +436,7 @@ class DecodeCall:
             raise ValueError(f"moekit.ops.native.moe_decode: at most {MAX_ROWS} tokens per call, got {T}")
         idx = torch.empty(T, self.k, dtype=torch.int64) if return_routing else None
         wts = torch.empty(T, self.k, dtype=torch.float32) if return_routing else None
-        logits = torch.empty(T, self.E, dtype=torch.float32) if return_logits else None
-        y = self._launch(x_TD, T, threads, idx, wts, logits)
+        y, logits = self.launch_checked(x_TD, T, x_TD.stride(0), x_TD.shape, return_logits, threads, idx, wts)
         if not (return_routing or return_logits):
             return y
         return (y, *((idx, wts) if return_routing else ()), *((logits,) if return_logits else ()))

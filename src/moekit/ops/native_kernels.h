@@ -525,14 +525,6 @@ int FN(moekit_cols)(const WT *x, i64 ldx, WT *y, i64 ldy, i64 G, const i64 *expe
     return 0;
 }
 
-/* The expert FFN phases on rows already packed as float (row r of xp at xp + r * ldp), outputs into packed float
- * rows yp (row r of the group layout -> row r of yp): h = x @ W_in^T (+ b_in); the gating g; y = g @ W2^T (+ b2).
- * W_in (E, H, D) with H = 2F (glu) or F, W2 (E, D', F), each in the rows or the cols layout (cols_in, cols2; ld_in,
- * ld2 the stride of the layout's outer dim). Gating: glu 0: act(h); 1: act(gate) * up with gate = h[:, :F],
- * up = h[:, F:]; 2: the same with gate and up interleaved (h[:, 0::2], h[:, 1::2]). limit > 0 (with glu): gpt-oss's
- * clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = clamp(gate, max=limit).
- * One parallel region, the phases separated by barriers. h, g: work buffers of R rows (strides ldh, ldg).
- * Returns 0, or 1 when a work buffer cannot be allocated. */
 /* The gating of one row (ffn_packed's): g[j] from the input projection's row h (see ffn_packed for glu, limit). */
 static inline void FN(gate_row)(const float *hr, float *gr, i64 F, int glu, int act, float alpha, float limit) {
     if (!glu) {
@@ -552,6 +544,15 @@ static inline void FN(gate_row)(const float *hr, float *gr, i64 F, int glu, int 
     }
 }
 
+/* The expert FFN phases on rows already packed as float (row r of xp at xp + r * ldp), outputs into packed float
+ * rows yp (row r of the group layout -> row r of yp): h = x @ W_in^T (+ b_in); the gating g; y = g @ W2^T (+ b2).
+ * W_in (E, H, D) with H = 2F (glu) or F, W2 (E, D', F), each in the rows or the cols layout (cols_in, cols2; ld_in,
+ * ld2 the stride of the layout's outer dim). Gating: glu 0: act(h); 1: act(gate) * up with gate = h[:, :F],
+ * up = h[:, F:]; 2: the same with gate and up interleaved (h[:, 0::2], h[:, 1::2]). limit > 0 (with glu): gpt-oss's
+ * clamped SwiGLU, (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = clamp(gate, max=limit).
+ * One parallel region: the phases separated by barriers, or whole experts per thread where they divide evenly.
+ * h, g: work buffers of R rows (strides ldh, ldg).
+ * Returns 0, or 1 when a work buffer cannot be allocated. */
 static int FN(ffn_packed)(const float *xp, i64 ldp, i64 G, const i64 *experts, const i64 *offs, const i64 *pos,
                           i64 R, const WT *w_in, i64 sE_in, i64 ld_in, int cols_in, i64 H, i64 D, const WT *b_in,
                           i64 sb_in, const WT *w2, i64 sE2, i64 ld2, int cols2, i64 Dout, const WT *b2, i64 sb2,
